@@ -1,0 +1,125 @@
+"""Wire models of protocol v1: the batch, the gateway status frame and the ack.
+
+These are the decoded, in-memory shapes: timestamps are absolute microseconds since the epoch
+and ids are UUIDs. The byte layout (delta-encoded timestamps, 16-byte ids, value codecs) is the
+frame codec's business (:mod:`protocol.frame`) and is described in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+
+MAX_TIME_US = 2**63 - 1
+MAX_SEQ = 2**63 - 1
+
+Value = StrictBool | StrictInt | StrictFloat | StrictStr
+"""A reading's value: int, float, bool or str (msgpack keeps the four apart)."""
+
+TimeUs = Annotated[int, Field(ge=0, le=MAX_TIME_US, strict=True)]
+Metric = Annotated[str, Field(min_length=1, max_length=128, strict=True)]
+Severity = Literal["debug", "info", "warning", "error", "critical"]
+DeviceState = Literal["online", "error", "offline"]
+GatewayState = Literal["online", "offline"]
+
+
+class AckResult(StrEnum):
+    """What the collector did with a batch."""
+
+    OK = "ok"
+    DUPLICATE = "duplicate"
+    PARTIAL = "partial"
+    REJECTED = "rejected"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Series(_Wire):
+    """Readings of one metric of one device: parallel lists of timestamps and values."""
+
+    device_id: uuid.UUID
+    metric: Metric
+    timestamps: list[TimeUs]
+    values: list[Value]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Series:
+        if not self.timestamps:
+            raise ValueError("a series holds at least one reading")
+        if len(self.timestamps) != len(self.values):
+            raise ValueError(f"{len(self.timestamps)} timestamps but {len(self.values)} values")
+        return self
+
+
+class Event(_Wire):
+    """Something that happened on the gateway or a device (dropped readings, a corrupt buffer)."""
+
+    time: TimeUs
+    device_id: uuid.UUID | None = None
+    severity: Severity = "info"
+    kind: Annotated[str, Field(min_length=1, max_length=64)]
+    message: Annotated[str, Field(max_length=1024)] = ""
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeviceStatus(_Wire):
+    """A device's status change as seen by its input."""
+
+    time: TimeUs
+    device_id: uuid.UUID
+    status: DeviceState
+    reason: Annotated[str, Field(max_length=256)] = ""
+
+
+class Batch(_Wire):
+    """One sealed batch of a buffer's stream: the unit of delivery and of acknowledgement."""
+
+    gateway_id: uuid.UUID
+    stream: uuid.UUID
+    seq: Annotated[int, Field(ge=0, le=MAX_SEQ, strict=True)]
+    created: TimeUs
+    series: list[Series] = Field(default_factory=list)
+    events: list[Event] = Field(default_factory=list)
+    status: list[DeviceStatus] = Field(default_factory=list)
+
+    @property
+    def point_count(self) -> int:
+        """Number of readings in the batch."""
+        return sum(len(s.timestamps) for s in self.series)
+
+
+class GatewayStatus(_Wire):
+    """The retained gateway status frame; ``offline`` is also the MQTT will."""
+
+    gateway_id: uuid.UUID
+    state: GatewayState
+    time: TimeUs
+    version: Annotated[str, Field(max_length=64)] = ""
+
+
+class Ack(_Wire):
+    """The collector's answer to one batch, sent only after the batch is committed."""
+
+    stream: uuid.UUID
+    seq: Annotated[int, Field(ge=0, le=MAX_SEQ, strict=True)]
+    result: AckResult
+    accepted: Annotated[int, Field(ge=0)] = 0
+    rejected: Annotated[int, Field(ge=0)] = 0
+    reason: Annotated[str, Field(max_length=64)] = ""
+
+
+Frame = Batch | GatewayStatus | Ack
