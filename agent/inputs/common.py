@@ -1,0 +1,143 @@
+"""Pieces the built-in input kinds share: duration fields, device identity, status tracking.
+
+Kept beside ``base.py`` rather than in it because ``base.py`` is the runtime contract; these are
+conveniences for writing an input and an input kind may ignore them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import structlog
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from agent.inputs.base import DeviceState, Emitter
+
+log = structlog.get_logger(__name__)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a string like '5s' or a number of seconds, not a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a duration; write a number and a unit: '250ms', '5s', '2m', '1h'"
+            )
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"a duration is a string like '5s', not {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"a duration must be a finite, non-negative time, not {value!r}")
+    return seconds
+
+
+# Seconds as a float; accepts "5s" in configuration files. Bounds go on each field.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+# Names that end up as metric names on the wire and in the collector's schema.
+MetricName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-/]+$")]
+
+
+class DeviceConfig(BaseModel):
+    """A device as the collector knows it: its id (registered in the cloud) and a local name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: uuid.UUID
+    name: str = Field(min_length=1, max_length=128)
+
+
+def now_us() -> int:
+    """Microseconds since the epoch, the time unit of readings."""
+    return time.time_ns() // 1000
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value`` if it is a finite number, else ``None`` (the collector rejects NaN and inf)."""
+    return value if math.isfinite(value) else None
+
+
+class StatusTracker:
+    """Forward a device's status only when it changes, with an event and a log line for errors.
+
+    The emitter already forwards only changes to the collector; tracking here as well keeps the
+    log and the event stream to one line per transition instead of one per failed read.
+    """
+
+    def __init__(self, input_name: str) -> None:
+        """Track statuses for the input called ``input_name``."""
+        self._input = input_name
+        self._last: dict[uuid.UUID, tuple[DeviceState, str]] = {}
+
+    def current(self, device_id: uuid.UUID) -> DeviceState | None:
+        """The last status reported for ``device_id``, or ``None`` before the first."""
+        last = self._last.get(device_id)
+        return last[0] if last else None
+
+    def online(self, emit: Emitter, device_id: uuid.UUID) -> None:
+        """Report that ``device_id`` answered."""
+        self._set(emit, device_id, "online", "")
+
+    def error(self, emit: Emitter, device_id: uuid.UUID, reason: str) -> None:
+        """Report that ``device_id`` failed, saying why."""
+        self._set(emit, device_id, "error", reason)
+
+    def _set(self, emit: Emitter, device_id: uuid.UUID, status: DeviceState, reason: str) -> None:
+        previous = self._last.get(device_id)
+        if previous is not None and previous[0] == status and previous[1] == reason:
+            return
+        self._last[device_id] = (status, reason)
+        emit.device_status(device_id, status, reason)
+        if status == "error":
+            log.warning(
+                "input.device_error", input=self._input, device_id=str(device_id), reason=reason
+            )
+            # Same reason text changing (e.g. a different exception) is a status update but not a
+            # new failure; only a transition into error becomes an event.
+            if previous is None or previous[0] != "error":
+                emit.event(
+                    "device_error",
+                    reason,
+                    severity="warning",
+                    device_id=device_id,
+                    attributes={"input": self._input},
+                )
+        elif previous is not None and previous[0] == "error":
+            log.info("input.device_recovered", input=self._input, device_id=str(device_id))
+            emit.event(
+                "device_recovered",
+                "device answers again",
+                device_id=device_id,
+                attributes={"input": self._input},
+            )
+
+
+async def run_every(interval: float, cycle: Callable[[], Awaitable[None]]) -> None:
+    """Call ``cycle`` every ``interval`` seconds on a fixed cadence until cancelled.
+
+    A cycle that overruns its slot skips the missed ticks instead of bursting to catch up, so a
+    slow device shows up as gaps in the data rather than as a flood of back-to-back reads.
+    """
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while True:
+        await cycle()
+        next_at += interval
+        now = loop.time()
+        if next_at < now:
+            next_at = now + interval - ((now - next_at) % interval)
+        await asyncio.sleep(next_at - now)
