@@ -1,0 +1,376 @@
+"""The collector's configuration: one TOML file validated by pydantic, plus environment overrides.
+
+Durations are written ``"500ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"``; sizes ``"1MiB"``.
+Every model forbids unknown keys. Any key can be overridden from the environment as
+``SENSORMINE_COLLECTOR__<SECTION>__<KEY>`` (for example
+``SENSORMINE_COLLECTOR__MQTT__HOST=broker.example``); the value is parsed as TOML when it can be
+(numbers, booleans, quoted strings) and taken as a plain string otherwise.
+
+Secrets never come from the command line: the MQTT password is read from ``mqtt.password_file``,
+else ``$SENSORMINE_MQTT_PASSWORD``, else ``$CREDENTIALS_DIRECTORY/mqtt-password``. Database
+passwords may be part of the connection setting, else come from
+``$SENSORMINE_METADATA_PASSWORD`` / ``$SENSORMINE_TIMESERIES_PASSWORD``, else from
+``$CREDENTIALS_DIRECTORY/metadata-password`` / ``timeseries-password``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from collector.errors import ConfigError
+from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
+
+DEFAULT_CONFIG_PATH = Path("/etc/sensormine/collector.toml")
+ENV_PREFIX = "SENSORMINE_COLLECTOR__"
+MQTT_PASSWORD_ENV = "SENSORMINE_MQTT_PASSWORD"
+MQTT_CREDENTIAL = "mqtt-password"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"`` (or a plain number)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a string such as '5s', not a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a duration is a string such as '5s', got {type(value).__name__}")
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration; write e.g. '500ms', '5s', '2m', '1h'")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``"1MiB"``, ``"64KiB"`` (or a plain integer)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a string such as '1MiB', not a boolean")
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"a size is a string such as '1MiB', got {type(value).__name__}")
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a size; write e.g. '64KiB', '1MiB'")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class ConnectParams:
+    """Keyword arguments for ``asyncpg.connect`` made from one connection setting."""
+
+    dsn: str
+    password: str | None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The arguments to pass to ``asyncpg.connect`` / ``asyncpg.create_pool``."""
+        out: dict[str, Any] = {"dsn": self.dsn}
+        if self.password is not None:
+            out["password"] = self.password
+        return out
+
+
+_SEED_KEYS = {
+    "host": "host",
+    "server": "host",
+    "port": "port",
+    "database": "database",
+    "username": "user",
+    "user id": "user",
+    "userid": "user",
+    "user": "user",
+    "password": "password",
+    "sslmode": "sslmode",
+    "ssl mode": "sslmode",
+}
+
+
+def to_postgres_url(text: str) -> str:
+    """Normalize a PostgreSQL URL or the seed's ``Host=..;Port=..;Database=..`` form to a URL."""
+    text = text.strip()
+    if text.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(text)
+        if not parts.path.strip("/"):
+            raise ValueError(f"connection URL {_redact(text)!r} names no database")
+        return text
+    if "=" not in text:
+        raise ValueError(
+            "expected a postgresql:// URL or 'Host=...;Port=...;Database=...;Username=...'"
+        )
+    fields: dict[str, str] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        name = _SEED_KEYS.get(key.strip().lower())
+        if not sep or name is None:
+            raise ValueError(
+                f"unknown part {key.strip()!r} in connection string (known: Host, Port, Database, Username, Password, SslMode)"
+            )
+        fields[name] = value.strip()
+    if "host" not in fields or "database" not in fields:
+        raise ValueError("connection string needs at least Host=... and Database=...")
+    auth = ""
+    if "user" in fields:
+        auth = quote(fields["user"], safe="")
+        if "password" in fields:
+            auth += ":" + quote(fields["password"], safe="")
+        auth += "@"
+    port = f":{int(fields['port'])}" if "port" in fields else ""
+    query = f"?sslmode={fields['sslmode'].lower()}" if "sslmode" in fields else ""
+    return f"postgresql://{auth}{fields['host']}{port}/{quote(fields['database'], safe='')}{query}"
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def url_has_password(url: str) -> bool:
+    """Whether the URL carries its own password."""
+    return urlsplit(url).password is not None
+
+
+def database_name(url: str) -> str:
+    """The database named by a PostgreSQL URL."""
+    return unquote(urlsplit(url).path.lstrip("/"))
+
+
+class DatabaseSettings(_Section):
+    """One PostgreSQL connection: a URL or the seed's ``Host=...;Database=...`` form."""
+
+    dsn: str = Field(description="postgresql:// URL or Host=...;Port=...;Database=...;Username=...")
+    password_file: Path | None = None
+    connect_timeout: Duration = 10.0
+
+    @field_validator("dsn")
+    @classmethod
+    def _normalize(cls, value: str) -> str:
+        return to_postgres_url(value)
+
+    def redacted(self) -> str:
+        """The URL with its password masked, for logs."""
+        return _redact(self.dsn)
+
+
+class TimeseriesSettings(DatabaseSettings):
+    """The TimescaleDB connection and the hypertables' shape."""
+
+    chunk_interval: Duration = 86400.0
+
+
+class MqttSettings(_Section):
+    """Broker connection and subscription."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = Field("sensormine-collector-1", min_length=1, max_length=128)
+    username: str | None = None
+    password_file: Path | None = None
+    prefix: str = DEFAULT_PREFIX
+    group: str = Field("sensormine-collectors", min_length=1)
+    keepalive: Duration = 30.0
+    session_expiry: Duration = 86400.0
+    receive_maximum: int = Field(1000, ge=1, le=65535)
+    reconnect_min: Duration = 0.5
+    reconnect_max: Duration = 30.0
+    tls: bool = False
+    ca_file: Path | None = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        try:
+            return validate_prefix(value)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if set(value) & set("+#/\x00"):
+            raise ValueError(f"group {value!r} must not contain '+', '#', '/' or NUL")
+        return value
+
+
+class WriterSettings(_Section):
+    """When staged rows are flushed, and how a failing database is retried."""
+
+    max_rows: int = Field(20_000, ge=1)
+    max_age: Duration = 0.2
+    max_staged_rows: int = Field(200_000, ge=1)
+    retry_min: Duration = 0.5
+    retry_max: Duration = 10.0
+
+
+class ValidationSettings(_Section):
+    """What counts as a valid point besides the schema."""
+
+    max_age: Duration = 30 * 86400.0
+    max_skew: Duration = 300.0
+    allow_non_finite: bool = False
+    reject_sample: int = Field(5, ge=0, le=100)
+    max_frame_bytes: Size = 1 << 20
+    max_points: int = Field(100_000, ge=1)
+
+
+class RegistrySettings(_Section):
+    """The in-memory cache of gateways, devices, device types and schemas."""
+
+    refresh_interval: Duration = 300.0
+    negative_ttl: Duration = 5.0
+
+
+class MetricsSettings(_Section):
+    """The Prometheus endpoint; an empty ``listen`` turns it off."""
+
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"{value!r} is not host:port")
+        return value
+
+
+class LogSettings(_Section):
+    """Log level and format (``auto``: JSON unless on a terminal)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Section):
+    """The whole collector configuration."""
+
+    metadata: DatabaseSettings
+    timeseries: TimeseriesSettings
+    mqtt: MqttSettings = MqttSettings()
+    writer: WriterSettings = WriterSettings()
+    validation: ValidationSettings = ValidationSettings()
+    registry: RegistrySettings = RegistrySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    drain_deadline: Duration = 20.0
+    migrate_on_start: bool = True
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
+    """Return ``data`` with ``SENSORMINE_COLLECTOR__SECTION__KEY`` variables merged in."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {name}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = _env_value(raw)
+    return out
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{source}: {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: dict[str, Any], source: str = "<config>") -> Settings:
+    """Validate a configuration mapping; raise ``ConfigError`` naming the source and the key."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_settings(path: Path | str, environ: dict[str, str] | None = None) -> Settings:
+    """Read the TOML file at ``path``, merge environment overrides, validate."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = apply_env_overrides(data, dict(os.environ) if environ is None else environ)
+    return parse_settings(data, str(path))
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        return path.read_text().strip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def mqtt_password(settings: MqttSettings, environ: dict[str, str] | None = None) -> str | None:
+    """The MQTT password from the password file, the environment or systemd credentials."""
+    env = dict(os.environ) if environ is None else environ
+    if settings.password_file is not None:
+        return _read_secret(settings.password_file, "mqtt.password_file")
+    if MQTT_PASSWORD_ENV in env:
+        return env[MQTT_PASSWORD_ENV]
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / MQTT_CREDENTIAL).is_file():
+        return _read_secret(Path(creds) / MQTT_CREDENTIAL, "credentials")
+    return None
+
+
+def connect_params(
+    db: DatabaseSettings, kind: Literal["metadata", "timeseries"], environ: dict[str, str] | None = None
+) -> ConnectParams:
+    """Connection arguments for ``kind``, with the password from wherever it is configured."""
+    env = dict(os.environ) if environ is None else environ
+    if url_has_password(db.dsn):
+        return ConnectParams(db.dsn, None)
+    if db.password_file is not None:
+        return ConnectParams(db.dsn, _read_secret(db.password_file, f"{kind}.password_file"))
+    var = f"SENSORMINE_{kind.upper()}_PASSWORD"
+    if var in env:
+        return ConnectParams(db.dsn, env[var])
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / f"{kind}-password").is_file():
+        return ConnectParams(db.dsn, _read_secret(Path(creds) / f"{kind}-password", "credentials"))
+    return ConnectParams(db.dsn, None)
