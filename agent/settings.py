@@ -1,0 +1,358 @@
+"""The agent's configuration: one TOML file validated by pydantic.
+
+Durations are written ``"500ms"``, ``"5s"``, ``"2m"``, ``"1h"``; sizes ``"512MiB"``, ``"64KiB"``,
+``"1GB"``. Every model forbids unknown keys. :func:`load_settings` turns every problem into a
+:class:`~agent.errors.ConfigError` whose message names the file, the key and the problem.
+Secrets never come from the command line: the MQTT password is read from ``mqtt.password_file``,
+else ``$SENSORMINE_MQTT_PASSWORD``, else ``$CREDENTIALS_DIRECTORY/mqtt-password`` (systemd
+``LoadCredential=``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from agent.errors import ConfigError
+from agent.inputs.base import InputConfig, RegistryError, kind
+from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
+
+DEFAULT_CONFIG_PATH = Path("/etc/sensormine/agent.toml")
+PASSWORD_ENV = "SENSORMINE_MQTT_PASSWORD"
+USERNAME_ENV = "SENSORMINE_MQTT_USERNAME"
+CREDENTIAL_NAME = "mqtt-password"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+    "TiB": 2**40,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"`` (or a plain number)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a string such as '5s', not a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a duration is a string such as '5s', got {type(value).__name__}")
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration; write e.g. '500ms', '5s', '2m', '1h'")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``"512MiB"``, ``"64KiB"``, ``"1GB"`` (or a plain integer)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a string such as '512MiB', not a boolean")
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"a size is a string such as '512MiB', got {type(value).__name__}")
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a size; write e.g. '64KiB', '512MiB', '2GiB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def format_size(n: int) -> str:
+    """A size as the config file writes it (exact binary unit when there is one)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        scale = _SIZE_UNITS[unit]
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as the config file writes it."""
+    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySettings(_Section):
+    """Who this agent is: its gateway id (also the MQTT client id) and its tenant."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+
+
+class BufferSettings(_Section):
+    """The SQLite buffer file and its limits."""
+
+    path: Path = Path("/var/lib/sensormine/buffer.db")
+    max_bytes: Size = 512 * 2**20
+    overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    journal_size_limit: Size = 64 * 2**20
+    commit_interval: PositiveDuration = 0.1
+
+    @field_validator("synchronous", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _not_tiny(cls, value: int) -> int:
+        if value < 4096:
+            raise ValueError(f"{value} bytes is too small for a buffer; the minimum is 4KiB")
+        return value
+
+
+class BatchSettings(_Section):
+    """When a batch is sealed: whichever of the three limits is reached first."""
+
+    max_points: int = Field(default=5000, ge=1, le=100_000)
+    max_age: PositiveDuration = 1.0
+    max_frame_bytes: Size = 256 * 2**10
+
+    @field_validator("max_frame_bytes")
+    @classmethod
+    def _within_protocol(cls, value: int) -> int:
+        if value > 2**20:
+            raise ValueError("must not exceed 1MiB, the protocol's frame limit")
+        if value < 1024:
+            raise ValueError("must be at least 1KiB")
+        return value
+
+
+class TlsSettings(_Section):
+    """TLS to the broker; ``cert_file`` + ``key_file`` make it mutual TLS."""
+
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS needs both)")
+        return self
+
+
+class MqttSettings(_Section):
+    """The broker connection and the shipper's delivery behaviour."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    topic_prefix: str = DEFAULT_PREFIX
+    keepalive: PositiveDuration = 30.0
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsSettings = TlsSettings()
+    window: int = Field(default=4, ge=1, le=64)
+    ack_timeout: PositiveDuration = 15.0
+    reconnect_min: PositiveDuration = 0.5
+    reconnect_max: PositiveDuration = 60.0
+    backlog_rate: float = Field(default=20.0, gt=0)
+    live_lane: bool = True
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) else value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        try:
+            return validate_prefix(value)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _backoff(self) -> MqttSettings:
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must not be smaller than reconnect_min")
+        return self
+
+
+class RuntimeSettings(_Section):
+    """Process behaviour: shutdown deadline and how an input is restarted after a crash."""
+
+    drain_timeout: Duration = 20.0
+    input_restart_delay: PositiveDuration = 5.0
+    status_interval: PositiveDuration = 10.0
+
+
+class LogSettings(_Section):
+    """Log level and format (``auto``: JSON lines unless stdout is a terminal)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(_Section):
+    """The whole agent configuration file."""
+
+    gateway: GatewaySettings
+    buffer: BufferSettings = BufferSettings()
+    batch: BatchSettings = BatchSettings()
+    mqtt: MqttSettings = MqttSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    log: LogSettings = LogSettings()
+    inputs: list[InputConfig] = Field(default_factory=list)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs(cls, value: Any) -> Any:
+        """Validate each ``[[inputs]]`` table with the model of the kind its ``type`` names."""
+        if not isinstance(value, list):
+            raise ValueError("inputs must be a list of [[inputs]] tables")
+        built: list[InputConfig] = []
+        names: set[str] = set()
+        for i, item in enumerate(value):
+            if isinstance(item, InputConfig):
+                built.append(item)
+                continue
+            if not isinstance(item, dict):
+                raise ValueError(f"inputs[{i}] must be a table")
+            if "type" not in item:
+                raise ValueError(f"inputs[{i}] has no 'type'")
+            try:
+                model = kind(str(item["type"])).config_model
+            except RegistryError as exc:
+                raise ValueError(f"inputs[{i}].type: {exc}") from None
+            try:
+                config = model.model_validate(item)
+            except ValidationError as exc:
+                raise ValueError(_describe(exc, prefix=f"inputs[{i}]")) from None
+            if config.name in names:
+                raise ValueError(f"inputs[{i}].name: {config.name!r} is used by another input")
+            names.add(config.name)
+            built.append(config)
+        return built
+
+
+def _location(loc: tuple[Any, ...], prefix: str = "") -> str:
+    parts = [prefix] if prefix else []
+    for item in loc:
+        if isinstance(item, int):
+            if parts:
+                parts[-1] = f"{parts[-1]}[{item}]"
+            else:
+                parts.append(f"[{item}]")
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        key = _location(tuple(err["loc"]), prefix) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (not allowed here)"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        message = message.removeprefix("Value error, ")
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate the TOML file at ``path``; raise ``ConfigError`` naming file and key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the configuration file does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return settings_from_dict(data, source=str(path))
+
+
+def settings_from_dict(data: dict[str, Any], source: str = "<config>") -> Settings:
+    """Validate an already-parsed configuration; errors name ``source`` and the key."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def mqtt_password(settings: MqttSettings) -> str | None:
+    """The MQTT password: ``password_file``, then the environment, then systemd's credential."""
+    if settings.password_file is not None:
+        try:
+            return settings.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"mqtt.password_file: cannot read {settings.password_file}: {exc.strerror}"
+            ) from None
+    env = os.environ.get(PASSWORD_ENV)
+    if env:
+        return env
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if credentials:
+        candidate = Path(credentials) / CREDENTIAL_NAME
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8").rstrip("\r\n")
+    return None
+
+
+def mqtt_username(settings: MqttSettings) -> str | None:
+    """The MQTT username: ``$SENSORMINE_MQTT_USERNAME`` overrides ``mqtt.username``."""
+    return os.environ.get(USERNAME_ENV) or settings.username
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The configuration with defaults filled in and secrets masked, for ``check-config``."""
+    data = settings.model_dump(mode="json")
+    data["buffer"]["max_bytes"] = format_size(settings.buffer.max_bytes)
+    data["buffer"]["journal_size_limit"] = format_size(settings.buffer.journal_size_limit)
+    data["batch"]["max_frame_bytes"] = format_size(settings.batch.max_frame_bytes)
+    password = mqtt_password(settings.mqtt)
+    data["mqtt"]["password"] = "********" if password else None
+    data["mqtt"]["username"] = mqtt_username(settings.mqtt)
+    data["inputs"] = [i.model_dump(mode="json") for i in settings.inputs]
+    return data
