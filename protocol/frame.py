@@ -80,7 +80,11 @@ def _fail(reason: Reason, message: str) -> ProtocolError:
 def _decimals(values: list[Any]) -> int | None:
     """Smallest d such that every value is exactly integer / 10**d, or None."""
     for v in values:
-        if type(v) is not float or not math.isfinite(v) or (v == 0.0 and math.copysign(1.0, v) < 0):
+        if (
+            type(v) is not float
+            or not abs(v) <= _MAX_EXACT_INT
+            or (v == 0.0 and math.copysign(1.0, v) < 0)
+        ):
             return None
     for d in range(MAX_DECIMALS + 1):
         scale = 10**d
