@@ -21,7 +21,7 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocol import Batch, Series, encode_frame  # noqa: E402
+from protocol import Batch, Series, encode_frame
 
 DEVICES = 100
 SECONDS = 60

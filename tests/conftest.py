@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -38,10 +39,8 @@ def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postg
     try:
         yield cluster
     finally:
-        try:
+        with contextlib.suppress(Exception):
             cluster.stop("immediate")
-        except Exception:
-            pass
 
 
 def _with_database(dsn: str, database: str) -> str:
@@ -61,7 +60,9 @@ async def create_database(server_dsn: str, prefix: str = "smtest", timescale: bo
     if timescale:
         conn = await asyncpg.connect(dsn)
         try:
-            await conn.execute("SET client_min_messages = warning; CREATE EXTENSION IF NOT EXISTS timescaledb")
+            await conn.execute(
+                "SET client_min_messages = warning; CREATE EXTENSION IF NOT EXISTS timescaledb"
+            )
         finally:
             await conn.close()
     return dsn

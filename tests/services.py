@@ -7,6 +7,7 @@ free port, so that nothing else is disturbed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -17,7 +18,9 @@ import time
 from pathlib import Path
 
 SYSTEM_MQTT = ("127.0.0.1", 1883)
-SYSTEM_PG_DSN = os.environ.get("SENSORMINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+SYSTEM_PG_DSN = os.environ.get(
+    "SENSORMINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def free_port() -> int:
@@ -65,7 +68,9 @@ class MosquittoBroker:
     def start(self) -> None:
         """Start the broker and wait until it listens."""
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.process = subprocess.Popen([exe, "-c", str(self.config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [exe, "-c", str(self.config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_for_port(self.host, self.port)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -84,7 +89,9 @@ class MosquittoBroker:
 
 
 def _pg_bindir() -> Path:
-    out = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=False).stdout.split()
+    out = subprocess.run(
+        ["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=False
+    ).stdout.split()
     version = out[0] if out else "15"
     return Path(f"/usr/lib/postgresql/{version}/bin")
 
@@ -121,7 +128,17 @@ class PostgresCluster:
         if self._as_user:
             pw = pwd.getpwnam("postgres")
             os.chown(self.workdir, pw.pw_uid, pw.pw_gid)
-        self._run(str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run(
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.datadir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         with open(self.datadir / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
@@ -134,20 +151,30 @@ class PostgresCluster:
         """Start the cluster and wait until it accepts connections."""
         if not self.datadir.exists():
             self.init()
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.workdir / "log"), "-w", "-t", "30", "start")
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.workdir / "log"),
+            "-w",
+            "-t",
+            "30",
+            "start",
+        )
         wait_for_port(self.host, self.port)
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the cluster (``fast`` rolls back open transactions; ``immediate`` is a crash)."""
         if (self.datadir / "postmaster.pid").exists():
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop")
+            self._run(
+                str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"
+            )
 
     def __enter__(self) -> PostgresCluster:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError):
             self.stop("immediate")
-        except subprocess.CalledProcessError:
-            pass
