@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # One line per built-in kind: the folder name is the registry key and the config's ``type``.
-BUILTINS: tuple[str, ...] = ("simulated", "sysfs")
+BUILTINS: tuple[str, ...] = ("simulated", "sysfs", "modbus")
 
 _loaded = False
 
