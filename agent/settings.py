@@ -160,7 +160,6 @@ class TlsSettings(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    server_name: str | None = None
     insecure_skip_verify: bool = False
 
     @model_validator(mode="after")

@@ -1,0 +1,376 @@
+"""The ``sensormine-agent`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import json
+import signal
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent.buffer import DROP_REASONS, BufferStats, integrity, open_store_readonly
+from agent.errors import AgentError, BufferFileError, ConfigError
+from agent.inputs.base import InputContext, kind, kinds
+from agent.log import configure
+from agent.settings import DEFAULT_CONFIG_PATH, Settings, effective_config, load_settings
+from protocol import Batch, ProtocolError, decode_batch
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    help="The agent's TOML configuration file.",
+)
+BUFFER_OPTION = click.option(
+    "--buffer",
+    "buffer_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Read this buffer file instead of the one the configuration names.",
+)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _settings(config_path: Path) -> Settings:
+    try:
+        return load_settings(config_path)
+    except ConfigError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+def _buffer_path(config_path: Path, buffer_path: Path | None) -> Path:
+    if buffer_path is not None:
+        return buffer_path
+    return _settings(config_path).buffer.path
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sensormine-agent")
+def main() -> None:
+    """Sensormine Edge gateway agent: read sensors, buffer every reading on disk, ship to MQTT."""
+
+
+@main.command()
+@CONFIG_OPTION
+def run(config_path: Path) -> None:
+    """Run the agent until SIGTERM or SIGINT, then drain and exit 0.
+
+    On a signal the agent stops its inputs, commits and seals what they reported, waits for
+    in-flight acknowledgements up to runtime.drain_timeout and exits. A configuration error
+    exits 1 with a message naming the file, the key and the problem.
+    """
+    settings = _settings(config_path)
+    configure(settings.log.level, settings.log.format)
+    from agent.runtime import Runtime
+
+    try:
+        runtime = Runtime(settings)
+    except ConfigError as exc:
+        _fail(f"{config_path}: {exc}")
+        return
+
+    async def main_task() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await runtime.run(stop)
+
+    try:
+        asyncio.run(main_task())
+    except AgentError as exc:
+        _fail(str(exc))
+
+
+@main.command("check-config")
+@CONFIG_OPTION
+def check_config(config_path: Path) -> None:
+    """Validate the configuration and print it with defaults filled in and secrets masked.
+
+    Exit status 0 when valid, 1 with a message naming the file, the key and the problem.
+    """
+    settings = _settings(config_path)
+    try:
+        for config in settings.inputs:
+            kind(config.type)
+        data = effective_config(settings)
+    except (ConfigError, AgentError) as exc:
+        _fail(f"{config_path}: {exc}")
+        return
+    click.echo(json.dumps(data, indent=2))
+    click.echo(f"{config_path}: configuration is valid", err=True)
+
+
+def _iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _status_document(stats: BufferStats, backlog_rate: float | None) -> dict[str, Any]:
+    now = time.time()
+    oldest_age = None if stats.oldest_us is None else max(0.0, now - stats.oldest_us / 1e6)
+    drain = None if not backlog_rate else stats.batches / backlog_rate
+    return {
+        "stream": stats.stream,
+        "readings": stats.readings,
+        "batches": stats.batches,
+        "bytes": stats.bytes,
+        "oldest_age_s": None if oldest_age is None else round(oldest_age, 3),
+        "dropped": sum(stats.dropped.values()),
+        "dropped_by_reason": stats.dropped,
+        "produced": stats.produced,
+        "delivered": stats.delivered,
+        "rejected_batches": stats.rejected_batches,
+        "last_ack_at": _iso(stats.last_ack_us),
+        "next_seq": stats.next_seq,
+        "estimated_drain_s": None if drain is None else round(drain, 1),
+    }
+
+
+@main.command()
+@CONFIG_OPTION
+@BUFFER_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
+    """Show what the buffer holds; safe while the agent runs.
+
+    Readings, batches and bytes buffered, age of the oldest reading, last ack time, dropped and
+    produced counts, and the estimated time to drain the backlog at mqtt.backlog_rate.
+    """
+    rate: float | None = None
+    if buffer_path is None:
+        settings = _settings(config_path)
+        buffer_path = settings.buffer.path
+        rate = settings.mqtt.backlog_rate
+    try:
+        store = open_store_readonly(buffer_path)
+        try:
+            stats = store.stats()
+        finally:
+            store.conn.close()
+    except (BufferFileError, sqlite3.Error) as exc:
+        _fail(str(exc))
+        return
+    doc = _status_document(stats, rate)
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    click.echo(f"buffer          {buffer_path}")
+    click.echo(f"stream          {doc['stream']}")
+    click.echo(f"readings        {doc['readings']} ({stats.batches} sealed batches)")
+    click.echo(f"bytes           {doc['bytes']}")
+    click.echo(f"oldest reading  {doc['oldest_age_s']} s ago")
+    click.echo(f"produced        {doc['produced']}")
+    click.echo(f"delivered       {doc['delivered']}")
+    reasons = ", ".join(f"{k} {v}" for k, v in stats.dropped.items())
+    click.echo(f"dropped         {doc['dropped']} ({reasons})")
+    click.echo(f"last ack        {doc['last_ack_at']}")
+    click.echo(f"drain estimate  {doc['estimated_drain_s']} s")
+
+
+@main.group()
+def buffer() -> None:
+    """Inspect the buffer file (forensics); safe while the agent runs."""
+
+
+def _export_rows(store_path: Path) -> Iterator[dict[str, Any]]:
+    store = open_store_readonly(store_path)
+    conn = store.conn
+    try:
+        conn.execute("BEGIN")
+        for seq, frame in conn.execute("SELECT seq, frame FROM batches ORDER BY seq"):
+            try:
+                batch = decode_batch(bytes(frame))
+            except ProtocolError as exc:
+                yield {"seq": seq, "error": str(exc)}
+                continue
+            for series in batch.series:
+                for ts, value in zip(series.timestamps, series.values, strict=True):
+                    yield {
+                        "seq": seq,
+                        "device_id": str(series.device_id),
+                        "metric": series.metric,
+                        "time_us": ts,
+                        "value": value,
+                    }
+        for device, metric, ts, value, is_bool in conn.execute(
+            "SELECT device, metric, ts, value, is_bool FROM readings ORDER BY id"
+        ):
+            yield {
+                "seq": None,
+                "device_id": str(uuid.UUID(bytes=bytes(device))),
+                "metric": metric,
+                "time_us": ts,
+                "value": bool(value) if is_bool else value,
+            }
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+@buffer.command("export")
+@CONFIG_OPTION
+@BUFFER_OPTION
+@click.option(
+    "--format", "fmt", type=click.Choice(["ndjson", "csv"]), default="ndjson", show_default=True
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Default: stdout.",
+)
+def buffer_export(
+    config_path: Path, buffer_path: Path | None, fmt: str, output: Path | None
+) -> None:
+    """Write every buffered reading (sealed batches, then unsealed) as NDJSON or CSV.
+
+    Columns: seq (null for readings not yet sealed), device_id, metric, time_us, value.
+    """
+    path = _buffer_path(config_path, buffer_path)
+    out = output.open("w", newline="") if output else sys.stdout
+    try:
+        rows = _export_rows(path)
+        if fmt == "ndjson":
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+        else:
+            writer = csv.DictWriter(
+                out, fieldnames=["seq", "device_id", "metric", "time_us", "value", "error"]
+            )
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+    except (BufferFileError, sqlite3.Error) as exc:
+        _fail(str(exc))
+    finally:
+        if output:
+            out.close()
+
+
+@buffer.command("verify")
+@CONFIG_OPTION
+@BUFFER_OPTION
+def buffer_verify(config_path: Path, buffer_path: Path | None) -> None:
+    """Check the buffer: SQLite integrity, every stored frame decodes with its own seq and stream.
+
+    Exit status 0 when everything is sound, 1 with the problems listed otherwise.
+    """
+    path = _buffer_path(config_path, buffer_path)
+    try:
+        store = open_store_readonly(path)
+    except BufferFileError as exc:
+        _fail(str(exc))
+        return
+    problems: list[str] = []
+    conn = store.conn
+    try:
+        result = integrity(conn)
+        if result != "ok":
+            problems.append(f"integrity_check: {result}")
+        batches = 0
+        for seq, frame, count in conn.execute("SELECT seq, frame, readings FROM batches"):
+            batches += 1
+            try:
+                batch: Batch = decode_batch(bytes(frame))
+            except ProtocolError as exc:
+                problems.append(f"batch {seq}: frame does not decode: {exc}")
+                continue
+            if batch.seq != seq:
+                problems.append(f"batch {seq}: frame carries seq {batch.seq}")
+            if batch.stream != store.stream:
+                problems.append(f"batch {seq}: frame carries stream {batch.stream}")
+            if batch.point_count != count:
+                problems.append(f"batch {seq}: {batch.point_count} readings, table says {count}")
+        if batches and store.counters["next_seq"] <= int(
+            conn.execute("SELECT MAX(seq) FROM batches").fetchone()[0]
+        ):
+            problems.append("next_seq is not above the highest stored seq")
+        stats = store.stats()
+        dropped = sum(stats.dropped[r] for r in DROP_REASONS)
+        if stats.produced != stats.delivered + stats.readings + dropped:
+            problems.append(
+                f"counts disagree: produced {stats.produced} != delivered {stats.delivered}"
+                f" + buffered {stats.readings} + dropped {dropped}"
+            )
+    except sqlite3.Error as exc:
+        problems.append(f"sqlite: {exc}")
+    finally:
+        conn.close()
+    if problems:
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"{path}: ok ({batches} batches, stream {store.stream})")
+
+
+@main.group()
+def inputs() -> None:
+    """List input kinds and configured inputs; test one against its devices."""
+
+
+@inputs.command("list")
+@CONFIG_OPTION
+def inputs_list(config_path: Path) -> None:
+    """List the input kinds this agent knows and the inputs the configuration sets up."""
+    click.echo("kinds:")
+    for name, k in sorted(kinds().items()):
+        doc = (k.config_model.__doc__ or "").strip().splitlines()
+        click.echo(f"  {name:<12} {doc[0] if doc else ''}")
+    if not config_path.exists() and config_path == DEFAULT_CONFIG_PATH:
+        return
+    settings = _settings(config_path)
+    click.echo("configured:")
+    for config in settings.inputs:
+        click.echo(f"  {config.name:<20} type={config.type}")
+
+
+@inputs.command("test")
+@CONFIG_OPTION
+@click.argument("name")
+def inputs_test(config_path: Path, name: str) -> None:
+    """Build the configured input NAME, read each of its devices once and print the result.
+
+    Nothing is written to the buffer. Exit status 1 if any device answered with an error.
+    """
+    settings = _settings(config_path)
+    configure(settings.log.level, settings.log.format, stream=sys.stderr)
+    matches = [c for c in settings.inputs if c.name == name]
+    if not matches:
+        known = ", ".join(c.name for c in settings.inputs) or "none"
+        _fail(f"{config_path}: no input named {name!r} (configured: {known})")
+    config = matches[0]
+    context = InputContext(gateway_id=settings.gateway.id, buffer_path=settings.buffer.path)
+    try:
+        instance = kind(config.type).factory(config, context)
+        results = asyncio.run(instance.probe())
+    except Exception as exc:
+        _fail(f"input {name}: {exc}")
+        return
+    failed = False
+    for result in results:
+        click.echo(f"{result.device_name} ({result.device_id})")
+        if result.error is not None:
+            failed = True
+            click.echo(f"  error: {result.error}")
+        for metric, value in result.readings.items():
+            click.echo(f"  {metric} = {value!r}")
+    sys.exit(1 if failed else 0)

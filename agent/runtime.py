@@ -1,0 +1,319 @@
+"""The agent's runtime: supervises inputs, the commit loop into the buffer, and the shipper.
+
+Readings reported by inputs are staged in memory for at most ``buffer.commit_interval`` and then
+appended to the buffer in one transaction; a reading counts as accepted (``produced``) when that
+transaction commits. Each input runs in its own task: an exception escaping an input is logged,
+recorded as an ``input.crashed`` event, and the input is restarted after
+``runtime.input_restart_delay``; the other inputs never notice.
+
+Shutdown (:meth:`Runtime.run` returns when ``stop`` is set): stop the inputs, commit what they
+reported, seal it, let the shipper send it and wait for in-flight acks up to
+``runtime.drain_timeout``, say ``offline`` and close the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from agent import __version__
+from agent.buffer import Buffer, ReadingRow, event_note, now_us, status_note
+from agent.errors import ConfigError
+from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
+from agent.settings import Settings
+from agent.shipper import Shipper
+from agent.systemd import Notifier
+from protocol import Value
+
+log = structlog.get_logger("agent.runtime")
+
+# Readings staged in memory beyond this (a stalled disk) are counted as dropped, not hoarded.
+MAX_STAGED = 1_000_000
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (from /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Staging:
+    """What inputs reported since the last commit; cheap to append to, drained by the runtime."""
+
+    def __init__(self) -> None:
+        self.rows: list[ReadingRow] = []
+        self.notes: list[tuple[str, bytes]] = []
+        self.overflowed = 0
+        self.first_at: float | None = None
+
+    def take(self) -> tuple[list[ReadingRow], list[tuple[str, bytes]]]:
+        """Hand over everything staged."""
+        rows, notes = self.rows, self.notes
+        self.rows, self.notes = [], []
+        return rows, notes
+
+
+class InputEmitter:
+    """The :class:`~agent.inputs.base.Emitter` an input instance writes to."""
+
+    def __init__(self, input_name: str, staging: Staging, statuses: dict[uuid.UUID, Any]) -> None:
+        self.input_name = input_name
+        self._staging = staging
+        self._statuses = statuses
+        self.last_read_s = 0.0
+
+    def reading(
+        self, device_id: uuid.UUID, metric: str, value: Value, time_us: int | None = None
+    ) -> None:
+        """Stage one reading for the next commit."""
+        staging = self._staging
+        if len(staging.rows) >= MAX_STAGED:
+            staging.overflowed += 1
+            return
+        staging.rows.append(
+            (device_id.bytes, metric, time_us if time_us is not None else now_us(), value)
+        )
+
+    def device_status(self, device_id: uuid.UUID, status: DeviceState, reason: str = "") -> None:
+        """Forward a device's status to the collector when it changed."""
+        if self._statuses.get(device_id) == (status, reason):
+            return
+        self._statuses[device_id] = (status, reason)
+        self._staging.notes.append(status_note(device_id, status, reason))
+
+    def event(
+        self,
+        kind: str,
+        message: str,
+        *,
+        severity: Severity = "info",
+        device_id: uuid.UUID | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        """Stage an event for the next batch."""
+        attrs = {"input": self.input_name, **(attributes or {})}
+        self._staging.notes.append(
+            event_note(kind, message, severity=severity, device_id=device_id, attributes=attrs)
+        )
+
+    def read_duration(self, seconds: float) -> None:
+        """Remember how long the last read cycle took."""
+        self.last_read_s = seconds
+
+
+class Runtime:
+    """Runs one agent: buffer, inputs and shipper, until asked to stop."""
+
+    def __init__(self, settings: Settings, *, max_page_count: int | None = None) -> None:
+        self.settings = settings
+        b = settings.buffer
+        self.buffer = Buffer(
+            b.path,
+            gateway_id=settings.gateway.id,
+            max_bytes=b.max_bytes,
+            overflow=b.overflow,
+            synchronous=b.synchronous,
+            journal_size_limit=b.journal_size_limit,
+            max_points=settings.batch.max_points,
+            max_frame_bytes=settings.batch.max_frame_bytes,
+            max_page_count=max_page_count,
+        )
+        self.shipper = Shipper(settings.mqtt, settings.gateway, self.buffer, version=__version__)
+        self.staging = Staging()
+        self.statuses: dict[uuid.UUID, Any] = {}
+        self.notifier = Notifier()
+        self.inputs: list[Input] = self.build_inputs()
+        self._unsealed_since: float | None = None
+
+    def context(self) -> InputContext:
+        """What inputs are told about this agent."""
+        return InputContext(
+            gateway_id=self.settings.gateway.id,
+            buffer_path=self.settings.buffer.path,
+            stats=self.stats,
+        )
+
+    def build_inputs(self) -> list[Input]:
+        """Build every configured input (a failure here is a configuration error)."""
+        built: list[Input] = []
+        for config in self.settings.inputs:
+            try:
+                built.append(kind(config.type).factory(config, self.context()))
+            except Exception as exc:
+                raise ConfigError(f"inputs.{config.name}: cannot be set up: {exc}") from exc
+        return built
+
+    def stats(self) -> dict[str, float]:
+        """Figures for inputs (the ``system`` input reports them as metrics)."""
+        try:
+            store = self.buffer.store
+        except Exception:
+            return {"buffer_readings": 0, "buffer_bytes": 0, "dropped": 0, "rss_bytes": rss_bytes()}
+        dropped = sum(
+            store.counters[f"dropped_{r}"] for r in ("drop_oldest", "drop_newest", "disk_full")
+        )
+        return {
+            "buffer_readings": float(store.unsealed),
+            "buffer_batches": float(store.batch_count),
+            "buffer_bytes": float(store.bytes),
+            "dropped": float(dropped + sum(store.unpersisted.values())),
+            "produced": float(store.counters["produced"]),
+            "rss_bytes": float(rss_bytes()),
+            "link_up": 1.0 if self.shipper.state == "connected" else 0.0,
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then drain and return."""
+        await self.buffer.open()
+        try:
+            shipper_task = asyncio.create_task(self.shipper.run(), name="shipper")
+            committer = asyncio.create_task(self._commit_loop(), name="commit")
+            input_tasks = [
+                asyncio.create_task(self._supervise(inp), name=f"input:{inp.name}")
+                for inp in self.inputs
+            ]
+            watchdog = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+            log.info(
+                "agent.started",
+                gateway_id=str(self.settings.gateway.id),
+                inputs=[i.name for i in self.inputs],
+                version=__version__,
+            )
+            stop_wait = asyncio.create_task(stop.wait())
+            await asyncio.wait(
+                [stop_wait, committer, shipper_task], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in (committer, shipper_task):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error(
+                        "agent.task_failed", task=task.get_name(), error=repr(task.exception())
+                    )
+            self.notifier.notify("STOPPING=1", "STATUS=draining")
+            log.info("agent.stopping", drain_timeout=self.settings.runtime.drain_timeout)
+            started = time.monotonic()
+            for task in input_tasks:
+                task.cancel()
+            await asyncio.gather(*input_tasks, return_exceptions=True)
+            committer.cancel()
+            await asyncio.gather(committer, return_exceptions=True)
+            await self._commit(final=True)
+            remaining = max(0.0, self.settings.runtime.drain_timeout - (time.monotonic() - started))
+            if not shipper_task.done():
+                await self.shipper.drain(remaining)
+            self.shipper.stop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await asyncio.gather(shipper_task, return_exceptions=True)
+            watchdog.cancel()
+            stop_wait.cancel()
+            await asyncio.gather(watchdog, stop_wait, return_exceptions=True)
+            stats = await self.buffer.stats()
+            log.info(
+                "agent.stopped",
+                readings_buffered=stats.readings,
+                batches_buffered=stats.batches,
+                produced=stats.produced,
+                delivered=stats.delivered,
+            )
+        finally:
+            await self.buffer.close()
+            self.notifier.close()
+
+    async def _supervise(self, inp: Input) -> None:
+        emitter = InputEmitter(inp.name, self.staging, self.statuses)
+        while True:
+            try:
+                await inp.run(emitter)
+                log.warning("input.returned", input=inp.name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("input.crashed", input=inp.name, error=repr(exc))
+                emitter.event(
+                    "input.crashed",
+                    f"input {inp.name} crashed: {exc!r}"[:1024],
+                    severity="error",
+                )
+            await asyncio.sleep(self.settings.runtime.input_restart_delay)
+
+    async def _commit_loop(self) -> None:
+        interval = self.settings.buffer.commit_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self._commit(final=False)
+
+    async def _commit(self, final: bool) -> None:
+        rows, notes = self.staging.take()
+        if self.staging.overflowed:
+            # Staged beyond the cap while the disk stalled: counted, never silent.
+            self.buffer.store.unpersisted["drop_newest"] += self.staging.overflowed
+            self.buffer.store.unpersisted_produced += self.staging.overflowed
+            self.staging.overflowed = 0
+        if notes:
+            await self.buffer.add_notes(notes)
+        if rows:
+            await self.buffer.append(rows)
+        now = time.monotonic()
+        if self.buffer.has_unsealed():
+            if self._unsealed_since is None:
+                self._unsealed_since = now
+        else:
+            self._unsealed_since = None
+        due = self._unsealed_since is not None and (
+            final or now - self._unsealed_since >= self.settings.batch.max_age
+        )
+        sealed = await self.buffer.seal(force=due)
+        if due and not self.buffer.has_unsealed():
+            self._unsealed_since = None
+        if sealed:
+            self.shipper.wake()
+
+    def _status_line(self) -> str:
+        s = self.buffer.store
+        return (
+            f"link {self.shipper.state}; buffered {s.unsealed} readings + {s.batch_count} batches,"
+            f" {s.bytes} bytes; in flight {len(self.shipper.in_flight)}"
+        )
+
+    async def _heartbeat(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        status_every = self.settings.runtime.status_interval
+        tick = min(interval or status_every, status_every)
+        last_status = 0.0
+        while True:
+            now = time.monotonic()
+            fields = []
+            if interval:
+                fields.append("WATCHDOG=1")
+            if now - last_status >= status_every:
+                fields.append(f"STATUS={self._status_line()}")
+                last_status = now
+                log.info(
+                    "agent.status",
+                    link=self.shipper.state,
+                    readings=self.buffer.unsealed,
+                    batches=self.buffer.batch_count,
+                    bytes=self.buffer.size_bytes,
+                    in_flight=len(self.shipper.in_flight),
+                    rss_bytes=rss_bytes(),
+                )
+            if fields:
+                self.notifier.notify(*fields)
+            await asyncio.sleep(tick)
+
+
+def make_stop_hook() -> tuple[asyncio.Event, Callable[[], None]]:
+    """An event to stop the runtime and a function that sets it (for signal handlers)."""
+    stop = asyncio.Event()
+    return stop, stop.set

@@ -1,0 +1,437 @@
+"""The shipper: sends sealed batches to the broker and deletes them when the collector acks.
+
+One paho-mqtt client per connection, its network loop in paho's own thread; callbacks reach
+asyncio only through ``call_soon_threadsafe``. The reconnect loop is ours (paho's automatic
+reconnect is off) so that the delay is capped exponential backoff with jitter.
+
+Delivery: a window of up to ``window`` batches is in flight; each waits for the collector's ack
+frame on the gateway's ack topic. ``ok``, ``duplicate`` and ``partial`` delete the batch,
+``rejected`` deletes it and records a ``batch.rejected`` event; a batch without an ack after
+``ack_timeout`` is sent again (the stored frame, byte for byte), and after a reconnect everything
+not acked is sent again.
+
+Two lanes share the window. On connect, the highest seq in the buffer marks the end of the
+*backlog*; batches sealed after that are *live*. Live batches go out as soon as they are sealed;
+backlog batches go out oldest first, at most ``backlog_rate`` per second and never in the last
+free slot of the window, which stays reserved for live data. So after hours offline the
+current readings arrive within a second or two while the backlog drains behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.buffer import Buffer, SealedBatch, now_us
+from agent.settings import GatewaySettings, MqttSettings, mqtt_password, mqtt_username
+from protocol import (
+    Ack,
+    AckResult,
+    GatewayStatus,
+    ProtocolError,
+    TopicKind,
+    build_topic,
+    decode_ack,
+    encode_frame,
+)
+
+log = structlog.get_logger("agent.shipper")
+
+LinkState = Literal["connecting", "connected", "disconnected"]
+CONNACK_TIMEOUT = 15.0
+
+
+class LinkDown(Exception):
+    """The connection to the broker failed or was lost."""
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A batch sent and not yet acknowledged."""
+
+    seq: int
+    frame: bytes
+    readings: int
+    sent_at: float
+    live: bool
+    sends: int = 1
+
+
+def backoff_delay(attempt: int, minimum: float, maximum: float) -> float:
+    """Capped exponential backoff with jitter: uniformly within [½, 1] of ``min·2^attempt``."""
+    ceiling = min(maximum, minimum * (2 ** min(attempt, 32)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class Shipper:
+    """Delivers the buffer's sealed batches over MQTT until stopped."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        gateway: GatewaySettings,
+        buffer: Buffer,
+        *,
+        version: str = "",
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.buffer = buffer
+        self.version = version
+        prefix = settings.topic_prefix
+        self.telemetry_topic = build_topic(
+            prefix, gateway.tenant_id, gateway.id, TopicKind.TELEMETRY
+        )
+        self.status_topic = build_topic(prefix, gateway.tenant_id, gateway.id, TopicKind.STATUS)
+        self.ack_topic = build_topic(prefix, gateway.tenant_id, gateway.id, TopicKind.ACK)
+        self.state: LinkState = "disconnected"
+        self.in_flight: dict[int, InFlight] = {}
+        self.sent = 0
+        self.resent = 0
+        self.acked = 0
+        self._wake = asyncio.Event()
+        self._acks: asyncio.Queue[Ack] = asyncio.Queue()
+        self._stopping = False
+        self._draining = False
+        self._drain_deadline = 0.0
+        self._lost = asyncio.Event()
+        self._client: mqtt.Client | None = None
+        self._connack: asyncio.Future[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tokens = 1.0
+        self._tokens_at = time.monotonic()
+        self._live_floor = -1
+        self.drained = asyncio.Event()
+
+    # --- called by the runtime ------------------------------------------------------------
+
+    def wake(self) -> None:
+        """A batch was sealed (or something else changed): look at the buffer now."""
+        self._wake.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Send what is sealed and wait for in-flight acks, for at most ``seconds``."""
+        self._draining = True
+        self._drain_deadline = time.monotonic() + seconds
+        self._wake.set()
+        if self.state != "connected":
+            return  # nothing is in flight on a link that is down; the buffer keeps the rest
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.drained.wait()
+
+    def stop(self) -> None:
+        """Leave the send loop; :meth:`run` then says ``offline`` and disconnects."""
+        self._stopping = True
+        self._wake.set()
+        self._lost.set()
+
+    # --- paho callbacks (paho's thread) ---------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        loop, fut = self._loop, self._connack
+        if loop is not None and fut is not None:
+            loop.call_soon_threadsafe(_set_result, fut, reason)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._link_lost, str(reason))
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            ack = decode_ack(bytes(message.payload))
+        except ProtocolError as exc:
+            log.warning("ack.invalid", topic=message.topic, reason=exc.reason.value, error=str(exc))
+            return
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._ack_arrived, ack)
+
+    # --- asyncio side ---------------------------------------------------------------------
+
+    def _link_lost(self, reason: str) -> None:
+        if self.state == "connected" and not self._stopping:
+            log.warning("link.lost", reason=reason)
+        self.state = "disconnected"
+        self._lost.set()
+        self._wake.set()
+
+    def _ack_arrived(self, ack: Ack) -> None:
+        self._acks.put_nowait(ack)
+        self._wake.set()
+
+    def _build_client(self) -> mqtt.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=str(self.gateway.id),
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
+            reconnect_on_failure=False,
+        )
+        username = mqtt_username(s)
+        if username is not None:
+            client.username_pw_set(username, mqtt_password(s))
+        if s.tls.enabled:
+            client.tls_set(
+                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+                cert_reqs=ssl.CERT_NONE if s.tls.insecure_skip_verify else ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            if s.tls.insecure_skip_verify:
+                client.tls_insecure_set(True)
+        client.max_inflight_messages_set(max(20, s.window * 2))
+        offline = encode_frame(
+            GatewayStatus(
+                gateway_id=self.gateway.id, state="offline", time=now_us(), version=self.version
+            )
+        )
+        client.will_set(self.status_topic, offline, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    async def _connect(self) -> mqtt.Client:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        client = self._build_client()
+        self._connack = loop.create_future()
+        self._lost.clear()
+        self.state = "connecting"
+        s = self.settings
+        kwargs: dict[str, Any] = {"keepalive": int(max(5, s.keepalive))}
+        if s.protocol == "5":
+            kwargs["clean_start"] = True
+        try:
+            await loop.run_in_executor(None, lambda: client.connect(s.host, s.port, **kwargs))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise LinkDown(f"cannot reach {s.host}:{s.port}: {exc}") from None
+        self._client = client
+        client.loop_start()
+        try:
+            async with asyncio.timeout(CONNACK_TIMEOUT):
+                reason = await self._connack
+        except TimeoutError:
+            raise LinkDown(f"no CONNACK from {s.host}:{s.port} in {CONNACK_TIMEOUT:g} s") from None
+        if getattr(reason, "is_failure", False):
+            raise LinkDown(f"broker refused the connection: {reason}")
+        client.subscribe(self.ack_topic, qos=1)
+        online = encode_frame(
+            GatewayStatus(
+                gateway_id=self.gateway.id, state="online", time=now_us(), version=self.version
+            )
+        )
+        client.publish(self.status_topic, online, qos=1, retain=True)
+        self.state = "connected"
+        return client
+
+    async def _close(self, graceful: bool) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        loop = asyncio.get_running_loop()
+        if graceful and self.state == "connected":
+            offline = encode_frame(
+                GatewayStatus(
+                    gateway_id=self.gateway.id, state="offline", time=now_us(), version=self.version
+                )
+            )
+            info = client.publish(self.status_topic, offline, qos=1, retain=True)
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(None, lambda: info.wait_for_publish(3.0))
+            client.disconnect()
+        else:
+            with contextlib.suppress(Exception):
+                client.disconnect()
+        await loop.run_in_executor(None, client.loop_stop)
+        self.state = "disconnected"
+
+    async def run(self) -> None:
+        """Connect, send and reconnect until :meth:`stop`; then say ``offline`` and leave."""
+        attempt = 0
+        while not self._stopping:
+            try:
+                await self._connect()
+                log.info(
+                    "link.connected",
+                    host=self.settings.host,
+                    port=self.settings.port,
+                    protocol=self.settings.protocol,
+                )
+                attempt = 0
+                await self._session()
+            except LinkDown as exc:
+                log.warning("link.failed", error=str(exc), attempt=attempt)
+            finally:
+                await self._close(graceful=self._stopping)
+            if self._stopping or (self._draining and not self.in_flight):
+                break
+            delay = backoff_delay(attempt, self.settings.reconnect_min, self.settings.reconnect_max)
+            attempt += 1
+            log.info("link.reconnect_wait", seconds=round(delay, 2))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    self._lost.clear()
+                    while not self._stopping:
+                        await self._lost.wait()
+                        self._lost.clear()
+        self.drained.set()
+
+    async def _session(self) -> None:
+        """Send and collect acks while the link is up."""
+        self.in_flight.clear()
+        self.buffer.protected.clear()
+        # What is buffered right now is backlog; what gets sealed from here on is live.
+        self._live_floor = await self.buffer.last_seq()
+        self._tokens, self._tokens_at = 1.0, time.monotonic()
+        while not self._stopping and self.state == "connected":
+            self._wake.clear()
+            await self._take_acks()
+            self._expire()
+            if self.state != "connected":
+                break
+            await self._fill_window()
+            if self._draining and await self._drain_done():
+                self.drained.set()
+                return
+            await self._sleep()
+        if self.state != "connected" and not self._stopping:
+            raise LinkDown("connection lost")
+
+    async def _drain_done(self) -> bool:
+        if self.in_flight:
+            return False
+        if time.monotonic() >= self._drain_deadline:
+            return True
+        # Live batches (sealed since connect, e.g. the final flush) are part of the drain.
+        pending = await self.buffer.batches(after=self._live_floor, limit=1)
+        return not pending
+
+    async def _sleep(self) -> None:
+        timeout = 1.0
+        if self.in_flight:
+            oldest = min(f.sent_at for f in self.in_flight.values())
+            timeout = min(timeout, max(0.01, oldest + self.settings.ack_timeout - time.monotonic()))
+        if self._tokens < 1.0:
+            timeout = min(timeout, (1.0 - self._tokens) / self.settings.backlog_rate)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    async def _take_acks(self) -> None:
+        while not self._acks.empty():
+            ack = self._acks.get_nowait()
+            if ack.stream != self.buffer.stream:
+                log.warning("ack.foreign_stream", stream=str(ack.stream), seq=ack.seq)
+                continue
+            rejected = ack.result == AckResult.REJECTED
+            outcome = await self.buffer.acknowledge(ack.seq, rejected, ack.reason)
+            entry = self.in_flight.pop(ack.seq, None)
+            self.buffer.protected.discard(ack.seq)
+            if outcome is None:
+                log.debug("ack.unknown_batch", seq=ack.seq, result=ack.result.value)
+                continue
+            self.acked += 1
+            if rejected:
+                log.error(
+                    "batch.rejected", seq=ack.seq, reason=ack.reason, readings=outcome.readings
+                )
+            else:
+                log.debug(
+                    "batch.acked",
+                    seq=ack.seq,
+                    result=ack.result.value,
+                    readings=outcome.readings,
+                    sends=entry.sends if entry else None,
+                )
+
+    def _expire(self) -> None:
+        deadline = time.monotonic() - self.settings.ack_timeout
+        for seq, entry in list(self.in_flight.items()):
+            if entry.sent_at <= deadline:
+                log.info("batch.ack_timeout", seq=seq, sends=entry.sends)
+                self._publish(entry, resend=True)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        cap = float(self.settings.window)
+        self._tokens = min(cap, self._tokens + (now - self._tokens_at) * self.settings.backlog_rate)
+        self._tokens_at = now
+
+    async def _fill_window(self) -> None:
+        window = self.settings.window
+        free = window - len(self.in_flight)
+        if free <= 0:
+            return
+        live = await self.buffer.batches(
+            after=self._live_floor, exclude=tuple(self.in_flight), limit=free
+        )
+        for batch in live:
+            self._send(batch, live=True)
+        backlog_in_flight = sum(1 for f in self.in_flight.values() if not f.live)
+        # The last slot of the window stays free for live data.
+        backlog_slots = min(window - len(self.in_flight), max(1, window - 1) - backlog_in_flight)
+        if backlog_slots <= 0 or self._live_floor < 0:
+            return
+        self._refill()
+        allowed = min(backlog_slots, int(self._tokens))
+        if allowed <= 0:
+            return
+        backlog = await self.buffer.batches(
+            upto=self._live_floor, exclude=tuple(self.in_flight), limit=allowed
+        )
+        if not backlog and not any(not f.live for f in self.in_flight.values()):
+            self._live_floor = -1  # backlog drained: from now on there is one lane
+        for batch in backlog:
+            self._tokens -= 1.0
+            self._send(batch, live=False)
+
+    def _send(self, batch: SealedBatch, live: bool) -> None:
+        entry = InFlight(batch.seq, batch.frame, batch.readings, time.monotonic(), live, sends=0)
+        self.in_flight[batch.seq] = entry
+        self.buffer.protected.add(batch.seq)
+        self._publish(entry, resend=False)
+
+    def _publish(self, entry: InFlight, resend: bool) -> None:
+        client = self._client
+        if client is None:
+            return
+        info = client.publish(self.telemetry_topic, entry.frame, qos=1)
+        entry.sent_at = time.monotonic()
+        entry.sends += 1
+        if resend:
+            self.resent += 1
+        else:
+            self.sent += 1
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            self._link_lost(f"publish failed: {mqtt.error_string(info.rc)}")
+            return
+        log.debug(
+            "batch.sent",
+            seq=entry.seq,
+            bytes=len(entry.frame),
+            readings=entry.readings,
+            lane="live" if entry.live else "backlog",
+            resend=resend,
+        )
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)

@@ -1,0 +1,242 @@
+"""What the agent tests share: a test acknowledger on the real broker, config files, processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from protocol import (
+    Ack,
+    AckResult,
+    Batch,
+    TopicKind,
+    build_topic,
+    decode_batch,
+    encode_frame,
+    parse_topic,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = [sys.executable, "-m", "agent"]
+
+# Decides what to answer to a batch: (batch, how many times this seq arrived) -> result or None.
+Policy = Callable[[Batch, int], AckResult | None]
+
+
+def ack_everything(batch: Batch, seen: int) -> AckResult | None:
+    """Answer every batch with ``ok``."""
+    return AckResult.OK
+
+
+@dataclass
+class Acknowledger:
+    """Plays the collector on the real broker: receives batch frames and publishes ack frames.
+
+    Records every frame it receives (seq -> list of the exact bytes), so tests can check that a
+    resend is byte-identical, and acknowledges according to ``policy``.
+    """
+
+    host: str
+    port: int
+    prefix: str
+    policy: Policy = ack_everything
+    frames: dict[int, list[bytes]] = field(default_factory=dict)
+    acked: dict[int, AckResult] = field(default_factory=dict)
+    statuses: list[bytes] = field(default_factory=list)
+    hold: list[tuple[str, Ack]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _client: mqtt.Client | None = None
+
+    def start(self) -> Acknowledger:
+        """Connect (persistent session, so nothing is lost while the broker restarts)."""
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"ack-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.reconnect_delay_set(0.2, 1.0)
+        self._client = client
+        from paho.mqtt.properties import Properties
+        from paho.mqtt.packettypes import PacketTypes
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        client.connect(self.host, self.port, keepalive=10, clean_start=False, properties=props)
+        client.loop_start()
+        deadline = time.monotonic() + 10
+        while not client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Disconnect."""
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
+        client.subscribe(f"{self.prefix}/v1/+/+/telemetry", qos=1)
+        client.subscribe(f"{self.prefix}/v1/+/+/status", qos=1)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        address = parse_topic(message.topic, self.prefix)
+        payload = bytes(message.payload)
+        if address.kind == TopicKind.STATUS:
+            with self._lock:
+                self.statuses.append(payload)
+            return
+        batch = decode_batch(payload)
+        with self._lock:
+            self.frames.setdefault(batch.seq, []).append(payload)
+            seen = len(self.frames[batch.seq])
+        result = self.policy(batch, seen)
+        if result is None:
+            return
+        ack = Ack(
+            stream=batch.stream,
+            seq=batch.seq,
+            result=result,
+            accepted=0 if result == AckResult.REJECTED else batch.point_count,
+            rejected=batch.point_count if result == AckResult.REJECTED else 0,
+            reason="unknown_gateway" if result == AckResult.REJECTED else "",
+        )
+        topic = build_topic(self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK)
+        with self._lock:
+            self.acked[batch.seq] = result
+        client.publish(topic, encode_frame(ack), qos=1)
+
+    def send_ack(self, tenant: uuid.UUID, gateway: uuid.UUID, ack: Ack) -> None:
+        """Publish an ack frame now (for out-of-order answers)."""
+        assert self._client is not None
+        topic = build_topic(self.prefix, tenant, gateway, TopicKind.ACK)
+        self._client.publish(topic, encode_frame(ack), qos=1).wait_for_publish(5)
+
+    def batches(self) -> dict[int, Batch]:
+        """The first frame received for every seq, decoded."""
+        with self._lock:
+            return {seq: decode_batch(frames[0]) for seq, frames in self.frames.items()}
+
+    def readings(self) -> int:
+        """Readings in distinct batches received."""
+        return sum(b.point_count for b in self.batches().values())
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix of the test's own."""
+    return f"smtest{uuid.uuid4().hex[:10]}"
+
+
+def device_ids(n: int, seed: int = 0) -> list[uuid.UUID]:
+    """``n`` stable device ids."""
+    return [uuid.uuid5(uuid.NAMESPACE_URL, f"sensormine-test-{seed}-{i}") for i in range(n)]
+
+
+def write_config(
+    path: Path,
+    *,
+    buffer: Path,
+    port: int,
+    prefix: str,
+    gateway: uuid.UUID | None = None,
+    tenant: uuid.UUID | None = None,
+    devices: int = 2,
+    interval: str = "100ms",
+    extra_buffer: str = "",
+    extra_mqtt: str = "",
+    extra_batch: str = "",
+    extra_runtime: str = "",
+) -> Path:
+    """Write an agent configuration with one simulated input; return its path."""
+    gateway = gateway or uuid.uuid4()
+    tenant = tenant or uuid.uuid4()
+    devs = "".join(
+        f'\n[[inputs.devices]]\nid = "{d}"\nname = "dev-{i}"\n'
+        for i, d in enumerate(device_ids(devices))
+    )
+    path.write_text(
+        f"""
+[gateway]
+id = "{gateway}"
+tenant_id = "{tenant}"
+
+[buffer]
+path = "{buffer}"
+{extra_buffer}
+
+[batch]
+{extra_batch}
+
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+topic_prefix = "{prefix}"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+{extra_mqtt}
+
+[runtime]
+{extra_runtime}
+
+[log]
+format = "json"
+
+[[inputs]]
+type = "simulated"
+name = "sim"
+interval = "{interval}"
+seed = 7
+{devs}
+"""
+    )
+    return path
+
+
+def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``sensormine-agent run`` as a child process, its log in ``log``."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    return subprocess.Popen(
+        [*AGENT, "run", "--config", str(config)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def agent_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a ``sensormine-agent`` command to completion."""
+    return subprocess.run(
+        [*AGENT, *args], capture_output=True, text=True, cwd=ROOT, check=check, timeout=60
+    )
+
+
+@pytest.fixture
+def acknowledger_factory() -> Iterator[Callable[..., Acknowledger]]:
+    """Start acknowledgers that are stopped at the end of the test."""
+    started: list[Acknowledger] = []
+
+    def make(host: str, port: int, prefix: str, policy: Policy = ack_everything) -> Acknowledger:
+        ack = Acknowledger(host, port, prefix, policy).start()
+        started.append(ack)
+        return ack
+
+    yield make
+    for a in started:
+        a.stop()
