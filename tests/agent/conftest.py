@@ -16,6 +16,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from protocol import (
     Ack,
@@ -70,9 +72,6 @@ class Acknowledger:
         client.on_message = self._on_message
         client.reconnect_delay_set(0.2, 1.0)
         self._client = client
-        from paho.mqtt.properties import Properties
-        from paho.mqtt.packettypes import PacketTypes
-
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         client.connect(self.host, self.port, keepalive=10, clean_start=False, properties=props)
