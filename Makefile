@@ -35,3 +35,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# Offline installation bundle of the agent for this machine's Python and architecture
+# (dist/sensormine-agent-<version>-<python tag>-<arch>.tar.gz); see docs/install-agent.md.
+.PHONY: bundle
+bundle:
+	scripts/build-bundle --python $(PYTHON)

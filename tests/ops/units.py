@@ -15,7 +15,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS_DIR = REPO / "systemd"
-UNITS = ("sensormine-agent.service", "sensormine-collector.service", "sensormine-collector@.service")
+UNITS = (
+    "sensormine-agent.service",
+    "sensormine-collector.service",
+    "sensormine-collector@.service",
+)
 HOST_UNIT_LIBRARY = next(
     (p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()),
     Path("/usr/lib/systemd/system"),
@@ -93,5 +97,7 @@ def exposure(root: Path, unit: str) -> tuple[float, str]:
     )
     match = _EXPOSURE.search(result.stdout + result.stderr)
     if match is None:
-        raise AssertionError(f"no exposure level in the report of {unit}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"no exposure level in the report of {unit}:\n{result.stdout}\n{result.stderr}"
+        )
     return float(match.group(1)), result.stdout

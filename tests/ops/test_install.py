@@ -1,0 +1,316 @@
+"""scripts/install-agent into scratch roots: the files it lays down, upgrades that keep the
+buffer and the configuration, uninstall and purge, and the offline bundle with no network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.ops.units import REPO, make_scratch_root, verify
+from tests.services import free_port
+
+INSTALLER = REPO / "scripts/install-agent"
+UNIT = "sensormine-agent.service"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the installer sets owners: run as root")
+
+
+def install(
+    *args: str,
+    env: dict[str, str] | None = None,
+    prefix: list[str] | None = None,
+    installer: Path = INSTALLER,
+) -> subprocess.CompletedProcess[str]:
+    """Run the installer; fail the test with its output if it fails."""
+    result = subprocess.run(
+        [*(prefix or []), str(installer), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
+    )
+    assert 0 == result.returncode, f"{result.stdout}\n{result.stderr}"
+    return result
+
+
+def account(root: Path, name: str = "sensormine") -> list[str]:
+    """The passwd entry of ``name`` in the scratch root, split into its fields."""
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return fields
+    raise AssertionError(f"{name} is not in {root}/etc/passwd")
+
+
+def layout(root: Path) -> dict[str, tuple[str, int, int, str]]:
+    """Every path under ``root`` outside the virtual environment: (kind, mode, uid, gid / link)."""
+    found: dict[str, tuple[str, int, int, str]] = {}
+    for path in sorted(root.rglob("*")):
+        rel = "/" + str(path.relative_to(root))
+        if rel.startswith("/opt/sensormine/venv/") or rel.startswith("/opt/sensormine/docs/"):
+            continue
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            found[rel] = ("link", 0, st.st_uid, os.readlink(path))
+        else:
+            kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+            found[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, str(st.st_gid))
+    return found
+
+
+@pytest.fixture
+def site_config(tmp_path: Path) -> Path:
+    """A gateway's own configuration file, as an operator would pass it with --config."""
+    path = tmp_path / "site.toml"
+    path.write_text("# the site's own configuration\n")
+    return path
+
+
+def test_install_lays_down_every_file_with_its_mode_and_owner(
+    tmp_path: Path, site_config: Path
+) -> None:
+    """A scratch-root install creates exactly the documented files, owned and protected as
+    documented, adds the user to the root's own /etc/passwd only, and enables the unit."""
+    root = tmp_path / "root"
+    real_passwd = Path("/etc/passwd").read_text()
+    install("--root", str(root), "--config", str(site_config))
+
+    user = account(root)
+    uid, gid = int(user[2]), user[3]
+    assert ["sensormine", "/var/lib/sensormine", "/usr/sbin/nologin"] == [user[0], user[5], user[6]]
+    assert real_passwd == Path("/etc/passwd").read_text()
+    expected = {
+        "/etc": ("dir", 0o755, 0, "0"),
+        "/etc/passwd": ("file", 0o644, 0, "0"),
+        "/etc/group": ("file", 0o644, 0, "0"),
+        "/etc/shadow": ("file", 0o000, 0, "0"),
+        "/etc/gshadow": ("file", 0o000, 0, "0"),
+        "/etc/.pwd.lock": ("file", 0o600, 0, "0"),
+        "/etc/sensormine": ("dir", 0o750, 0, gid),
+        "/etc/sensormine/agent.toml": ("file", 0o640, 0, gid),
+        "/etc/sensormine/credentials": ("dir", 0o700, 0, "0"),
+        "/etc/sensormine/credentials/mqtt-password": ("file", 0o600, 0, "0"),
+        "/etc/systemd": ("dir", 0o755, 0, "0"),
+        "/etc/systemd/system": ("dir", 0o755, 0, "0"),
+        f"/etc/systemd/system/{UNIT}": ("file", 0o644, 0, "0"),
+        "/etc/systemd/system/multi-user.target.wants": ("dir", 0o755, 0, "0"),
+        f"/etc/systemd/system/multi-user.target.wants/{UNIT}": (
+            "link",
+            0,
+            0,
+            f"/etc/systemd/system/{UNIT}",
+        ),
+        "/opt": ("dir", 0o755, 0, "0"),
+        "/opt/sensormine": ("dir", 0o755, 0, "0"),
+        "/opt/sensormine/docs": ("dir", 0o755, 0, "0"),
+        "/opt/sensormine/venv": ("dir", 0o755, 0, "0"),
+        "/usr": ("dir", 0o755, 0, "0"),
+        "/usr/lib": ("dir", 0o755, 0, "0"),
+        "/usr/lib/sysusers.d": ("dir", 0o755, 0, "0"),
+        "/usr/lib/sysusers.d/sensormine.conf": ("file", 0o644, 0, "0"),
+        "/var": ("dir", 0o755, 0, "0"),
+        "/var/lib": ("dir", 0o755, 0, "0"),
+        "/var/lib/sensormine": ("dir", 0o750, uid, gid),
+    }
+    assert expected == layout(root)
+    assert site_config.read_text() == (root / "etc/sensormine/agent.toml").read_text()
+    assert "" == (root / "etc/sensormine/credentials/mqtt-password").read_text()
+    assert (REPO / "systemd" / UNIT).read_text() == (root / "etc/systemd/system" / UNIT).read_text()
+    docs = {p.name for p in (root / "opt/sensormine/docs").iterdir()}
+    assert {
+        d for d in ("install-agent.md", "troubleshooting.md") if (REPO / "docs" / d).exists()
+    } == docs
+
+
+def test_installed_program_belongs_to_root_and_the_unit_verifies(
+    tmp_path: Path, site_config: Path
+) -> None:
+    """The service user cannot change its own program, and systemd accepts the installed unit
+    with the installed program in place."""
+    root = tmp_path / "root"
+    install("--root", str(root), "--config", str(site_config))
+    venv = root / "opt/sensormine/venv"
+    agent = venv / "bin/sensormine-agent"
+    assert os.access(agent, os.X_OK)
+    writable_by_others = [
+        p
+        for p in venv.rglob("*")
+        if not p.is_symlink()
+        and (p.lstat().st_uid != 0 or p.lstat().st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    ]
+    assert [] == writable_by_others
+    result = verify(make_scratch_root(root), UNIT)
+    assert (0, "") == (result.returncode, result.stderr)
+
+
+def test_upgrade_keeps_configuration_credentials_and_buffer(
+    tmp_path: Path, site_config: Path
+) -> None:
+    """Running the installer again replaces program and unit but keeps what the site made."""
+    root = tmp_path / "root"
+    install("--root", str(root), "--config", str(site_config))
+    buffer = root / "var/lib/sensormine/buffer.db"
+    buffer.write_bytes(b"SQLite format 3\x00 buffered readings")
+    (root / "etc/sensormine/agent.toml").write_text("# edited on site\n")
+    (root / "etc/sensormine/credentials/mqtt-password").write_text("s3cret\n")
+    unit = root / "etc/systemd/system" / UNIT
+    unit.write_text("# an old unit\n")
+    marker = root / "opt/sensormine/venv/lib/stale-marker"
+    marker.write_text("")
+
+    other_config = tmp_path / "other.toml"
+    other_config.write_text("# must not replace the site's file\n")
+    result = install("--root", str(root), "--config", str(other_config))
+
+    assert "kept the existing configuration" in result.stdout
+    assert b"SQLite format 3\x00 buffered readings" == buffer.read_bytes()
+    assert "# edited on site\n" == (root / "etc/sensormine/agent.toml").read_text()
+    assert "s3cret\n" == (root / "etc/sensormine/credentials/mqtt-password").read_text()
+    assert (REPO / "systemd" / UNIT).read_text() == unit.read_text()
+    assert 1 == sum(
+        1
+        for line in (root / "etc/passwd").read_text().splitlines()
+        if line.startswith("sensormine:")
+    )
+    assert os.access(root / "opt/sensormine/venv/bin/sensormine-agent", os.X_OK)
+
+
+def test_uninstall_keeps_data_and_purge_removes_it(tmp_path: Path, site_config: Path) -> None:
+    """--uninstall removes program and unit and keeps configuration, buffer and user;
+    --uninstall --purge removes those too."""
+    root = tmp_path / "root"
+    install("--root", str(root), "--config", str(site_config))
+    (root / "var/lib/sensormine/buffer.db").write_bytes(b"readings")
+
+    install("--root", str(root), "--uninstall")
+    assert not (root / "opt/sensormine").exists()
+    assert not (root / "etc/systemd/system" / UNIT).exists()
+    assert not (root / "etc/systemd/system/multi-user.target.wants" / UNIT).is_symlink()
+    assert b"readings" == (root / "var/lib/sensormine/buffer.db").read_bytes()
+    assert site_config.read_text() == (root / "etc/sensormine/agent.toml").read_text()
+    assert "sensormine" == account(root)[0]
+
+    install("--root", str(root), "--uninstall", "--purge")
+    assert not (root / "var/lib/sensormine").exists()
+    assert not (root / "etc/sensormine").exists()
+    assert not (root / "usr/lib/sysusers.d/sensormine.conf").exists()
+    assert "sensormine:" not in (root / "etc/passwd").read_text()
+    assert "sensormine:" not in (root / "etc/group").read_text()
+
+
+def test_installer_refuses_unknown_options_and_lone_purge(tmp_path: Path) -> None:
+    """Mistyped options stop the installer before it changes anything, naming the option."""
+    for args, message in (
+        (["--frobnicate"], "unknown option '--frobnicate'"),
+        (["--purge"], "--purge only goes with --uninstall"),
+    ):
+        result = subprocess.run(
+            [str(INSTALLER), "--root", str(tmp_path / "r"), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert (1, True) == (result.returncode, message in result.stderr)
+    assert not (tmp_path / "r/etc").exists()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline bundle, built by scripts/build-bundle (what ``make bundle`` runs)."""
+    out = tmp_path_factory.mktemp("dist")
+    result = subprocess.run(
+        [str(REPO / "scripts/build-bundle"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert 0 == result.returncode, f"{result.stdout}\n{result.stderr}"
+    (tarball,) = out.glob("sensormine-agent-*.tar.gz")
+    return tarball
+
+
+def test_bundle_holds_wheelhouse_unit_example_and_installer(bundle: Path) -> None:
+    """The bundle is named for version, Python tag and architecture and has everything the
+    offline install needs."""
+    import platform
+    import sys
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    name = f"sensormine-agent-{version}-{tag}-{platform.machine()}"
+    assert f"{name}.tar.gz" == bundle.name
+    with tarfile.open(bundle) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    for part in ("install-agent", UNIT, "agent.example.toml"):
+        assert f"{name}/{part}" in members
+    assert members[f"{name}/install-agent"].mode & 0o111
+    wheels = {n.split("/")[-1].split("-")[0].lower() for n in members if n.endswith(".whl")}
+    required = {
+        "sensormine",
+        "paho_mqtt",
+        "aiosqlite",
+        "pydantic",
+        "pydantic_core",
+        "structlog",
+        "msgpack",
+        "click",
+        "zstandard",
+        "prometheus_client",
+        "pymodbus",
+        "pyserial",
+    }
+    assert required <= wheels
+    assert [] == [n for n in members if n.endswith((".tar.gz", ".zip")) and "/wheelhouse/" in n]
+
+
+def test_bundle_installs_with_no_network_and_no_index(tmp_path: Path, bundle: Path) -> None:
+    """From the unpacked bundle the installer needs no package index: it runs with the indexes
+    pointing at a closed port and, where possible, in a network namespace of its own."""
+    with tarfile.open(bundle) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    (bundle_dir,) = (tmp_path / "unpacked").iterdir()
+    closed = f"http://127.0.0.1:{free_port()}/simple"
+    env = {
+        **os.environ,
+        "PIP_INDEX_URL": closed,
+        "PIP_EXTRA_INDEX_URL": closed,
+        "PIP_FIND_LINKS": closed,
+        "PIP_NO_INDEX": "1",
+    }
+    # An empty network namespace: not even the loopback works, let alone an index.
+    prefix = (
+        ["unshare", "--net"]
+        if shutil.which("unshare")
+        and subprocess.run(["unshare", "--net", "true"], check=False).returncode == 0
+        else []
+    )
+    root = tmp_path / "root"
+    result = install(
+        "--root", str(root), env=env, prefix=prefix, installer=bundle_dir / "install-agent"
+    )
+
+    assert "(bundle)" in result.stdout
+    assert (bundle_dir / "agent.example.toml").read_text() == (
+        root / "etc/sensormine/agent.toml"
+    ).read_text()
+    python = root / "opt/sensormine/venv/bin/python"
+    shown = subprocess.run(
+        [str(python), "-m", "pip", "show", "sensormine"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Name: sensormine" in shown
+    imported = subprocess.run(
+        [str(python), "-c", "import protocol, agent; print('ok')"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (0, "ok\n") == (imported.returncode, imported.stdout)
