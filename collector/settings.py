@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from collector.errors import ConfigError
+from collector.lifecycle.settings import LifecycleSettings
 from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
 
 DEFAULT_CONFIG_PATH = Path("/etc/sensormine/collector.toml")
@@ -186,15 +187,15 @@ class MqttSettings(_Section):
     """Broker connection and subscription."""
 
     host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: str = Field("sensormine-collector-1", min_length=1, max_length=128)
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str = Field(default="sensormine-collector-1", min_length=1, max_length=128)
     username: str | None = None
     password_file: Path | None = None
     prefix: str = DEFAULT_PREFIX
-    group: str = Field("sensormine-collectors", min_length=1)
+    group: str = Field(default="sensormine-collectors", min_length=1)
     keepalive: Duration = 30.0
     session_expiry: Duration = 86400.0
-    receive_maximum: int = Field(1000, ge=1, le=65535)
+    receive_maximum: int = Field(default=1000, ge=1, le=65535)
     reconnect_min: Duration = 0.5
     reconnect_max: Duration = 30.0
     tls: bool = False
@@ -219,9 +220,9 @@ class MqttSettings(_Section):
 class WriterSettings(_Section):
     """When staged rows are flushed, and how a failing database is retried."""
 
-    max_rows: int = Field(20_000, ge=1)
+    max_rows: int = Field(default=20_000, ge=1)
     max_age: Duration = 0.2
-    max_staged_rows: int = Field(200_000, ge=1)
+    max_staged_rows: int = Field(default=200_000, ge=1)
     retry_min: Duration = 0.5
     retry_max: Duration = 10.0
 
@@ -232,9 +233,9 @@ class ValidationSettings(_Section):
     max_age: Duration = 30 * 86400.0
     max_skew: Duration = 300.0
     allow_non_finite: bool = False
-    reject_sample: int = Field(5, ge=0, le=100)
+    reject_sample: int = Field(default=5, ge=0, le=100)
     max_frame_bytes: Size = 1 << 20
-    max_points: int = Field(100_000, ge=1)
+    max_points: int = Field(default=100_000, ge=1)
 
 
 class RegistrySettings(_Section):
@@ -253,7 +254,7 @@ class MetricsSettings(_Section):
     @classmethod
     def _listen(cls, value: str) -> str:
         if value:
-            host, sep, port = value.rpartition(":")
+            _host, sep, port = value.rpartition(":")
             if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
                 raise ValueError(f"{value!r} is not host:port")
         return value
@@ -277,6 +278,7 @@ class Settings(_Section):
     registry: RegistrySettings = RegistrySettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
     drain_deadline: Duration = 20.0
     migrate_on_start: bool = True
 
@@ -359,7 +361,9 @@ def mqtt_password(settings: MqttSettings, environ: dict[str, str] | None = None)
 
 
 def connect_params(
-    db: DatabaseSettings, kind: Literal["metadata", "timeseries"], environ: dict[str, str] | None = None
+    db: DatabaseSettings,
+    kind: Literal["metadata", "timeseries"],
+    environ: dict[str, str] | None = None,
 ) -> ConnectParams:
     """Connection arguments for ``kind``, with the password from wherever it is configured."""
     env = dict(os.environ) if environ is None else environ

@@ -92,7 +92,9 @@ async def _connect(dsn: str, connect_kwargs: dict[str, Any] | None) -> asyncpg.C
     try:
         return await asyncpg.connect(**kwargs)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise DatabaseUnavailable(f"cannot connect to the {dsn.split('@')[-1]} database: {exc}") from exc
+        raise DatabaseUnavailable(
+            f"cannot connect to the {dsn.split('@')[-1]} database: {exc}"
+        ) from exc
 
 
 async def _applied(conn: asyncpg.Connection) -> dict[int, asyncpg.Record]:

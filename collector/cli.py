@@ -1,0 +1,186 @@
+"""``sensormine-collector``: run the collector, migrate its databases, report ingest status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import click
+import structlog
+
+from collector import migrations
+from collector.errors import CollectorError
+from collector.observability import configure_logging
+from collector.service import Collector, db_kwargs, migrate_all
+from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+
+_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    envvar="SENSORMINE_COLLECTOR_CONFIG",
+    help="Collector configuration file (TOML).",
+)
+
+
+def _load(config_path: Path) -> Settings:
+    try:
+        return load_settings(config_path)
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def main() -> None:
+    """Sensormine collector: MQTT batches into TimescaleDB, exactly once."""
+
+
+@main.command()
+@_CONFIG
+def run(config_path: Path) -> None:
+    """Consume batches until SIGTERM/SIGINT, then drain (flush, commit, ack) and exit 0."""
+    settings = _load(config_path)
+    configure_logging(settings.log.level, settings.log.format)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Collector(settings).run(stop)
+
+    try:
+        asyncio.run(serve())
+    except CollectorError as exc:
+        structlog.get_logger("collector").error("collector.failed", error=str(exc))
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@_CONFIG
+@click.option(
+    "--status",
+    "show_status",
+    is_flag=True,
+    help="List applied and pending migrations; change nothing.",
+)
+def migrate(config_path: Path, show_status: bool) -> None:
+    """Apply pending migrations to the metadata and time-series databases."""
+    settings = _load(config_path)
+    configure_logging(settings.log.level, "console" if sys.stderr.isatty() else settings.log.format)
+
+    async def go() -> None:
+        if show_status:
+            for db in migrations.KINDS:
+                kwargs = db_kwargs(settings, db)
+                states = await migrations.status(kwargs["dsn"], db, connect_kwargs=kwargs)
+                for st in states:
+                    when = (
+                        st.applied_at.isoformat(timespec="seconds") if st.applied_at else "pending"
+                    )
+                    click.echo(f"{db:<10} {st.version:04d}_{st.name:<30} {when}")
+            return
+        done = await migrate_all(settings)
+        for kind, versions in done.items():
+            applied = ", ".join(f"{v:04d}" for v in versions) or "nothing pending"
+            click.echo(f"{kind}: {applied}")
+
+    try:
+        asyncio.run(go())
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def read_status(settings: Settings) -> dict[str, Any]:
+    """Ledger totals, the last batch per gateway and rejects by reason, from the time-series database."""
+    kwargs = db_kwargs(settings, "timeseries")
+    try:
+        conn = await asyncpg.connect(**kwargs)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise CollectorError(f"cannot connect to the time-series database: {exc}") from None
+    try:
+        totals = await conn.fetchrow(
+            "SELECT count(*) AS batches, coalesce(sum(accepted), 0) AS accepted, coalesce(sum(rejected), 0) AS rejected FROM ingest_ledger"
+        )
+        by_result = await conn.fetch(
+            "SELECT result, count(*) AS n FROM ingest_ledger GROUP BY result ORDER BY result"
+        )
+        gateways = await conn.fetch(
+            "SELECT DISTINCT ON (gateway_id) gateway_id, stream, seq, result, received_at FROM ingest_ledger ORDER BY gateway_id, received_at DESC"
+        )
+        rejects = await conn.fetch(
+            "SELECT reason, count(*) AS batches, coalesce(sum(points), 0) AS points FROM ingest_rejects GROUP BY reason ORDER BY reason"
+        )
+    finally:
+        await conn.close()
+    return {
+        "ledger": {
+            "batches": int(totals["batches"]),
+            "accepted": int(totals["accepted"]),
+            "rejected": int(totals["rejected"]),
+            "by_result": {r["result"]: int(r["n"]) for r in by_result},
+        },
+        "gateways": [
+            {
+                "gateway_id": str(g["gateway_id"]),
+                "stream": str(g["stream"]),
+                "seq": int(g["seq"]),
+                "result": g["result"],
+                "received_at": g["received_at"].isoformat(),
+            }
+            for g in gateways
+        ],
+        "rejects": [
+            {"reason": r["reason"], "messages": int(r["batches"]), "points": int(r["points"])}
+            for r in rejects
+        ],
+    }
+
+
+@main.command()
+@_CONFIG
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(config_path: Path, as_json: bool) -> None:
+    """Show ledger totals, the last batch of each gateway and rejects by reason."""
+    settings = _load(config_path)
+    try:
+        report = asyncio.run(read_status(settings))
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    ledger = report["ledger"]
+    click.echo(
+        f"ledger: {ledger['batches']} batches, {ledger['accepted']} readings accepted, {ledger['rejected']} refused"
+    )
+    for result, n in ledger["by_result"].items():
+        click.echo(f"  {result:<10} {n}")
+    click.echo("last batch per gateway:")
+    for g in report["gateways"]:
+        click.echo(
+            f"  {g['gateway_id']}  stream {g['stream']} seq {g['seq']} {g['result']} at {g['received_at']}"
+        )
+    click.echo("rejects by reason:")
+    for r in report["rejects"]:
+        click.echo(f"  {r['reason']:<26} {r['messages']} messages, {r['points']} readings")
+
+
+@main.command("check-config")
+@_CONFIG
+def check_config(config_path: Path) -> None:
+    """Validate the configuration file (and environment overrides) without connecting anywhere."""
+    settings = _load(config_path)
+    click.echo(f"{config_path}: ok")
+    click.echo(f"  metadata:   {settings.metadata.redacted()}")
+    click.echo(f"  timeseries: {settings.timeseries.redacted()}")
+    click.echo(
+        f"  mqtt:       {settings.mqtt.host}:{settings.mqtt.port} prefix {settings.mqtt.prefix} group {settings.mqtt.group}"
+    )

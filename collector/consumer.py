@@ -1,0 +1,171 @@
+"""The MQTT side: a paho-mqtt 2.x client (MQTT v5) with manual acknowledgement.
+
+paho runs its network loop in its own thread and reconnects by itself with capped backoff
+(``reconnect_min`` .. ``reconnect_max``); messages reach asyncio only through
+``call_soon_threadsafe``. The session is persistent (``clean_start`` false, a session expiry),
+so messages received but not acknowledged are redelivered after a reconnect or a restart.
+
+Every connection has a generation number. A PUBACK belongs to the connection that delivered the
+message: after a reconnect the broker redelivers what was not acknowledged, with the same packet
+ids, so acknowledging an old generation's message on the new connection could acknowledge a
+different message. Such acks are skipped; the redelivered copy is found in the ledger and
+acknowledged as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from collector.pipeline import Incoming
+from collector.settings import MqttSettings
+from protocol import TopicKind, subscription
+
+log = structlog.get_logger("collector.mqtt")
+
+
+class Consumer:
+    """Subscribes to telemetry and status topics and hands messages to an asyncio queue."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        password: str | None,
+        queue: asyncio.Queue[Incoming],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.loop = loop
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self._lock = threading.Lock()
+        self._intake = True
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=True,
+        )
+        if settings.username is not None:
+            client.username_pw_set(settings.username, password)
+        if settings.tls:
+            context = ssl.create_default_context(
+                cafile=str(settings.ca_file) if settings.ca_file else None
+            )
+            client.tls_set_context(context)
+        client.reconnect_delay_set(
+            max(1, round(settings.reconnect_min)), max(1, round(settings.reconnect_max))
+        )
+        # Outgoing ack frames: enough in flight that acks of one flush do not queue in paho.
+        client.max_inflight_messages_set(1000)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.client = client
+        self.filters = [
+            subscription(settings.prefix, TopicKind.TELEMETRY, settings.group),
+            subscription(settings.prefix, TopicKind.STATUS, settings.group),
+        ]
+
+    # --- paho thread --------------------------------------------------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: Any,
+        _flags: Any,
+        reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.warning("mqtt.connect_refused", reason=str(reason))
+            return
+        with self._lock:
+            self.generation += 1
+            generation = self.generation
+        client.subscribe([(f, 1) for f in self.filters])
+        log.info(
+            "mqtt.connected",
+            host=self.settings.host,
+            port=self.settings.port,
+            generation=generation,
+            session_present=bool(getattr(_flags, "session_present", False)),
+        )
+        self.loop.call_soon_threadsafe(self.connected.set)
+
+    def _on_disconnect(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _flags: Any,
+        reason: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            self.generation += 1
+        log.warning("mqtt.disconnected", reason=str(reason))
+        self.loop.call_soon_threadsafe(self.connected.clear)
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if not self._intake:
+            return  # never acknowledged: the broker redelivers it after we reconnect
+        incoming = Incoming(
+            mid=message.mid,
+            qos=message.qos,
+            topic=message.topic,
+            payload=bytes(message.payload),
+            generation=self.generation,
+        )
+        # A closed loop means shutdown: the unacknowledged message is redelivered later.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, incoming)
+
+    # --- asyncio side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (paho's thread retries until the broker answers)."""
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = int(self.settings.session_expiry)
+        props.ReceiveMaximum = self.settings.receive_maximum
+        self.client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=max(5, int(self.settings.keepalive)),
+            clean_start=False,
+            properties=props,
+        )
+        self.client.loop_start()
+
+    def stop_intake(self) -> None:
+        """Take no more messages; those already queued are still processed by the caller."""
+        self._intake = False
+
+    def ack(self, incoming: Incoming) -> bool:
+        """Send the PUBACK of ``incoming`` if its connection is still the current one."""
+        if incoming.qos == 0:
+            return True
+        with self._lock:
+            if incoming.generation != self.generation:
+                return False
+            rc = self.client.ack(incoming.mid, incoming.qos)
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish an ack frame (QoS 1); paho queues it across reconnects."""
+        self.client.publish(topic, payload, qos=1)
+
+    def stop(self) -> None:
+        """Disconnect (the session, with any unacknowledged messages, stays on the broker)."""
+        self.client.disconnect()
+        self.client.loop_stop()

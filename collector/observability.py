@@ -1,0 +1,95 @@
+"""Prometheus metrics of the collector, and structlog configuration.
+
+Each :class:`Collector` has its own registry, so that several collectors can run in one process
+(tests do), and serves it on ``metrics.listen``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_NS = "sensormine_collector"
+
+
+class CollectorMetrics:
+    """The collector's Prometheus metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.messages = Counter(
+            f"{_NS}_messages",
+            "MQTT messages processed, by topic kind and ack result",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.points_accepted = Counter(
+            f"{_NS}_points_accepted", "Readings committed to telemetry", registry=r
+        )
+        self.points_rejected = Counter(
+            f"{_NS}_points_rejected", "Readings refused, by reason code", ["reason"], registry=r
+        )
+        self.duplicates = Counter(
+            f"{_NS}_duplicates",
+            "Batches already in the ledger, acknowledged as duplicate",
+            registry=r,
+        )
+        self.flush_rows = Histogram(
+            f"{_NS}_flush_rows",
+            "Readings written per flush",
+            buckets=(0, 10, 100, 1000, 5000, 10_000, 20_000, 50_000, 100_000),
+            registry=r,
+        )
+        self.flush_seconds = Histogram(
+            f"{_NS}_flush_seconds",
+            "Duration of a flush transaction",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.db_errors = Counter(
+            f"{_NS}_db_errors",
+            "Database operations that failed, by database",
+            ["database"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            f"{_NS}_inflight_messages", "Messages received and not yet acknowledged", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            f"{_NS}_mqtt_connected", "1 while connected to the broker", registry=r
+        )
+
+    def serve(self, listen: str) -> Any:
+        """Serve the metrics on ``host:port``; return the server (``None`` if disabled)."""
+        if not listen:
+            return None
+        host, _, port = listen.rpartition(":")
+        server, _thread = start_http_server(
+            int(port), addr=host or "0.0.0.0", registry=self.registry
+        )
+        return server
+
+
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """structlog: JSON lines under systemd or when asked, readable output on a terminal."""
+    json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )

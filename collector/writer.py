@@ -1,0 +1,453 @@
+"""The TimescaleDB writer: stages processed messages and flushes them in one transaction each.
+
+One flush, one transaction, in this order:
+
+1. the ledger rows ``(gateway_id, stream, seq)`` of the flush's batches, inserted with
+   ``ON CONFLICT DO NOTHING RETURNING``: only the batches whose key comes back are new; the rest
+   were committed before (by this collector or another one racing on the same batch) and are
+   acknowledged as ``duplicate`` without writing anything;
+2. binary COPY of the new batches' readings into ``telemetry``, then events, device status
+   changes and reject rows, and the touched (device, metric, hour) ranges into ``ingest_dirty``;
+3. COMMIT.
+
+Only after the commit does the writer hand the flushed items to ``on_committed``, which sends
+the ack frames and the PUBACKs. A failing database leaves the transaction rolled back; the
+items stay staged and the flush is retried with capped backoff, so nothing is half-written,
+nothing is acknowledged and nothing is lost. If the commit's outcome is unknown (the connection
+broke during COMMIT), the retry finds the ledger rows and acknowledges ``duplicate``.
+
+Hooks registered with :meth:`Writer.add_flush_hook` receive a :class:`FlushReport` after each
+committed flush: the rows written and the exact (device, metric, time range) set, which the
+rollup jobs use to recompute only the buckets that changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any
+
+import asyncpg
+import structlog
+
+from collector.errors import DatabaseUnavailable
+from collector.observability import CollectorMetrics
+from collector.pipeline import EPOCH, REJECT_COLUMNS, RejectRow, Staged, to_datetime
+from protocol import AckResult
+
+log = structlog.get_logger("collector.writer")
+
+HOUR_US = 3_600_000_000
+TELEMETRY_COLUMNS = ("time", "tenant_id", "device_id", "metric", "value", "value_text")
+EVENT_COLUMNS = (
+    "time",
+    "tenant_id",
+    "gateway_id",
+    "device_id",
+    "severity",
+    "kind",
+    "message",
+    "attributes",
+)
+STATUS_COLUMNS = ("time", "tenant_id", "gateway_id", "device_id", "status", "reason")
+DIRTY_COLUMNS = ("tenant_id", "device_id", "metric", "first_time", "last_time")
+
+_LEDGER_SQL = """
+INSERT INTO ingest_ledger (gateway_id, stream, seq, tenant_id, result, accepted, rejected, reason, created)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::int[],
+                     $7::int[], $8::text[], $9::timestamptz[])
+    AS t(gateway_id, stream, seq, tenant_id, result, accepted, rejected, reason, created)
+-- A fixed order keeps two collectors that race on the same batches from deadlocking.
+ORDER BY gateway_id, stream, seq
+ON CONFLICT DO NOTHING
+RETURNING gateway_id, stream, seq
+"""
+
+# A redelivered status frame must not add a second row; status frames carry no ledger key.
+_GATEWAY_STATUS_SQL = """
+INSERT INTO device_status_history (time, tenant_id, gateway_id, device_id, status, reason)
+SELECT $1, $2, $3, NULL, $4, $5
+WHERE NOT EXISTS (
+    SELECT 1 FROM device_status_history
+    WHERE time = $1 AND gateway_id = $3 AND device_id IS NULL AND status = $4
+)
+"""
+
+# Errors that say "this data cannot be written", as opposed to "the database is not there".
+_DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyRange:
+    """Readings of one device's metric written by a flush, within one hour."""
+
+    tenant_id: uuid.UUID
+    device_id: uuid.UUID
+    metric: str
+    first_us: int
+    last_us: int
+
+
+@dataclass(slots=True)
+class FlushReport:
+    """What one committed flush did."""
+
+    messages: int = 0
+    batches: int = 0
+    duplicates: int = 0
+    readings: int = 0
+    events: int = 0
+    status: int = 0
+    rejects: int = 0
+    seconds: float = 0.0
+    ranges: list[DirtyRange] = field(default_factory=list)
+
+
+FlushHook = Callable[[FlushReport], Awaitable[None] | None]
+
+
+def dirty_ranges(items: list[Staged], new: set[Any]) -> list[DirtyRange]:
+    """The (device, metric, hour) ranges that the new batches among ``items`` write."""
+    ranges: dict[tuple[uuid.UUID, str, int], list[Any]] = {}
+    for item in items:
+        if item.key is None or item.key not in new:
+            continue
+        for s in item.series:
+            lo, hi = min(s.timestamps), max(s.timestamps)
+            if lo // HOUR_US == hi // HOUR_US:
+                spans = [(lo // HOUR_US, lo, hi)]
+            else:
+                per_hour: dict[int, list[int]] = {}
+                for t in s.timestamps:
+                    span = per_hour.setdefault(t // HOUR_US, [t, t])
+                    if t < span[0]:
+                        span[0] = t
+                    elif t > span[1]:
+                        span[1] = t
+                spans = [(h, a, b) for h, (a, b) in per_hour.items()]
+            for hour, a, b in spans:
+                key = (s.device_id, s.metric, hour)
+                known = ranges.get(key)
+                if known is None:
+                    ranges[key] = [s.tenant_id, a, b]
+                else:
+                    known[1] = min(known[1], a)
+                    known[2] = max(known[2], b)
+    return [
+        DirtyRange(tenant, device, metric, a, b)
+        for (device, metric, _), (tenant, a, b) in ranges.items()
+    ]
+
+
+def telemetry_records(items: list[Staged], new: set[Any]) -> list[tuple[Any, ...]]:
+    """COPY records of the readings of the new batches among ``items``."""
+    records: list[tuple[Any, ...]] = []
+    extend = records.extend
+    from datetime import timedelta
+
+    for item in items:
+        if item.key is None or item.key not in new:
+            continue
+        for s in item.series:
+            times = [EPOCH + timedelta(microseconds=t) for t in s.timestamps]
+            types = set(map(type, s.values))
+            tenant, device, metric = repeat(s.tenant_id), repeat(s.device_id), repeat(s.metric)
+            if str not in types:
+                extend(zip(times, tenant, device, metric, s.values, repeat(None)))
+            elif types == {str}:
+                extend(zip(times, tenant, device, metric, repeat(None), s.values))
+            else:
+                for t, v in zip(times, s.values, strict=True):
+                    if type(v) is str:
+                        records.append((t, s.tenant_id, s.device_id, s.metric, None, v))
+                    else:
+                        records.append((t, s.tenant_id, s.device_id, s.metric, v, None))
+    return records
+
+
+class Writer:
+    """Stages items and flushes them; call :meth:`run` in a task and :meth:`stage` per message."""
+
+    def __init__(
+        self,
+        connect_kwargs: dict[str, Any],
+        on_committed: Callable[[list[Staged]], None],
+        metrics: CollectorMetrics,
+        *,
+        max_rows: int = 20_000,
+        max_age: float = 0.2,
+        max_staged_rows: int = 200_000,
+        retry_min: float = 0.5,
+        retry_max: float = 10.0,
+    ) -> None:
+        self._connect_kwargs = connect_kwargs
+        self._on_committed = on_committed
+        self._metrics = metrics
+        self.max_rows = max_rows
+        self.max_age = max_age
+        self.max_staged_rows = max_staged_rows
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self._staged: list[Staged] = []
+        self._staged_rows = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._closing = False
+        self._conn: asyncpg.Connection | None = None
+        self._hooks: list[FlushHook] = []
+        self.flushing = False
+        self.last_error: str = ""
+
+    def add_flush_hook(self, hook: FlushHook) -> None:
+        """Call ``hook(report)`` after every committed flush (before the next one starts)."""
+        self._hooks.append(hook)
+
+    @property
+    def pending(self) -> int:
+        """Items staged and not yet committed."""
+        return len(self._staged)
+
+    def stage(self, item: Staged) -> None:
+        """Add a processed message to the next flush."""
+        self._staged.append(item)
+        self._staged_rows += item.rows
+        if self._staged_rows >= self.max_rows or len(self._staged) == 1:
+            self._wake.set()
+        if self._staged_rows >= self.max_staged_rows:
+            self._room.clear()
+
+    async def room(self) -> None:
+        """Wait until staging is below its bound (backpressure while the database is slow)."""
+        await self._room.wait()
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            try:
+                self._conn = await asyncpg.connect(**self._connect_kwargs)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                raise DatabaseUnavailable(f"time-series database: {exc}") from exc
+        return self._conn
+
+    async def close(self) -> None:
+        """Close the database connection."""
+        if self._conn is not None and not self._conn.is_closed():
+            try:
+                await asyncio.wait_for(self._conn.close(), 2)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                self._conn.terminate()
+        self._conn = None
+
+    async def run(self) -> None:
+        """Flush whenever staging is full or its oldest item reaches ``max_age``; until closed."""
+        while True:
+            if not self._staged:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if not self._closing and self._staged_rows < self.max_rows:
+                age = time.monotonic() - self._staged[0].incoming.received
+                if age < self.max_age:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.max_age - age)
+                    continue
+            items, self._staged, self._staged_rows = self._staged, [], 0
+            self._room.set()
+            await self._flush_until_committed(items)
+
+    def close_intake(self) -> None:
+        """Flush what is staged without waiting for the age, then let :meth:`run` return."""
+        self._closing = True
+        self._wake.set()
+
+    async def _flush_until_committed(self, items: list[Staged]) -> None:
+        delay = self.retry_min
+        while True:
+            try:
+                report = await self.flush(items)
+                break
+            except DatabaseUnavailable as exc:
+                self._metrics.db_errors.labels(database="timeseries").inc()
+                self.last_error = str(exc)
+                log.warning("flush.failed", error=str(exc), items=len(items), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+        self.last_error = ""
+        self._on_committed(items)
+        for hook in self._hooks:
+            result = hook(report)
+            if result is not None:
+                await result
+
+    async def flush(self, items: list[Staged]) -> FlushReport:
+        """Write ``items`` in one transaction; isolate an item whose data the database refuses."""
+        try:
+            return await self._write(items)
+        except _DATA_ERRORS as exc:
+            if len(items) == 1:
+                log.error("flush.item_refused", error=str(exc), topic=items[0].incoming.topic)
+                _quarantine(items[0], exc)
+                return await self._write(items)
+            log.warning("flush.isolating", error=str(exc), items=len(items))
+            total = FlushReport()
+            for item in items:
+                part = await self.flush([item])
+                _merge(total, part)
+            return total
+
+    async def _write(self, items: list[Staged]) -> FlushReport:
+        started = time.perf_counter()
+        conn = await self._connection()
+        first: dict[Any, Staged] = {}
+        for item in items:
+            if item.key is not None and item.key not in first:
+                first[item.key] = item
+        report = FlushReport(messages=len(items))
+        self.flushing = True
+        try:
+            async with conn.transaction():
+                new: set[Any] = set()
+                if first:
+                    keyed = list(first.values())
+                    rows = await conn.fetch(
+                        _LEDGER_SQL,
+                        [i.key[0] for i in keyed if i.key],
+                        [i.key[1] for i in keyed if i.key],
+                        [i.key[2] for i in keyed if i.key],
+                        [i.tenant_id for i in keyed],
+                        [(i.result or AckResult.OK).value for i in keyed],
+                        [i.accepted for i in keyed],
+                        [i.rejected for i in keyed],
+                        [i.reason for i in keyed],
+                        [to_datetime(i.created) if i.created is not None else None for i in keyed],
+                    )
+                    new = {(r[0], r[1], r[2]) for r in rows}
+                writes = [i for i in items if i.key is None or (i.key in new and first[i.key] is i)]
+                records = telemetry_records(writes, new)
+                if records:
+                    await conn.copy_records_to_table(
+                        "telemetry", records=records, columns=TELEMETRY_COLUMNS
+                    )
+                events = [e for i in writes for e in i.events]
+                if events:
+                    await conn.copy_records_to_table(
+                        "events", records=events, columns=EVENT_COLUMNS
+                    )
+                status = [s for i in writes for s in i.status]
+                if status:
+                    await conn.copy_records_to_table(
+                        "device_status_history", records=status, columns=STATUS_COLUMNS
+                    )
+                for item in writes:
+                    if item.gateway_status is not None:
+                        t, tenant, gw, _, state, reason = item.gateway_status
+                        await conn.execute(_GATEWAY_STATUS_SQL, t, tenant, gw, state, reason)
+                        report.status += 1
+                rejects = [r.record() for i in writes for r in i.rejects]
+                if rejects:
+                    await conn.copy_records_to_table(
+                        "ingest_rejects", records=rejects, columns=REJECT_COLUMNS
+                    )
+                ranges = dirty_ranges(writes, new)
+                if ranges:
+                    await conn.copy_records_to_table(
+                        "ingest_dirty",
+                        records=[
+                            (
+                                r.tenant_id,
+                                r.device_id,
+                                r.metric,
+                                to_datetime(r.first_us),
+                                to_datetime(r.last_us),
+                            )
+                            for r in ranges
+                        ],
+                        columns=DIRTY_COLUMNS,
+                    )
+        except _DATA_ERRORS:
+            raise
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            # The connection may be unusable; a new one is made for the retry.
+            if self._conn is not None:
+                self._conn.terminate()
+            self._conn = None
+            raise DatabaseUnavailable(f"time-series database: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.flushing = False
+        for item in items:
+            if item.key is not None and (item.key not in new or first[item.key] is not item):
+                item.result, item.accepted, item.rejected, item.reason = (
+                    AckResult.DUPLICATE,
+                    0,
+                    0,
+                    "",
+                )
+                report.duplicates += 1
+        report.batches = len(new)
+        report.readings = len(records)
+        report.events = len(events)
+        report.status += len(status)
+        report.rejects = len(rejects)
+        report.ranges = ranges
+        report.seconds = time.perf_counter() - started
+        self._metrics.flush_rows.observe(report.readings)
+        self._metrics.flush_seconds.observe(report.seconds)
+        self._metrics.duplicates.inc(report.duplicates)
+        log.debug(
+            "flush.committed",
+            messages=report.messages,
+            batches=report.batches,
+            duplicates=report.duplicates,
+            readings=report.readings,
+            rejects=report.rejects,
+            seconds=round(report.seconds, 4),
+        )
+        return report
+
+
+def _quarantine(item: Staged, exc: BaseException) -> None:
+    """Turn an item whose rows the database refuses into a rejected one (rows dropped)."""
+    message = f"database refused the batch's data: {type(exc).__name__}: {exc}"[:1000]
+    item.rejected += item.accepted
+    item.accepted = 0
+    item.series, item.events, item.status, item.gateway_status = [], [], [], None
+    item.result = AckResult.REJECTED if item.ack_topic else None
+    item.reason = "invalid_field"
+    item.rejects = [
+        RejectRow(
+            reason="invalid_field",
+            message=message,
+            topic=item.incoming.topic[:512],
+            tenant_id=item.tenant_id,
+            gateway_id=item.gateway_id,
+            stream=item.stream,
+            seq=item.seq if item.stream is not None else None,
+            points=item.rejected,
+        )
+    ]
+
+
+def _merge(total: FlushReport, part: FlushReport) -> None:
+    total.messages += part.messages
+    total.batches += part.batches
+    total.duplicates += part.duplicates
+    total.readings += part.readings
+    total.events += part.events
+    total.status += part.status
+    total.rejects += part.rejects
+    total.seconds += part.seconds
+    total.ranges.extend(part.ranges)
