@@ -845,6 +845,11 @@ class Buffer:
             synchronous=self._synchronous,
         )
 
+    async def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only statement on the buffer's connection (inspection, tests)."""
+        conn = self.store.conn
+        return await self._run(lambda: conn.execute(sql, params).fetchall())
+
     async def set_max_page_count(self, pages: int) -> int:
         """Cap the file at ``pages`` pages (SQLite then reports ``SQLITE_FULL``, as a full disk)."""
         store = self.store
