@@ -1,0 +1,145 @@
+"""The lifecycle task of a running collector: runs each job when it is due, until told to stop.
+
+Jobs, per edition:
+
+- ``rollups`` (both): every ``rollups.lag``, recompute the buckets the writer marked dirty.
+- ``retention`` (Apache-2): every ``retention.interval``, ``drop_chunks`` past each horizon.
+- ``policies`` (community/TSL): every ``policy_interval``, make the native retention and
+  compression policies match the settings (a no-op when they already do).
+- ``ledger`` (both): every ``ledger.interval``, trim ``ingest_ledger`` and ``ingest_rejects``.
+
+A database that is away only delays the jobs: the task reconnects with backoff and never ends
+the collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+
+from collector.lifecycle.edition import Edition, detect
+from collector.lifecycle.jobs import Job, run_job
+from collector.lifecycle.ledger import trim_ledger
+from collector.lifecycle.retention import drop_old_chunks, ensure_native_policies
+from collector.lifecycle.rollups import rollup
+from collector.lifecycle.settings import LifecycleSettings
+
+if TYPE_CHECKING:
+    from collector.settings import Settings
+
+log = structlog.get_logger("collector.lifecycle")
+
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+def lifecycle_jobs(
+    edition: Edition, settings: LifecycleSettings, stop: asyncio.Event | None = None
+) -> list[Job]:
+    """The jobs this edition needs, with their intervals, as configured."""
+    jobs: list[Job] = []
+    if settings.rollups.enabled:
+        r = settings.rollups
+
+        async def rollups(conn: asyncpg.Connection) -> dict[str, Any]:
+            return await rollup(conn, r.periods, r.claim_rows, stop=stop)
+
+        jobs.append(Job("rollups", r.lag, rollups, retry_after=r.lag))
+    if edition.native_policies:
+
+        async def policies(conn: asyncpg.Connection) -> dict[str, Any]:
+            return await ensure_native_policies(conn, settings.retention, settings.compression)
+
+        jobs.append(Job("policies", settings.policy_interval, policies))
+    elif settings.retention.enabled:
+
+        async def retention(conn: asyncpg.Connection) -> dict[str, Any]:
+            return await drop_old_chunks(conn, settings.retention)
+
+        jobs.append(Job("retention", settings.retention.interval, retention))
+
+    async def ledger(conn: asyncpg.Connection) -> dict[str, Any]:
+        return await trim_ledger(conn, settings.ledger)
+
+    jobs.append(Job("ledger", settings.ledger.interval, ledger))
+    return jobs
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(seconds, 0.0))
+
+
+async def run_lifecycle(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    runner: str | None = None,
+    connect_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Run the lifecycle jobs of ``settings.lifecycle`` until ``stop`` is set."""
+    from collector.settings import connect_params
+
+    lc: LifecycleSettings = settings.lifecycle
+    if not lc.enabled:
+        log.info("lifecycle.disabled")
+        await stop.wait()
+        return
+    kwargs = connect_kwargs or connect_params(settings.timeseries, "timeseries").kwargs()
+    kwargs.setdefault("timeout", settings.timeseries.connect_timeout)
+    name = runner or settings.mqtt.client_id
+    backoff = 1.0
+    while not stop.is_set():
+        try:
+            conn = await asyncpg.connect(**kwargs)
+        except _DB_ERRORS as exc:
+            log.warning("lifecycle.db_unavailable", error=str(exc), retry_in=backoff)
+            await _sleep(stop, backoff)
+            backoff = min(backoff * 2, 60.0)
+            continue
+        try:
+            await _run_jobs(conn, lc, stop, name)
+            return
+        except _DB_ERRORS as exc:
+            log.warning("lifecycle.db_failed", error=str(exc), retry_in=backoff)
+            await _sleep(stop, backoff)
+            backoff = min(backoff * 2, 60.0)
+        finally:
+            if not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), 2)
+                except (*_DB_ERRORS, asyncio.CancelledError):
+                    conn.terminate()
+                    raise
+
+
+async def _run_jobs(
+    conn: asyncpg.Connection, lc: LifecycleSettings, stop: asyncio.Event, runner: str
+) -> None:
+    edition = await detect(conn)
+    jobs = lifecycle_jobs(edition, lc, stop)
+    log.info(
+        "lifecycle.started",
+        edition=edition.license,
+        timescaledb=edition.version,
+        jobs=[j.name for j in jobs],
+    )
+    if not edition.native_policies and lc.compression.enabled:
+        log.warning(
+            "lifecycle.compression_unavailable",
+            edition=edition.license,
+            detail="telemetry stays uncompressed: compression needs the community (TSL) edition",
+        )
+    next_at = {job.name: 0.0 for job in jobs}
+    while not stop.is_set():
+        for job in jobs:
+            if stop.is_set():
+                return
+            if next_at[job.name] <= time.monotonic():
+                run = await run_job(conn, job, runner)
+                next_at[job.name] = time.monotonic() + max(run.wait, 1.0)
+        await _sleep(stop, min(next_at.values()) - time.monotonic())
