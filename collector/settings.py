@@ -27,7 +27,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from collector.errors import ConfigError
 from collector.lifecycle.settings import LifecycleSettings
-from collector.lifecycle.settings import LifecycleSettings
 from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
 
 DEFAULT_CONFIG_PATH = Path("/etc/sensormine/collector.toml")
@@ -279,7 +278,6 @@ class Settings(_Section):
     registry: RegistrySettings = RegistrySettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
-    lifecycle: LifecycleSettings = LifecycleSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     drain_deadline: Duration = 20.0
     migrate_on_start: bool = True
