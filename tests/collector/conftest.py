@@ -224,6 +224,7 @@ class GatewayClient:
     tenant: uuid.UUID
     gateway: uuid.UUID
     acks: queue.Queue[Ack] = field(default_factory=queue.Queue)
+    topics: list[str] = field(default_factory=list)
     client: mqtt.Client | None = None
 
     def __enter__(self) -> GatewayClient:
@@ -233,11 +234,17 @@ class GatewayClient:
             client_id=f"gw-{uuid.uuid4().hex[:10]}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        client.on_message = lambda _c, _u, m: self.acks.put(decode_ack(m.payload))
+
+        def on_message(_c: Any, _u: Any, m: mqtt.MQTTMessage) -> None:
+            self.topics.append(m.topic)
+            self.acks.put(decode_ack(m.payload))
+
+        client.on_message = on_message
         client.on_subscribe = lambda *a: subscribed.set()
         client.connect(self.host, self.port)
         client.loop_start()
-        client.subscribe(build_topic(self.prefix, self.tenant, self.gateway, TopicKind.ACK), qos=1)
+        # Every gateway's acks: hostile frames on other tenants' or gateways' topics get one too.
+        client.subscribe(f"{self.prefix}/v1/+/+/ack", qos=1)
         assert subscribed.wait(10), "ack subscription not confirmed"
         self.client = client
         return self

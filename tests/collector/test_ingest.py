@@ -98,3 +98,117 @@ async def test_batches_arrive_as_exact_rows_and_acks_carry_counts(dbs: Databases
     ]
     dirty = await dbs.fetch("SELECT count(*) AS n FROM ingest_dirty")
     assert dirty[0]["n"] > 0
+
+
+async def test_redelivered_batch_is_stored_once_and_acked_duplicate(dbs: Databases) -> None:
+    """The same batch three times: one ok, two duplicates, its rows once."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    batch = make_batch(fleet, 7, uuid.uuid4(), points=25)
+    async with running(collector_settings(dbs, *SYSTEM_MQTT, p)):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            for _ in range(3):
+                gw.publish(batch)
+            acks = await asyncio.to_thread(gw.wait_acks, 3)
+    assert sorted(a.result.value for a in acks) == ["duplicate", "duplicate", "ok"]
+    assert [r["n"] for r in await dbs.fetch("SELECT count(*) AS n FROM telemetry")] == [25]
+    assert [r["n"] for r in await dbs.fetch("SELECT count(*) AS n FROM ingest_ledger")] == [1]
+
+
+async def test_two_collectors_in_one_group_store_each_batch_once(dbs: Databases) -> None:
+    """Two collectors share a subscription; each batch is delivered to both, stored once."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    group = {"group": f"shared{uuid.uuid4().hex[:6]}"}
+    a = collector_settings(dbs, *SYSTEM_MQTT, p, mqtt=group)
+    b = collector_settings(dbs, *SYSTEM_MQTT, p, mqtt=group)
+    stream = uuid.uuid4()
+    batches = [make_batch(fleet, seq, stream, points=50) for seq in range(20)]
+    async with running(a) as first, running(b) as second:
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            for batch in batches:
+                for _ in range(2):
+                    gw.publish(batch)
+            acks = await asyncio.to_thread(gw.wait_acks, 40)
+        assert first.committed_batches > 0 or second.committed_batches > 0
+    by_seq: dict[int, list[str]] = {}
+    for ack in acks:
+        by_seq.setdefault(ack.seq, []).append(ack.result.value)
+    assert {seq: sorted(r) for seq, r in by_seq.items()} == {
+        seq: ["duplicate", "ok"] for seq in range(20)
+    }
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    assert (rows[0]["n"], rows[0]["t"]) == (1000, 1000)
+
+
+async def test_invalid_points_are_refused_and_valid_ones_of_the_batch_stored(
+    dbs: Databases,
+) -> None:
+    """Out-of-range, wrong-type, non-enum, NaN and late points go to ingest_rejects; the rest is stored."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    t = now_us() - 10_000_000
+    dev = fleet.devices[0]
+    batch = Batch(
+        gateway_id=fleet.gateway,
+        stream=uuid.uuid4(),
+        seq=1,
+        created=now_us(),
+        series=[
+            Series(
+                device_id=dev,
+                metric="temperature",
+                timestamps=[t, t + 1, t + 2, t + 3],
+                values=[20.0, 99.0, -41, 85],
+            ),
+            Series(
+                device_id=dev,
+                metric="humidity",
+                timestamps=[t, t + 1, t + 2],
+                values=[100.5, 50, float("nan")],
+            ),
+            Series(
+                device_id=dev, metric="count", timestamps=[t, t + 1, t + 2], values=[3, 2.5, "x"]
+            ),
+            Series(device_id=dev, metric="mode", timestamps=[t, t + 1], values=["auto", "turbo"]),
+            Series(
+                device_id=dev,
+                metric="door",
+                timestamps=[t, t + 400 * 86_400_000_000],
+                values=[False, True],
+            ),
+            Series(device_id=dev, metric="pressure", timestamps=[t], values=[1013.0]),
+        ],
+    )
+    async with running(collector_settings(dbs, *SYSTEM_MQTT, p)):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(batch)
+            (ack,) = await asyncio.to_thread(gw.wait_acks, 1)
+    assert (ack.result, ack.accepted, ack.rejected) == (AckResult.PARTIAL, 6, 9)
+    assert ack.reason == "out_of_range"
+    stored = await dbs.fetch(
+        "SELECT metric, coalesce(value::text, value_text) AS v FROM telemetry ORDER BY metric, time"
+    )
+    assert [(r["metric"], r["v"]) for r in stored] == [
+        ("count", "3"),
+        ("door", "0"),
+        ("humidity", "50"),
+        ("mode", "auto"),
+        ("temperature", "20"),
+        ("temperature", "85"),
+    ]
+    rejects = await dbs.fetch(
+        "SELECT metric, reason, points FROM ingest_rejects ORDER BY metric, reason"
+    )
+    assert [(r["metric"], r["reason"], r["points"]) for r in rejects] == [
+        ("count", "type_mismatch", 2),
+        ("door", "timestamp_out_of_window", 1),
+        ("humidity", "non_finite", 1),
+        ("humidity", "out_of_range", 1),
+        ("mode", "not_in_enum", 1),
+        ("pressure", "unknown_metric", 1),
+        ("temperature", "out_of_range", 2),
+    ]

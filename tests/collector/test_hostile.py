@@ -1,0 +1,199 @@
+"""Hostile and malformed payloads: each is refused with its reason, and the collector carries on."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgpack
+import zstandard
+
+from collector.service import running
+from protocol import AckResult, Batch, GatewayStatus, Series, encode_frame
+from tests.collector.conftest import (
+    Databases,
+    Fleet,
+    GatewayClient,
+    collector_settings,
+    make_batch,
+    now_us,
+)
+from tests.services import SYSTEM_MQTT
+
+
+@dataclass
+class Case:
+    """A hostile payload, the topic it is sent on, and the reason it must be refused with."""
+
+    name: str
+    reason: str
+    payload: Callable[[Fleet, int], bytes]
+    tenant: Callable[[Fleet], uuid.UUID] = lambda f: f.tenant
+    gateway: Callable[[Fleet], uuid.UUID] = lambda f: f.gateway
+
+
+def _good(f: Fleet, seq: int, **kw: object) -> Batch:
+    return make_batch(f, seq, uuid.UUID(int=seq + 1), points=3, **kw)  # type: ignore[arg-type]
+
+
+def _body(f: Fleet, seq: int) -> bytes:
+    return encode_frame(_good(f, seq), compress=False)
+
+
+def _zstd_bomb(_f: Fleet, _seq: int) -> bytes:
+    return b"SM\x01\x01" + zstandard.ZstdCompressor(level=19).compress(b"\x00" * (64 << 20))
+
+
+def _huge_array(_f: Fleet, _seq: int) -> bytes:
+    # A map whose "series" claims 2^32-1 elements and holds none.
+    return b"SM\x01\x00" + b"\x81\xa6series" + b"\xdd\xff\xff\xff\xff"
+
+
+def _with_series(
+    f: Fleet, seq: int, series: list[Series], gateway: uuid.UUID | None = None
+) -> bytes:
+    b = Batch(
+        gateway_id=gateway or f.gateway,
+        stream=uuid.UUID(int=seq + 1),
+        seq=seq,
+        created=now_us(),
+        series=series,
+    )
+    return encode_frame(b)
+
+
+def _one(device: uuid.UUID, metric: str, value: object, t: int | None = None) -> list[Series]:
+    return [
+        Series(
+            device_id=device, metric=metric, timestamps=[t or now_us() - 1_000_000], values=[value]
+        )
+    ]  # type: ignore[list-item]
+
+
+CASES = [
+    Case("wrong magic", "bad_magic", lambda f, s: b"XX" + _body(f, s)[2:]),
+    Case("unknown version", "unsupported_version", lambda f, s: b"SM\x02\x00" + _body(f, s)[4:]),
+    Case("unknown flag bits", "unknown_flags", lambda f, s: b"SM\x01\x80" + _body(f, s)[4:]),
+    Case("truncated frame", "malformed", lambda f, s: _body(f, s)[:-7]),
+    Case("one byte", "malformed", lambda f, s: b"S"),
+    Case("zstd bomb", "decompression_limit", _zstd_bomb),
+    Case("huge array header", "malformed", _huge_array),
+    Case("oversized payload", "too_large", lambda f, s: b"SM\x01\x00" + b"\xc0" * (1 << 20)),
+    Case("not msgpack map", "malformed", lambda f, s: b"SM\x01\x00" + msgpack.packb([1, 2, 3])),
+    Case(
+        "status frame on telemetry topic",
+        "unexpected_kind",
+        lambda f, s: encode_frame(
+            GatewayStatus(gateway_id=f.gateway, state="online", time=now_us())
+        ),
+    ),
+    Case(
+        "topic tenant is not the gateway's",
+        "tenant_mismatch",
+        _body,
+        tenant=lambda f: f.other_tenant,
+    ),
+    Case(
+        "frame gateway is not the topic's",
+        "gateway_mismatch",
+        lambda f, s: _with_series(
+            f, s, _one(f.devices[0], "temperature", 1.0), gateway=f.other_gateway
+        ),
+    ),
+    Case("unknown gateway", "unknown_gateway", _body, gateway=lambda f: uuid.UUID(int=99)),
+    Case(
+        "unknown device",
+        "unknown_device",
+        lambda f, s: _with_series(f, s, _one(uuid.uuid4(), "temperature", 1.0)),
+    ),
+    Case(
+        "device of another tenant",
+        "device_tenant_mismatch",
+        lambda f, s: _with_series(f, s, _one(f.other_device, "temperature", 1.0)),
+    ),
+    Case(
+        "NaN",
+        "non_finite",
+        lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", float("nan"))),
+    ),
+    Case(
+        "infinity",
+        "non_finite",
+        lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", float("inf"))),
+    ),
+    Case(
+        "timestamp a year ahead",
+        "timestamp_out_of_window",
+        lambda f, s: _with_series(
+            f, s, _one(f.devices[0], "temperature", 1.0, now_us() + 366 * 86_400_000_000)
+        ),
+    ),
+    Case(
+        "string where the schema says number",
+        "type_mismatch",
+        lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", "hot")),
+    ),
+    Case(
+        "string with NUL",
+        "type_mismatch",
+        lambda f, s: _with_series(f, s, _one(f.devices[0], "mode", "au\x00to")),
+    ),
+    Case(
+        "unknown metric",
+        "unknown_metric",
+        lambda f, s: _with_series(f, s, _one(f.devices[0], "rpm", 1.0)),
+    ),
+    Case("empty batch", "empty_batch", lambda f, s: _with_series(f, s, [])),
+    Case(
+        "out of range",
+        "out_of_range",
+        lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", 1e9)),
+    ),
+    Case(
+        "unknown field",
+        "invalid_field",
+        lambda f, s: (
+            b"SM\x01\x00"
+            + msgpack.packb(
+                {
+                    "k": "batch",
+                    "gw": f.gateway.bytes,
+                    "stream": b"x" * 16,
+                    "seq": s,
+                    "created": 1,
+                    "series": [],
+                    "evil": 1,
+                }
+            )
+        ),
+    ),
+]
+
+
+async def test_hostile_payloads_are_refused_with_their_reason_and_good_batches_still_stored(
+    dbs: Databases,
+) -> None:
+    """Each hostile payload is acked rejected with its reason code and writes no reading; a good batch after it is stored."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    assert len({c.reason for c in CASES}) >= 15
+    p = f"h{uuid.uuid4().hex[:10]}"
+    results: list[tuple[str, str, str, str]] = []
+    async with running(collector_settings(dbs, *SYSTEM_MQTT, p)):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            for i, case in enumerate(CASES):
+                seq = 1000 + i
+                gw.publish(
+                    case.payload(fleet, seq), tenant=case.tenant(fleet), gateway=case.gateway(fleet)
+                )
+                gw.publish(_good(fleet, i))
+                bad, good = await asyncio.to_thread(gw.wait_acks, 2)
+                results.append((case.name, bad.result.value, bad.reason, good.result.value))
+    assert results == [(c.name, "rejected", c.reason, "ok") for c in CASES]
+    rows = await dbs.fetch("SELECT count(*) AS n FROM telemetry")
+    assert rows[0]["n"] == 3 * len(CASES)
+    rejects = await dbs.fetch("SELECT DISTINCT reason FROM ingest_rejects")
+    assert {r["reason"] for r in rejects} == {c.reason for c in CASES}
+    assert AckResult.REJECTED.value == "rejected"
