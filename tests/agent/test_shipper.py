@@ -24,9 +24,9 @@ def rows(first: int, n: int) -> list[ReadingRow]:
     return [(DEVICE.bytes, "m", T0 + v, v) for v in range(first, first + n)]
 
 
-async def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll ``check`` until it holds (or fail after ``timeout``)."""
-    deadline = time.monotonic() + timeout
+async def wait_until(check: Callable[[], bool], seconds: float = 20.0) -> None:
+    """Poll ``check`` until it holds (or fail after ``seconds``)."""
+    deadline = time.monotonic() + seconds
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
@@ -81,7 +81,7 @@ async def test_acks_delete_exactly_the_right_batches_and_resends_are_identical(
                     Ack(stream=buffer.stream, seq=seq, result=AckResult.OK, accepted=10),
                 )
             await wait_until(lambda: len(ack.frames.get(0, [])) >= 2)
-            await wait_until(lambda: len(ack.frames.get(6, [])) >= 3, timeout=10)
+            await wait_until(lambda: len(ack.frames.get(6, [])) >= 3, seconds=10)
 
             async def remaining() -> list[int]:
                 return [b.seq for b in await buffer.batches(limit=100)]
@@ -127,7 +127,7 @@ async def test_live_batches_overtake_the_backlog(
             await buffer.append(rows(5000, 10))
             [live] = await buffer.seal()
             shipper.wake()
-            await wait_until(lambda: live in ack.acked, timeout=5)
+            await wait_until(lambda: live in ack.acked, seconds=5)
             # The backlog drains at about 5 batches/s: most of it is still waiting.
             assert len(ack.acked) < 20
             assert 0 in ack.acked
