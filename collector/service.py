@@ -21,6 +21,8 @@ import structlog
 from collector import migrations
 from collector.consumer import Consumer
 from collector.errors import DatabaseUnavailable
+from collector.lifecycle.runner import run_lifecycle
+from collector.lifecycle.status import GatewayDevices
 from collector.observability import CollectorMetrics
 from collector.pipeline import Incoming, Pipeline, Staged
 from collector.registry import Registry
@@ -154,7 +156,18 @@ class Collector:
             retry_max=s.writer.retry_max,
         )
         self.writer = writer
+        gateway_devices = GatewayDevices(db_kwargs(s, "metadata", self.environ))
+        writer.gateway_devices = gateway_devices.rows
         writer_task = asyncio.create_task(writer.run(), name="writer")
+        lifecycle_task = asyncio.create_task(
+            run_lifecycle(
+                s,
+                stop,
+                runner=s.mqtt.client_id,
+                connect_kwargs=db_kwargs(s, "timeseries", self.environ),
+            ),
+            name="lifecycle",
+        )
         pump_task = asyncio.create_task(self._pump(queue, pipeline, writer, stop), name="pump")
         watchdog_task = asyncio.create_task(self._watchdog(), name="watchdog")
         consumer.start()
@@ -170,6 +183,8 @@ class Collector:
             await stop.wait()
         finally:
             await self._shutdown(consumer, writer, writer_task, pump_task, watchdog_task, registry)
+            await _finish_lifecycle(lifecycle_task, self.settings.drain_deadline)
+            await gateway_devices.close()
 
     async def _shutdown(
         self,
@@ -282,6 +297,16 @@ class Collector:
                     f"error: {self.writer.last_error}" if self.writer.last_error else "consuming"
                 )
                 self.notifier.status(f"{state}; {self.committed_batches} batches committed")
+
+
+async def _finish_lifecycle(task: asyncio.Task[None], deadline: float) -> None:
+    """Let the lifecycle task end its current transaction (it watches ``stop``), then cancel it."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), deadline)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.asynccontextmanager

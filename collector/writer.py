@@ -36,6 +36,7 @@ import asyncpg
 import structlog
 
 from collector.errors import DatabaseUnavailable
+from collector.lifecycle.status import GatewayDevicesLookup, StatusRow, insert_status_rows
 from collector.observability import CollectorMetrics
 from collector.pipeline import EPOCH, REJECT_COLUMNS, RejectRow, Staged, to_datetime
 from protocol import AckResult
@@ -207,6 +208,8 @@ class Writer:
         self._closing = False
         self._conn: asyncpg.Connection | None = None
         self._hooks: list[FlushHook] = []
+        # Set by the service: the devices behind a gateway, for their rows when it goes offline/online.
+        self.gateway_devices: GatewayDevicesLookup | None = None
         self.flushing = False
         self.last_error: str = ""
 
@@ -293,6 +296,22 @@ class Writer:
             if result is not None:
                 await result
 
+    async def _gateway_fanout(self, items: list[Staged]) -> dict[int, list[StatusRow]]:
+        """Device rows implied by the gateway status frames among ``items``, keyed by ``id(item)``."""
+        out: dict[int, list[StatusRow]] = {}
+        if self.gateway_devices is None:
+            return out
+        for item in items:
+            if item.gateway_status is None:
+                continue
+            t, tenant, gw, _, state, _ = item.gateway_status
+            try:
+                out[id(item)] = await self.gateway_devices(tenant, gw, state, t)
+            except DatabaseUnavailable as exc:
+                # Status history must not hold up readings: the gateway's own row is still written.
+                log.error("status.fanout_failed", gateway_id=str(gw), state=state, error=str(exc))
+        return out
+
     async def flush(self, items: list[Staged]) -> FlushReport:
         """Write ``items`` in one transaction; isolate an item whose data the database refuses."""
         try:
@@ -312,6 +331,7 @@ class Writer:
     async def _write(self, items: list[Staged]) -> FlushReport:
         started = time.perf_counter()
         conn = await self._connection()
+        fanout = await self._gateway_fanout(items)
         first: dict[Any, Staged] = {}
         for item in items:
             if item.key is not None and item.key not in first:
@@ -355,8 +375,13 @@ class Writer:
                 for item in writes:
                     if item.gateway_status is not None:
                         t, tenant, gw, _, state, reason = item.gateway_status
-                        await conn.execute(_GATEWAY_STATUS_SQL, t, tenant, gw, state, reason)
+                        done = await conn.execute(_GATEWAY_STATUS_SQL, t, tenant, gw, state, reason)
                         report.status += 1
+                        # Only a new gateway row fans out: a redelivered frame adds nothing.
+                        if done == "INSERT 0 1":
+                            report.status += await insert_status_rows(
+                                conn, fanout.get(id(item), [])
+                            )
                 rejects = [r.record() for i in writes for r in i.rejects]
                 if rejects:
                     await conn.copy_records_to_table(

@@ -89,7 +89,7 @@ async def run_lifecycle(
         log.info("lifecycle.disabled")
         await stop.wait()
         return
-    kwargs = connect_kwargs or connect_params(settings.timeseries, "timeseries").kwargs()
+    kwargs = dict(connect_kwargs or connect_params(settings.timeseries, "timeseries").kwargs())
     kwargs.setdefault("timeout", settings.timeseries.connect_timeout)
     name = runner or settings.mqtt.client_id
     backoff = 1.0
@@ -140,6 +140,14 @@ async def _run_jobs(
             if stop.is_set():
                 return
             if next_at[job.name] <= time.monotonic():
-                run = await run_job(conn, job, runner)
-                next_at[job.name] = time.monotonic() + max(run.wait, 1.0)
+                try:
+                    run = await run_job(conn, job, runner)
+                    wait = run.wait
+                except _DB_ERRORS:
+                    raise
+                except Exception:
+                    # A defect in one job must not end the collector nor starve the other jobs.
+                    log.exception("lifecycle.job_crashed", job=job.name)
+                    wait = job.retry_after
+                next_at[job.name] = time.monotonic() + max(wait, 1.0)
         await _sleep(stop, min(next_at.values()) - time.monotonic())

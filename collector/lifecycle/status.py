@@ -10,6 +10,7 @@ gateway's order even when frames arrive late.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -22,6 +23,8 @@ log = structlog.get_logger("collector.lifecycle")
 
 REASONS = {"offline": "gateway_offline", "online": "gateway_online"}
 StatusRow = tuple[datetime, uuid.UUID, uuid.UUID, uuid.UUID | None, str, str]
+# (tenant_id, gateway_id, state, time) -> the device rows; what the writer is given.
+GatewayDevicesLookup = Callable[[uuid.UUID, uuid.UUID, str, datetime], Awaitable[list[StatusRow]]]
 
 _DEVICES_SQL = "SELECT id, tenant_id FROM devices WHERE gateway_id = $1 ORDER BY id"
 
