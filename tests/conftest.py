@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -34,13 +36,16 @@ def private_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 @pytest.fixture
 def private_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster of the test's own with TimescaleDB preloaded."""
-    cluster = PostgresCluster(tmp_path_factory.mktemp("pg"))
+    # Not under pytest's basetemp: that is 0700 root, and the cluster runs as postgres.
+    workdir = Path(tempfile.mkdtemp(prefix="sensormine-pg-"))
+    cluster = PostgresCluster(workdir)
     cluster.start()
     try:
         yield cluster
     finally:
         with contextlib.suppress(Exception):
             cluster.stop("immediate")
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _with_database(dsn: str, database: str) -> str:
