@@ -281,3 +281,41 @@ class GatewayClient:
             except queue.Empty:
                 continue
         return out
+
+
+def deliver_all(
+    gw: GatewayClient,
+    batches: list[Batch],
+    timeout: float = 60.0,
+    resend_after: float = 5.0,
+    pace: float = 0.0,
+) -> dict[int, list[str]]:
+    """Publish ``batches`` like an agent: resend those without an ack until each has one.
+
+    Returns the ack results received per seq.
+    """
+    results: dict[int, list[str]] = {}
+    for b in batches:
+        gw.publish(b)
+        if pace:
+            time.sleep(pace)
+    deadline = time.monotonic() + timeout
+    last_send = time.monotonic()
+    wanted = {b.seq for b in batches}
+    while not wanted <= results.keys():
+        if time.monotonic() > deadline:
+            missing = sorted(wanted - results.keys())
+            raise AssertionError(
+                f"no ack for {len(missing)} batches after {timeout} s: {missing[:20]}"
+            )
+        try:
+            ack = gw.acks.get(timeout=0.5)
+            results.setdefault(ack.seq, []).append(ack.result.value)
+        except queue.Empty:
+            pass
+        if time.monotonic() - last_send > resend_after:
+            for b in batches:
+                if b.seq not in results:
+                    gw.publish(b)
+            last_send = time.monotonic()
+    return results
