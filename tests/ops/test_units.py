@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.ops.units import (
+    REPO,
     MAX_EXPOSURE,
     UNITS,
     UNITS_DIR,
@@ -149,3 +150,14 @@ def test_collector_instances_differ_only_by_their_configuration() -> None:
         if single["Service"].get(key) != template["Service"].get(key)
     }
     assert {"ExecStart", "SyslogIdentifier"} == differing
+
+
+def test_agent_stop_timeout_exceeds_the_example_drain_timeout() -> None:
+    """systemd waits longer than the drain the shipped agent configuration asks for."""
+    import tomllib
+
+    example = tomllib.loads((REPO / "config/agent.example.toml").read_text())
+    drain = seconds(example["runtime"]["drain_timeout"])
+    service = parse_unit(UNITS_DIR / "sensormine-agent.service")["Service"]
+    assert DRAIN_DEADLINE_S == drain
+    assert seconds(service["TimeoutStopSec"][-1]) >= drain + 10
