@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.ops.units import (
-    REPO,
     MAX_EXPOSURE,
+    REPO,
     UNITS,
     UNITS_DIR,
     exposure,
