@@ -14,6 +14,7 @@ import click
 import structlog
 
 from collector import migrations
+from collector.admin.cli import register as register_admin
 from collector.errors import CollectorError
 from collector.observability import configure_logging
 from collector.service import Collector, db_kwargs, migrate_all
@@ -184,3 +185,7 @@ def check_config(config_path: Path) -> None:
     click.echo(
         f"  mqtt:       {settings.mqtt.host}:{settings.mqtt.port} prefix {settings.mqtt.prefix} group {settings.mqtt.group}"
     )
+
+
+# Registry administration: tenants, gateways, schemas, device-types, devices, alert-rules, seed.
+register_admin(main)

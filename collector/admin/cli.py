@@ -1,0 +1,1124 @@
+"""The registry's administration commands of ``sensormine-collector``.
+
+``tenants``, ``gateways``, ``schemas``, ``device-types``, ``devices`` and ``alert-rules`` manage
+the metadata database; ``gateways provision`` writes a gateway's ``agent.toml``; ``seed`` applies
+a seed file. Each command connects to the metadata database named by the collector's
+configuration (``--config`` or ``$SENSORMINE_COLLECTOR_CONFIG``, with its environment overrides).
+:data:`COMMANDS` lists them for the collector's click group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+import click
+
+from collector.admin.provision import DEFAULT_BUFFER_PATH, BrokerAddress, provision
+from collector.admin.schemafile import SchemaFileError, load_schema_file, metrics_of
+from collector.admin.seed import DEMO_SEED, apply_seed, load_seed
+from collector.admin.store import (
+    ALERT_RULE,
+    CONDITIONS,
+    DEVICE,
+    DEVICE_TYPE,
+    GATEWAY,
+    SEVERITIES,
+    TENANT,
+    Kind,
+    RegistryStore,
+    Row,
+    connect,
+)
+from collector.errors import CollectorError
+from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, parse_duration
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def _config_option(f: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=DEFAULT_CONFIG_PATH,
+        show_default=True,
+        envvar="SENSORMINE_COLLECTOR_CONFIG",
+        help="Collector configuration file (TOML); its [metadata] section names the database.",
+    )(f)
+
+
+def _json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def _tenant_option(required: bool = False) -> Callable[[F], F]:
+    help_text = (
+        "The tenant (name or id)."
+        if required
+        else "The tenant (name or id) in which names are looked up."
+    )
+    return click.option("--tenant", required=required, help=help_text)
+
+
+def _actor_option(f: F) -> F:
+    return click.option(
+        "--actor",
+        default=_default_actor,
+        show_default="the OS user",
+        help="Who makes the change (recorded in the audit log).",
+    )(f)
+
+
+def _id_option(f: F) -> F:
+    return click.option("--id", "ident", help="Create with this UUID instead of a random one.")(f)
+
+
+def _settings(config_path: Path) -> Settings:
+    try:
+        return load_settings(config_path)
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _metadata_kwargs(settings: Settings) -> dict[str, Any]:
+    from collector.service import db_kwargs
+
+    return db_kwargs(settings, "metadata")
+
+
+def _run(
+    config_path: Path,
+    work: Callable[[RegistryStore], Awaitable[T]],
+    actor: str = "",
+    settings: Settings | None = None,
+) -> T:
+    settings = settings or _settings(config_path)
+
+    async def go() -> T:
+        async with connect(_metadata_kwargs(settings)) as conn:
+            return await work(RegistryStore(conn, actor))
+
+    try:
+        return asyncio.run(go())
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return f"{value.total_seconds():g}s"
+    raise TypeError(f"cannot show {type(value).__name__}")
+
+
+def to_json(value: Any) -> str:
+    """JSON text of rows (ids and times as text, durations as ``"300s"``)."""
+    return json.dumps(value, default=_plain, indent=2, ensure_ascii=False)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=_plain, ensure_ascii=False)
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, timedelta):
+        return f"{value.total_seconds():g}s"
+    return str(value)
+
+
+def _table(rows: Sequence[Row], columns: Sequence[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[_text(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _record(row: Row, skip: Sequence[str] = ()) -> None:
+    for key, value in row.items():
+        if key in skip:
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            click.echo(f"{key}:")
+            for item in value:
+                click.echo("  - " + ", ".join(f"{k}={_text(v)}" for k, v in item.items()))
+        else:
+            click.echo(f"{key}: {_text(value)}")
+
+
+def _show(row: Row, as_json: bool, skip: Sequence[str] = ()) -> None:
+    if as_json:
+        click.echo(to_json(row))
+    else:
+        _record(row, skip)
+
+
+def _listing(rows: list[Row], as_json: bool, columns: Sequence[str]) -> None:
+    if as_json:
+        click.echo(to_json(rows))
+    else:
+        _table(rows, columns)
+
+
+def _done(verb: str, label: str, row: Row, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(to_json(row))
+    else:
+        click.echo(f"{verb} {label} {row.get('name', '')} {row['id']}".replace("  ", " "))
+
+
+def _document(path: Path) -> dict[str, Any]:
+    try:
+        return load_schema_file(path)
+    except SchemaFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _attributes(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="--attributes") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--attributes")
+    return value
+
+
+def _seconds(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
+
+
+# --- tenants ----------------------------------------------------------------------------------
+
+
+@click.group()
+def tenants() -> None:
+    """Tenants: the owners of gateways, schemas, device types and devices."""
+
+
+@tenants.command("create")
+@click.argument("name")
+@_id_option
+@_json_option
+@_config_option
+def tenant_create(name: str, ident: str | None, as_json: bool, config_path: Path) -> None:
+    """Create a tenant called NAME."""
+    row = _run(config_path, lambda s: s.create_tenant(name, id=ident))
+    _done("created tenant", "", row, as_json)
+
+
+@tenants.command("list")
+@_json_option
+@_config_option
+def tenant_list(as_json: bool, config_path: Path) -> None:
+    """List tenants with their gateway and device counts."""
+    rows = _run(config_path, lambda s: s.list_tenants())
+    _listing(rows, as_json, ("id", "name", "enabled", "gateways", "devices"))
+
+
+@tenants.command("show")
+@click.argument("tenant")
+@_json_option
+@_config_option
+def tenant_show(tenant: str, as_json: bool, config_path: Path) -> None:
+    """Show TENANT (name or id) and how much it owns."""
+    _show(_run(config_path, lambda s: s.show_tenant(tenant)), as_json)
+
+
+@tenants.command("update")
+@click.argument("tenant")
+@click.option("--name", help="New name.")
+@_json_option
+@_config_option
+def tenant_update(tenant: str, name: str | None, as_json: bool, config_path: Path) -> None:
+    """Rename TENANT."""
+    row = _run(config_path, lambda s: s.update_tenant(tenant, name=name))
+    _done("updated tenant", "", row, as_json)
+
+
+def _enable_commands(group: click.Group, kind: Kind) -> None:
+    """Add ``enable`` and ``disable`` to ``group``."""
+    for enabled in (False, True):
+        verb = "enable" if enabled else "disable"
+
+        def command(
+            ref: str,
+            tenant: str | None,
+            actor: str,
+            config_path: Path,
+            enabled: bool = enabled,
+            verb: str = verb,
+        ) -> None:
+            row = _run(config_path, lambda s: s.set_enabled(kind, ref, enabled, tenant), actor)
+            click.echo(f"{verb}d {kind.label} {row['name']} {row['id']}")
+
+        help_text = f"{verb.capitalize()} the {kind.label} REF (name or id)" + (
+            ": the collector refuses readings of a disabled one."
+            if not enabled and kind.label != "alert rule"
+            else "."
+        )
+        cmd = click.Command(
+            verb,
+            callback=command,
+            help=help_text,
+            params=[
+                click.Argument(["ref"]),
+                click.Option(
+                    ["--tenant"], help="The tenant (name or id) in which names are looked up."
+                ),
+                click.Option(
+                    ["--actor"],
+                    default=_default_actor,
+                    show_default="the OS user",
+                    help="Who makes the change (recorded in a device type's audit log).",
+                ),
+                click.Option(
+                    ["--config", "config_path"],
+                    type=click.Path(dir_okay=False, path_type=Path),
+                    default=DEFAULT_CONFIG_PATH,
+                    show_default=True,
+                    envvar="SENSORMINE_COLLECTOR_CONFIG",
+                    help="Collector configuration file (TOML).",
+                ),
+            ],
+        )
+        group.add_command(cmd)
+
+
+_enable_commands(tenants, TENANT)
+
+
+@tenants.command("delete")
+@click.argument("tenant")
+@_config_option
+def tenant_delete(tenant: str, config_path: Path) -> None:
+    """Delete TENANT; refused while it still owns anything."""
+    row = _run(config_path, lambda s: s.delete_tenant(tenant))
+    click.echo(f"deleted tenant {row['name']} {row['id']}")
+
+
+# --- gateways ---------------------------------------------------------------------------------
+
+
+@click.group()
+def gateways() -> None:
+    """Gateways: the site computers that run sensormine-agent."""
+
+
+@gateways.command("create")
+@click.argument("name")
+@_tenant_option(required=True)
+@click.option("--description", default="", help="Free text, e.g. the site.")
+@_id_option
+@_json_option
+@_config_option
+def gateway_create(
+    name: str, tenant: str, description: str, ident: str | None, as_json: bool, config_path: Path
+) -> None:
+    """Register a gateway called NAME."""
+    row = _run(
+        config_path, lambda s: s.create_gateway(tenant, name, description=description, id=ident)
+    )
+    _done("created gateway", "", row, as_json)
+
+
+@gateways.command("list")
+@_tenant_option()
+@_json_option
+@_config_option
+def gateway_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
+    """List gateways with their device counts."""
+    rows = _run(config_path, lambda s: s.list_gateways(tenant))
+    _listing(rows, as_json, ("id", "name", "tenant", "enabled", "devices"))
+
+
+@gateways.command("show")
+@click.argument("gateway")
+@_tenant_option()
+@_json_option
+@_config_option
+def gateway_show(gateway: str, tenant: str | None, as_json: bool, config_path: Path) -> None:
+    """Show GATEWAY (name or id) and the devices assigned to it."""
+    row = _run(config_path, lambda s: s.show_gateway(gateway, tenant))
+    for device in row["devices"]:
+        device.pop("json_schema", None)
+        device.pop("attributes", None)
+    _show(row, as_json)
+
+
+@gateways.command("update")
+@click.argument("gateway")
+@_tenant_option()
+@click.option("--name", help="New name.")
+@click.option("--description", help="New description.")
+@_json_option
+@_config_option
+def gateway_update(
+    gateway: str,
+    tenant: str | None,
+    name: str | None,
+    description: str | None,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Rename or describe GATEWAY."""
+    row = _run(
+        config_path,
+        lambda s: s.update_gateway(gateway, tenant=tenant, name=name, description=description),
+    )
+    _done("updated gateway", "", row, as_json)
+
+
+_enable_commands(gateways, GATEWAY)
+
+
+@gateways.command("delete")
+@click.argument("gateway")
+@_tenant_option()
+@_config_option
+def gateway_delete(gateway: str, tenant: str | None, config_path: Path) -> None:
+    """Delete GATEWAY; refused while devices are assigned to it."""
+    row = _run(config_path, lambda s: s.delete_gateway(gateway, tenant))
+    click.echo(f"deleted gateway {row['name']} {row['id']}")
+
+
+@gateways.command("provision")
+@click.argument("gateway")
+@_tenant_option()
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the agent.toml here (default: standard output).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+@click.option(
+    "--broker-host",
+    help="Broker address as the gateway reaches it (default: the collector's mqtt.host).",
+)
+@click.option(
+    "--broker-port", type=click.IntRange(1, 65535), help="Broker port (default: the collector's)."
+)
+@click.option("--tls/--no-tls", default=None, help="TLS to the broker (default: the collector's).")
+@click.option("--ca-file", help="CA bundle path on the gateway, for TLS.")
+@click.option(
+    "--simulated",
+    is_flag=True,
+    help="Configure a working `simulated` input for every device (demos) instead of modbus stanzas to complete.",
+)
+@click.option(
+    "--interval", default="1s", show_default=True, help="Reading interval of the simulated input."
+)
+@click.option(
+    "--seed", "sim_seed", default=1, show_default=True, help="Seed of the simulated input."
+)
+@click.option(
+    "--buffer-path",
+    default=DEFAULT_BUFFER_PATH,
+    show_default=True,
+    help="The agent's SQLite buffer file.",
+)
+@_config_option
+def gateway_provision(
+    gateway: str,
+    tenant: str | None,
+    output: Path | None,
+    force: bool,
+    broker_host: str | None,
+    broker_port: int | None,
+    tls: bool | None,
+    ca_file: str | None,
+    simulated: bool,
+    interval: str,
+    sim_seed: int,
+    buffer_path: str,
+    config_path: Path,
+) -> None:
+    """Write a ready-to-use agent.toml for GATEWAY (name or id).
+
+    The file holds the gateway's id and tenant id, the broker address and topic prefix, and one
+    input stanza per device assigned to the gateway: commented modbus stanzas to complete, or a
+    working simulated input with --simulated. Copy it to /etc/sensormine/agent.toml on the
+    gateway and install the agent (docs/install-agent.md).
+    """
+    if output is not None and output.exists() and not force:
+        raise click.ClickException(f"{output} exists; add --force to overwrite it")
+    try:
+        parse_duration(interval)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--interval") from None
+    settings = _settings(config_path)
+    broker = BrokerAddress(
+        host=broker_host or settings.mqtt.host,
+        port=broker_port or settings.mqtt.port,
+        tls=settings.mqtt.tls if tls is None else tls,
+        ca_file=ca_file,
+        topic_prefix=settings.mqtt.prefix,
+    )
+    row, text = _run(
+        config_path,
+        lambda s: provision(
+            s,
+            gateway,
+            broker,
+            tenant=tenant,
+            simulated=simulated,
+            interval=interval,
+            seed=sim_seed,
+            buffer_path=buffer_path,
+        ),
+        settings=settings,
+    )
+    if not row["enabled"]:
+        click.echo(
+            f"warning: gateway {row['name']} is disabled: the collector refuses its batches "
+            "until `gateways enable`",
+            err=True,
+        )
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {output} for gateway {row['name']} {row['id']}", err=True)
+
+
+# --- schemas ----------------------------------------------------------------------------------
+
+
+@click.group()
+def schemas() -> None:
+    """Schemas: JSON Schema documents of a device type's telemetry, versioned.
+
+    A schema's content changes only by adding a version (`add-version`); the highest version is
+    the one the collector validates against. Schemas have no enabled flag: disable the device
+    types that use one instead.
+    """
+
+
+@schemas.command("check")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def schema_check(file: Path) -> None:
+    """Check a JSON Schema FILE as `add-version` would, without storing it."""
+    document = _document(file)
+    metrics = metrics_of(document)
+    click.echo(f"{file}: ok, {len(metrics)} metrics: {', '.join(metrics)}")
+
+
+@schemas.command("create")
+@click.argument("name")
+@_tenant_option(required=True)
+@click.option("--description", default="", help="Free text.")
+@click.option(
+    "--file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON Schema file to store as version 1.",
+)
+@_id_option
+@_actor_option
+@_json_option
+@_config_option
+def schema_create(
+    name: str,
+    tenant: str,
+    description: str,
+    file: Path | None,
+    ident: str | None,
+    actor: str,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Create a schema called NAME (optionally with its first version from --file)."""
+    document = None if file is None else _document(file)
+    row = _run(
+        config_path,
+        lambda s: s.create_schema(
+            tenant, name, description=description, id=ident, document=document
+        ),
+        actor,
+    )
+    _done("created schema", "", row, as_json)
+
+
+@schemas.command("add-version")
+@click.argument("schema")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_tenant_option()
+@_actor_option
+@_json_option
+@_config_option
+def schema_add_version(
+    schema: str, file: Path, tenant: str | None, actor: str, as_json: bool, config_path: Path
+) -> None:
+    """Check the JSON Schema FILE and store it as the next version of SCHEMA."""
+    document = _document(file)
+    row, added = _run(config_path, lambda s: s.add_schema_version(schema, document, tenant), actor)
+    if as_json:
+        click.echo(to_json({**row, "added": added}))
+    elif added:
+        click.echo(f"added version {row['version']} to schema {schema}")
+    else:
+        click.echo(f"unchanged: {file} is the current version {row['version']} of schema {schema}")
+
+
+@schemas.command("list")
+@_tenant_option()
+@_json_option
+@_config_option
+def schema_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
+    """List schemas with their current version and how many device types use them."""
+    rows = _run(config_path, lambda s: s.list_schemas(tenant))
+    _listing(rows, as_json, ("id", "name", "tenant", "version", "device_types"))
+
+
+@schemas.command("show")
+@click.argument("schema")
+@_tenant_option()
+@click.option("--version", type=int, help="Show this version's document (default: the current).")
+@_json_option
+@_config_option
+def schema_show(
+    schema: str, tenant: str | None, version: int | None, as_json: bool, config_path: Path
+) -> None:
+    """Show SCHEMA, its versions and the current version's JSON Schema."""
+    row = _run(config_path, lambda s: s.show_schema(schema, tenant, version))
+    if as_json:
+        click.echo(to_json(row))
+        return
+    _record(row, skip=("json_schema",))
+    click.echo("json_schema:")
+    click.echo(json.dumps(row["json_schema"], indent=2, ensure_ascii=False))
+
+
+@schemas.command("update")
+@click.argument("schema")
+@_tenant_option()
+@click.option("--name", help="New name.")
+@click.option("--description", help="New description.")
+@_json_option
+@_config_option
+def schema_update(
+    schema: str,
+    tenant: str | None,
+    name: str | None,
+    description: str | None,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Rename or describe SCHEMA (its content changes with add-version)."""
+    row = _run(
+        config_path,
+        lambda s: s.update_schema(schema, tenant=tenant, name=name, description=description),
+    )
+    _done("updated schema", "", row, as_json)
+
+
+@schemas.command("delete")
+@click.argument("schema")
+@_tenant_option()
+@_config_option
+def schema_delete(schema: str, tenant: str | None, config_path: Path) -> None:
+    """Delete SCHEMA and its versions; refused while a device type uses it."""
+    row = _run(config_path, lambda s: s.delete_schema(schema, tenant))
+    click.echo(f"deleted schema {row['name']} {row['id']}")
+
+
+# --- device types -----------------------------------------------------------------------------
+
+
+@click.group("device-types")
+def device_types() -> None:
+    """Device types: a kind of device and the schema its telemetry follows.
+
+    Every change bumps the type's version, stores a snapshot (device_type_versions) and an audit
+    row (device_type_audit_logs: who, when, what changed); see `history`.
+    """
+
+
+@device_types.command("create")
+@click.argument("name")
+@_tenant_option(required=True)
+@click.option("--schema", help="The schema (name or id) its telemetry follows.")
+@click.option("--description", default="", help="Free text.")
+@_id_option
+@_actor_option
+@_json_option
+@_config_option
+def device_type_create(
+    name: str,
+    tenant: str,
+    schema: str | None,
+    description: str,
+    ident: str | None,
+    actor: str,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Create a device type called NAME."""
+    row = _run(
+        config_path,
+        lambda s: s.create_device_type(
+            tenant, name, schema=schema, description=description, id=ident
+        ),
+        actor,
+    )
+    _done("created device type", "", row, as_json)
+
+
+@device_types.command("list")
+@_tenant_option()
+@_json_option
+@_config_option
+def device_type_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
+    """List device types with their schema and device counts."""
+    rows = _run(config_path, lambda s: s.list_device_types(tenant))
+    _listing(
+        rows,
+        as_json,
+        ("id", "name", "tenant", "schema", "schema_version", "version", "enabled", "devices"),
+    )
+
+
+@device_types.command("show")
+@click.argument("device_type", metavar="TYPE")
+@_tenant_option()
+@_json_option
+@_config_option
+def device_type_show(
+    device_type: str, tenant: str | None, as_json: bool, config_path: Path
+) -> None:
+    """Show the device type TYPE (name or id)."""
+    _show(_run(config_path, lambda s: s.show_device_type(device_type, tenant)), as_json)
+
+
+@device_types.command("update")
+@click.argument("device_type", metavar="TYPE")
+@_tenant_option()
+@click.option("--name", help="New name.")
+@click.option("--description", help="New description.")
+@click.option("--schema", help="Another schema (name or id).")
+@click.option("--no-schema", is_flag=True, help="Detach the schema: any metric is accepted.")
+@_actor_option
+@_json_option
+@_config_option
+def device_type_update(
+    device_type: str,
+    tenant: str | None,
+    name: str | None,
+    description: str | None,
+    schema: str | None,
+    no_schema: bool,
+    actor: str,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Change TYPE; the change is versioned and audited."""
+    if schema is not None and no_schema:
+        raise click.UsageError("--schema and --no-schema exclude each other")
+    kwargs: dict[str, Any] = {"tenant": tenant, "name": name, "description": description}
+    if schema is not None or no_schema:
+        kwargs["schema"] = schema
+
+    async def work(s: RegistryStore) -> Row:
+        return await s.update_device_type(device_type, **kwargs)
+
+    row = _run(config_path, work, actor)
+    if as_json:
+        click.echo(to_json(row))
+    else:
+        click.echo(f"device type {row['name']} {row['id']} is at version {row['version']}")
+
+
+_enable_commands(device_types, DEVICE_TYPE)
+
+
+@device_types.command("history")
+@click.argument("device_type", metavar="TYPE")
+@_tenant_option()
+@_json_option
+@_config_option
+def device_type_history(
+    device_type: str, tenant: str | None, as_json: bool, config_path: Path
+) -> None:
+    """Show TYPE's version snapshots and audit log."""
+    row = _run(config_path, lambda s: s.device_type_history(device_type, tenant))
+    if as_json:
+        click.echo(to_json(row))
+        return
+    click.echo(f"device type {row['name']} {row['id']}")
+    for entry in row["audit"]:
+        click.echo(
+            f"  {_text(entry['created_at'])}  {entry['actor'] or '-'}  {entry['action']}  "
+            f"{json.dumps(entry['changes'], ensure_ascii=False)}"
+        )
+
+
+@device_types.command("delete")
+@click.argument("device_type", metavar="TYPE")
+@_tenant_option()
+@_actor_option
+@_config_option
+def device_type_delete(device_type: str, tenant: str | None, actor: str, config_path: Path) -> None:
+    """Delete TYPE; refused while a device or an alert rule uses it."""
+    row = _run(config_path, lambda s: s.delete_device_type(device_type, tenant), actor)
+    click.echo(f"deleted device type {row['name']} {row['id']}")
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+
+@click.group()
+def devices() -> None:
+    """Devices: the sensors and meters whose readings the collector stores."""
+
+
+@devices.command("create")
+@click.argument("name")
+@_tenant_option(required=True)
+@click.option("--type", "device_type", required=True, help="Its device type (name or id).")
+@click.option("--gateway", help="The gateway that reads it (name or id).")
+@click.option("--description", default="", help="Free text.")
+@click.option("--attributes", help='JSON object of attributes, e.g. \'{"room": "B12"}\'.')
+@_id_option
+@_json_option
+@_config_option
+def device_create(
+    name: str,
+    tenant: str,
+    device_type: str,
+    gateway: str | None,
+    description: str,
+    attributes: str | None,
+    ident: str | None,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Register a device called NAME."""
+    attrs = _attributes(attributes)
+    row = _run(
+        config_path,
+        lambda s: s.create_device(
+            tenant,
+            name,
+            device_type,
+            gateway=gateway,
+            description=description,
+            attributes=attrs,
+            id=ident,
+        ),
+    )
+    _done("created device", "", row, as_json)
+
+
+@devices.command("list")
+@_tenant_option()
+@click.option("--gateway", help="Only the devices of this gateway (name or id).")
+@click.option("--type", "device_type", help="Only the devices of this type (name or id).")
+@_json_option
+@_config_option
+def device_list(
+    tenant: str | None,
+    gateway: str | None,
+    device_type: str | None,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """List devices."""
+    rows = _run(config_path, lambda s: s.list_devices(tenant, gateway, device_type))
+    _listing(rows, as_json, ("id", "name", "tenant", "device_type", "gateway", "enabled"))
+
+
+@devices.command("show")
+@click.argument("device")
+@_tenant_option()
+@_json_option
+@_config_option
+def device_show(device: str, tenant: str | None, as_json: bool, config_path: Path) -> None:
+    """Show DEVICE (name or id)."""
+    _show(_run(config_path, lambda s: s.show_device(device, tenant)), as_json)
+
+
+@devices.command("update")
+@click.argument("device")
+@_tenant_option()
+@click.option("--name", help="New name.")
+@click.option("--description", help="New description.")
+@click.option("--type", "device_type", help="Another device type (name or id).")
+@click.option("--gateway", help="Assign to this gateway (name or id).")
+@click.option("--no-gateway", is_flag=True, help="Assign to no gateway.")
+@click.option("--attributes", help="Replace the attributes with this JSON object.")
+@_json_option
+@_config_option
+def device_update(
+    device: str,
+    tenant: str | None,
+    name: str | None,
+    description: str | None,
+    device_type: str | None,
+    gateway: str | None,
+    no_gateway: bool,
+    attributes: str | None,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Change DEVICE."""
+    if gateway is not None and no_gateway:
+        raise click.UsageError("--gateway and --no-gateway exclude each other")
+    kwargs: dict[str, Any] = {
+        "tenant": tenant,
+        "name": name,
+        "description": description,
+        "device_type": device_type,
+        "attributes": _attributes(attributes),
+    }
+    if gateway is not None or no_gateway:
+        kwargs["gateway"] = gateway
+
+    async def work(s: RegistryStore) -> Row:
+        return await s.update_device(device, **kwargs)
+
+    _done("updated device", "", _run(config_path, work), as_json)
+
+
+_enable_commands(devices, DEVICE)
+
+
+@devices.command("delete")
+@click.argument("device")
+@_tenant_option()
+@_config_option
+def device_delete(device: str, tenant: str | None, config_path: Path) -> None:
+    """Delete DEVICE (its stored telemetry stays); refused while an alert rule names it."""
+    row = _run(config_path, lambda s: s.delete_device(device, tenant))
+    click.echo(f"deleted device {row['name']} {row['id']}")
+
+
+# --- alert rules ------------------------------------------------------------------------------
+
+
+@click.group("alert-rules")
+def alert_rules() -> None:
+    """Alert rules: a condition on a metric of a device type, of one device, or tenant-wide."""
+
+
+@alert_rules.command("create")
+@click.argument("name")
+@_tenant_option(required=True)
+@click.option("--metric", required=True, help="The metric it watches.")
+@click.option("--condition", required=True, type=click.Choice(CONDITIONS), help="Comparison.")
+@click.option("--threshold", required=True, type=float, help="Value compared against.")
+@click.option(
+    "--duration", default="0s", show_default=True, help="How long the condition must hold."
+)
+@click.option("--severity", type=click.Choice(SEVERITIES), default="warning", show_default=True)
+@click.option("--device-type", help="Only devices of this type (name or id).")
+@click.option("--device", help="Only this device (name or id).")
+@_id_option
+@_json_option
+@_config_option
+def alert_rule_create(
+    name: str,
+    tenant: str,
+    metric: str,
+    condition: str,
+    threshold: float,
+    duration: str,
+    severity: str,
+    device_type: str | None,
+    device: str | None,
+    ident: str | None,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Create an alert rule called NAME."""
+    seconds = _seconds(duration) or 0.0
+    row = _run(
+        config_path,
+        lambda s: s.create_alert_rule(
+            tenant,
+            name,
+            metric=metric,
+            condition=condition,
+            threshold=threshold,
+            duration=seconds,
+            severity=severity,
+            device_type=device_type,
+            device=device,
+            id=ident,
+        ),
+    )
+    _done("created alert rule", "", row, as_json)
+
+
+@alert_rules.command("list")
+@_tenant_option()
+@_json_option
+@_config_option
+def alert_rule_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
+    """List alert rules."""
+    rows = _run(config_path, lambda s: s.list_alert_rules(tenant))
+    _listing(
+        rows,
+        as_json,
+        (
+            "id",
+            "name",
+            "tenant",
+            "device_type",
+            "device",
+            "metric",
+            "condition",
+            "threshold",
+            "severity",
+            "enabled",
+        ),
+    )
+
+
+@alert_rules.command("show")
+@click.argument("rule")
+@_tenant_option()
+@_json_option
+@_config_option
+def alert_rule_show(rule: str, tenant: str | None, as_json: bool, config_path: Path) -> None:
+    """Show the alert rule RULE (name or id)."""
+    _show(_run(config_path, lambda s: s.show_alert_rule(rule, tenant)), as_json)
+
+
+@alert_rules.command("update")
+@click.argument("rule")
+@_tenant_option()
+@click.option("--name", help="New name.")
+@click.option("--metric", help="Another metric.")
+@click.option("--condition", type=click.Choice(CONDITIONS))
+@click.option("--threshold", type=float)
+@click.option("--duration")
+@click.option("--severity", type=click.Choice(SEVERITIES))
+@_json_option
+@_config_option
+def alert_rule_update(
+    rule: str,
+    tenant: str | None,
+    name: str | None,
+    metric: str | None,
+    condition: str | None,
+    threshold: float | None,
+    duration: str | None,
+    severity: str | None,
+    as_json: bool,
+    config_path: Path,
+) -> None:
+    """Change RULE."""
+    seconds = _seconds(duration)
+    row = _run(
+        config_path,
+        lambda s: s.update_alert_rule(
+            rule,
+            tenant=tenant,
+            name=name,
+            metric=metric,
+            condition=condition,
+            threshold=threshold,
+            duration=seconds,
+            severity=severity,
+        ),
+    )
+    _done("updated alert rule", "", row, as_json)
+
+
+_enable_commands(alert_rules, ALERT_RULE)
+
+
+@alert_rules.command("delete")
+@click.argument("rule")
+@_tenant_option()
+@_config_option
+def alert_rule_delete(rule: str, tenant: str | None, config_path: Path) -> None:
+    """Delete RULE."""
+    row = _run(config_path, lambda s: s.delete_alert_rule(rule, tenant))
+    click.echo(f"deleted alert rule {row['name']} {row['id']}")
+
+
+# --- seed -------------------------------------------------------------------------------------
+
+
+@click.command("seed")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--demo",
+    is_flag=True,
+    help=f"Apply the demo seed ({DEMO_SEED.relative_to(DEMO_SEED.parents[2])}).",
+)
+@_actor_option
+@_json_option
+@_config_option
+def seed(file: Path | None, demo: bool, actor: str, as_json: bool, config_path: Path) -> None:
+    """Create or update the registry entries of a seed FILE (idempotent: fixed ids, upserts).
+
+    The whole file is applied in one transaction. Applying it again changes nothing unless the
+    file (or one of the schema files it names) changed.
+    """
+    if demo == (file is not None):
+        raise click.UsageError("give either a seed FILE or --demo")
+    path = DEMO_SEED if demo else file
+    assert path is not None
+    try:
+        entries, documents = load_seed(path)
+    except CollectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    report = _run(config_path, lambda s: apply_seed(s, entries, documents), actor)
+    if as_json:
+        click.echo(to_json({"file": str(path), **report.as_dict()}))
+        return
+    click.echo(f"seed {path}:")
+    click.echo(report.summary())
+
+
+COMMANDS: list[click.Command] = [
+    tenants,
+    gateways,
+    schemas,
+    device_types,
+    devices,
+    alert_rules,
+    seed,
+]
+
+
+def register(group: click.Group) -> None:
+    """Add the administration commands to the collector's click group."""
+    for command in COMMANDS:
+        group.add_command(command)
