@@ -185,7 +185,6 @@ class MqttSettings(_Section):
     reconnect_min: PositiveDuration = 0.5
     reconnect_max: PositiveDuration = 60.0
     backlog_rate: float = Field(default=20.0, gt=0)
-    live_lane: bool = True
 
     @field_validator("protocol", mode="before")
     @classmethod

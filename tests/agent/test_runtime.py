@@ -1,0 +1,126 @@
+"""The runtime in-process: a crashing input never stops another; a full disk is survived."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from agent.inputs.base import Emitter, InputConfig, InputContext, ProbeResult, kinds, register
+from agent.runtime import Runtime
+from agent.settings import settings_from_dict
+from protocol import decode_batch
+from tests.agent.conftest import device_ids
+
+
+class CrashingConfig(InputConfig):
+    """An input kind that exists only in this test module: it raises after one reading."""
+
+    type: Literal["crashing"] = "crashing"
+
+
+class CrashingInput:
+    """Emits one reading, then raises, every time it is started."""
+
+    def __init__(self, config: CrashingConfig, context: InputContext) -> None:
+        self.name = config.name
+        self.starts = 0
+
+    async def run(self, emit: Emitter) -> None:
+        """Emit a reading and fail."""
+        self.starts += 1
+        emit.reading(uuid.UUID(int=99), "crash", self.starts)
+        await asyncio.sleep(0.05)
+        raise RuntimeError("sensor bus exploded")
+
+    async def probe(self) -> list[ProbeResult]:
+        """Nothing to probe."""
+        return []
+
+
+if "crashing" not in kinds():
+    register("crashing", CrashingConfig, CrashingInput)
+
+
+def make_settings(tmp_path: Path, prefix: str) -> dict[str, object]:
+    """A configuration with a simulated input and a crashing one, and no reachable broker."""
+    return {
+        "gateway": {"id": str(uuid.uuid4()), "tenant_id": str(uuid.uuid4())},
+        "buffer": {"path": str(tmp_path / "buffer.db")},
+        "mqtt": {"port": 1, "topic_prefix": prefix, "reconnect_min": "1s", "reconnect_max": "1s"},
+        "runtime": {"input_restart_delay": "100ms", "drain_timeout": "1s"},
+        "batch": {"max_age": "200ms"},
+        "inputs": [
+            {
+                "type": "simulated",
+                "name": "sim",
+                "interval": "50ms",
+                "devices": [{"id": str(d), "name": f"d{i}"} for i, d in enumerate(device_ids(2))],
+            },
+            {"type": "crashing", "name": "bad"},
+        ],
+    }
+
+
+async def test_a_crashing_input_never_stops_another(tmp_path: Path, prefix: str) -> None:
+    """The crashing input is restarted and reported; the simulated one keeps producing."""
+    runtime = Runtime(settings_from_dict(make_settings(tmp_path, prefix)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    await asyncio.sleep(2.0)
+    stop.set()
+    await asyncio.wait_for(task, 15)
+    crashing = runtime.inputs[1]
+    assert isinstance(crashing, CrashingInput)
+    assert crashing.starts >= 5
+
+    from agent.buffer import open_store_readonly
+
+    store = open_store_readonly(tmp_path / "buffer.db")
+    frames = [bytes(f) for (f,) in store.conn.execute("SELECT frame FROM batches ORDER BY seq")]
+    store.conn.close()
+    batches = [decode_batch(f) for f in frames]
+    per_metric: dict[str, int] = {}
+    for b in batches:
+        for s in b.series:
+            per_metric[s.metric] = per_metric.get(s.metric, 0) + len(s.values)
+    # About 40 ticks of the simulated input in 2 s, despite the other input's crashes.
+    assert per_metric["temperature"] >= 2 * 25
+    assert per_metric["crash"] == crashing.starts
+    crashes = [e for b in batches for e in b.events if e.kind == "input.crashed"]
+    assert len(crashes) >= 4
+    assert all(e.attributes["input"] == "bad" for e in crashes)
+    statuses = [s.status for b in batches for s in b.status]
+    assert ["online", "online"] == statuses  # forwarded once per device, not per tick
+
+
+async def test_agent_survives_a_full_disk_and_resumes(tmp_path: Path, prefix: str) -> None:
+    """SQLITE_FULL in the running agent: readings are counted as dropped, then writing resumes."""
+    data = make_settings(tmp_path, prefix)
+    data["inputs"] = data["inputs"][:1]  # type: ignore[index]
+    data["inputs"][0]["interval"] = "10ms"  # type: ignore[index]
+    runtime = Runtime(settings_from_dict(data))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.run(stop))
+    await asyncio.sleep(0.5)
+    buffer = runtime.buffer
+    pages = int((await buffer.query("PRAGMA page_count"))[0][0])
+    await buffer.set_max_page_count(pages)
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        if (await buffer.stats()).dropped["disk_full"] > 100:
+            break
+    await asyncio.sleep(0.3)
+    full = await buffer.stats()
+    assert full.dropped["disk_full"] > 100
+    assert not task.done()
+    await buffer.set_max_page_count(1_000_000)
+    before = full.produced
+    await asyncio.sleep(1.0)
+    resumed = await buffer.stats()
+    stop.set()
+    await asyncio.wait_for(task, 15)
+    assert resumed.produced - before >= 8 * 20  # 2 devices x 4 metrics, ~100 ticks
+    assert resumed.dropped["disk_full"] >= full.dropped["disk_full"]
+    assert resumed.produced == resumed.readings + resumed.delivered + sum(resumed.dropped.values())
