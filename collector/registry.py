@@ -119,6 +119,7 @@ class Registry:
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self.invalidations = 0
+        self.queries = 0
 
     async def __aenter__(self) -> Registry:
         await self.start()
@@ -206,6 +207,7 @@ class Registry:
     # --- lookups ------------------------------------------------------------------------------
 
     async def _query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self.queries += 1
         for attempt in (1, 2):
             try:
                 if self._conn is None or self._conn.is_closed():
