@@ -80,7 +80,14 @@ async def write_readings(
 ) -> None:
     """Write readings and their dirty range in one transaction, as the collector's writer does."""
     records = [
-        (t, tenant_id, device_id, metric, None if isinstance(v, str) else float(v), v if isinstance(v, str) else None)
+        (
+            t,
+            tenant_id,
+            device_id,
+            metric,
+            None if isinstance(v, str) else float(v),
+            v if isinstance(v, str) else None,
+        )
         for t, v in points
     ]
     times = [t for t, _ in points]

@@ -25,14 +25,21 @@ def _base() -> datetime:
     return now.replace(minute=0, second=0, microsecond=0)
 
 
-async def _metrics(conn: asyncpg.Connection) -> dict[tuple[float, str, str, datetime], tuple[object, ...]]:
+async def _metrics(
+    conn: asyncpg.Connection,
+) -> dict[tuple[float, str, str, datetime], tuple[object, ...]]:
     rows = await conn.fetch(
         "SELECT extract(epoch FROM period) AS period, device_id, metric, bucket, count, sum, min, max, last, "
         "xmin::text AS xmin FROM metrics"
     )
     return {
         (float(r["period"]), str(r["device_id"]), r["metric"], r["bucket"]): (
-            r["count"], r["sum"], r["min"], r["max"], r["last"], r["xmin"]
+            r["count"],
+            r["sum"],
+            r["min"],
+            r["max"],
+            r["last"],
+            r["xmin"],
         )
         for r in rows
     }
@@ -58,7 +65,11 @@ async def test_rollups_hold_exact_values_and_late_data_changes_only_its_bucket(
     )
     await write_readings(ts, TENANT, DEV_A, "mode", [(t0 + timedelta(seconds=15), "auto")])
     await write_readings(
-        ts, TENANT, DEV_B, "temp", [(t0 + timedelta(seconds=30), -4.5), (t0 + timedelta(seconds=31), 4.5)]
+        ts,
+        TENANT,
+        DEV_B,
+        "temp",
+        [(t0 + timedelta(seconds=30), -4.5), (t0 + timedelta(seconds=31), 4.5)],
     )
 
     done = await rollup(ts, PERIODS, claim_rows=100)
@@ -99,7 +110,9 @@ async def test_rollups_hold_exact_values_and_late_data_changes_only_its_bucket(
 async def test_redelivered_dirty_ranges_do_not_double_count(ts: asyncpg.Connection) -> None:
     """Overlapping dirty ranges of one series are merged, so each reading counts once."""
     t0 = _base()
-    await write_readings(ts, TENANT, DEV_A, "temp", [(t0 + timedelta(seconds=s), 1.0) for s in range(0, 120, 10)])
+    await write_readings(
+        ts, TENANT, DEV_A, "temp", [(t0 + timedelta(seconds=s), 1.0) for s in range(0, 120, 10)]
+    )
     # Three more dirty rows over the same minutes, as several flushes of one series leave behind.
     for lo, hi in ((5, 15), (40, 70), (0, 119)):
         await ts.execute(
@@ -121,7 +134,9 @@ async def test_redelivered_dirty_ranges_do_not_double_count(ts: asyncpg.Connecti
     assert 0 == await ts.fetchval("SELECT count(*) FROM ingest_dirty")
 
 
-async def test_a_crash_during_the_rollup_loses_no_dirty_range(ts: asyncpg.Connection, ts_dsn: str) -> None:
+async def test_a_crash_during_the_rollup_loses_no_dirty_range(
+    ts: asyncpg.Connection, ts_dsn: str
+) -> None:
     """A rollup whose connection dies before commit leaves its claimed dirty rows for the next run."""
     t0 = _base()
     await write_readings(ts, TENANT, DEV_A, "temp", [(t0, 1.0), (t0 + timedelta(seconds=1), 2.0)])
@@ -166,7 +181,10 @@ async def test_bucket_start_agrees_with_time_bucket(ts: asyncpg.Connection, seco
         datetime(2026, 11, 25, 17, 3, 7, 123_456, tzinfo=UTC),
         datetime(1970, 1, 1, tzinfo=UTC),
     ]
-    expected = [await ts.fetchval("SELECT time_bucket($1::interval, $2::timestamptz)", width, t) for t in times]
+    expected = [
+        await ts.fetchval("SELECT time_bucket($1::interval, $2::timestamptz)", width, t)
+        for t in times
+    ]
     assert expected == [bucket_start(t, width) for t in times]
 
 

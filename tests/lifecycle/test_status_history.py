@@ -1,0 +1,163 @@
+"""Device status history follows the gateway: its will marks its devices offline, its return online."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from collector.lifecycle.status import gateway_status_rows, insert_status_rows
+from collector.service import running
+from protocol import TopicKind, build_topic
+from tests.collector.conftest import (
+    Databases,
+    GatewayClient,
+    collector_settings,
+    make_batch,
+    make_databases,
+)
+from tests.conftest import drop_database
+from tests.lifecycle.conftest import LICENSE
+from tests.services import SYSTEM_MQTT, SYSTEM_PG_DSN
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def dbs() -> AsyncIterator[Databases]:
+    """Migrated metadata and time-series databases with a registered fleet."""
+    d = await make_databases()
+    try:
+        yield d
+    finally:
+        await drop_database(SYSTEM_PG_DSN, d.metadata)
+        await drop_database(SYSTEM_PG_DSN, d.timeseries)
+
+
+async def _wait_rows(
+    dbs: Databases, sql: str, n: int, within: float = 20.0
+) -> list[asyncpg.Record]:
+    deadline = time.monotonic() + within
+    while True:
+        rows = await dbs.fetch(sql)
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.2)
+
+
+async def test_gateway_status_rows_name_each_device_of_the_gateway(dbs: Databases) -> None:
+    """Going offline yields one ``offline``/``gateway_offline`` row per device of that gateway only."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    when = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    meta = await asyncpg.connect(dbs.metadata)
+    try:
+        offline = await gateway_status_rows(meta, fleet.tenant, fleet.gateway, "offline", when)
+        online = await gateway_status_rows(meta, fleet.tenant, fleet.gateway, "online", when)
+        other = await gateway_status_rows(meta, fleet.tenant, fleet.other_gateway, "offline", when)
+    finally:
+        await meta.close()
+
+    assert sorted(
+        (when, fleet.tenant, fleet.gateway, d, "offline", "gateway_offline") for d in fleet.devices
+    ) == sorted(offline)
+    assert {("online", "gateway_online")} == {(r[4], r[5]) for r in online}
+    # The other gateway's device belongs to another tenant than the one asked about: left out.
+    assert [] == other
+    ts = await asyncpg.connect(dbs.timeseries)
+    try:
+        async with ts.transaction():
+            assert len(fleet.devices) == await insert_status_rows(ts, offline)
+        assert len(fleet.devices) == await ts.fetchval(
+            "SELECT count(*) FROM device_status_history WHERE reason = 'gateway_offline'"
+        )
+    finally:
+        await ts.close()
+
+
+async def test_a_gateways_will_through_the_broker_marks_its_devices_offline(dbs: Databases) -> None:
+    """A gateway killed without a goodbye: the broker's will reaches the running collector, which
+    writes the gateway's offline row and one ``gateway_offline`` row per device; online before it."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    host, port = SYSTEM_MQTT
+    p = f"t{uuid.uuid4().hex[:10]}"
+    topic = build_topic(p, fleet.tenant, fleet.gateway, TopicKind.STATUS)
+    settings = collector_settings(dbs, host, port, p)
+    async with running(settings):
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.lifecycle.gateway_child",
+            host,
+            str(port),
+            topic,
+            str(fleet.gateway),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            assert child.stdout is not None
+            line = await asyncio.wait_for(child.stdout.readline(), 20)
+            assert b"ready\n" == line
+            online = await _wait_rows(
+                dbs,
+                "SELECT * FROM device_status_history WHERE reason = 'gateway_online'",
+                len(fleet.devices),
+            )
+            assert set(fleet.devices) == {r["device_id"] for r in online}
+            child.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(child.wait(), 10)
+            offline = await _wait_rows(
+                dbs,
+                "SELECT * FROM device_status_history WHERE status = 'offline' AND device_id IS NOT NULL",
+                len(fleet.devices),
+            )
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    assert sorted(fleet.devices) == sorted(r["device_id"] for r in offline)
+    assert {"gateway_offline"} == {r["reason"] for r in offline}
+    assert {fleet.gateway} == {r["gateway_id"] for r in offline}
+    gateway_rows = await dbs.fetch(
+        "SELECT status, reason FROM device_status_history WHERE device_id IS NULL ORDER BY status"
+    )
+    assert ["offline", "online"] == [r["status"] for r in gateway_rows]
+    # The other tenant's device (another gateway) got nothing.
+    assert [] == await dbs.fetch(
+        f"SELECT * FROM device_status_history WHERE device_id = '{fleet.other_device}'"
+    )
+    # The retained will would be cleared by a real agent's next birth; clear it for the broker's sake.
+    with GatewayClient(host, port, p, fleet.tenant, fleet.gateway) as gw:
+        assert gw.client is not None
+        gw.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
+
+
+async def test_the_running_collector_rolls_up_what_it_wrote(dbs: Databases) -> None:
+    """The collector's own lifecycle task turns committed readings into ``metrics`` rows."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    host, port = SYSTEM_MQTT
+    p = f"t{uuid.uuid4().hex[:10]}"
+    settings = collector_settings(dbs, host, port, p, lifecycle={"rollups": {"lag": "200ms"}})
+    async with running(settings):
+        with GatewayClient(host, port, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(make_batch(fleet, 1, uuid.uuid4(), points=10))
+            await asyncio.to_thread(gw.wait_acks, 1)
+        rows = await _wait_rows(dbs, "SELECT * FROM metrics ORDER BY period", 2)
+        jobs = await dbs.fetch("SELECT job, last_result FROM lifecycle_jobs ORDER BY job")
+    assert 10 == sum(r["count"] for r in rows if r["period"].total_seconds() == 3600)
+    assert 10 == sum(r["count"] for r in rows if r["period"].total_seconds() == 60)
+    edition_job = "policies" if LICENSE == "timescale" else "retention"
+    assert {"ledger", edition_job, "rollups"} <= {r["job"] for r in jobs}
