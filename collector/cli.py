@@ -16,6 +16,7 @@ import structlog
 from collector import migrations
 from collector.admin.cli import register as register_admin
 from collector.errors import CollectorError
+from collector.lifecycle.doctor import doctor
 from collector.observability import configure_logging
 from collector.service import Collector, db_kwargs, migrate_all
 from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
@@ -189,3 +190,6 @@ def check_config(config_path: Path) -> None:
 
 # Registry administration: tenants, gateways, schemas, device-types, devices, alert-rules, seed.
 register_admin(main)
+
+# Data lifecycle report: edition, chunks, jobs, ingest lag, ledger, rejects, broker.
+main.add_command(doctor)
