@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 from typing import Any
 
 import click
@@ -21,9 +20,6 @@ DOCS = {
     name: (REPO / "docs" / name).read_text()
     for name in ("install-agent.md", "deploy-collector.md", "troubleshooting.md")
 }
-# Commands the docs name that another issue is still adding (issue 7: `doctor`). Once a command
-# exists the test below checks it like any other; remove it from here then.
-PENDING = {("sensormine-collector", "doctor")}
 
 
 def toml_blocks(text: str) -> list[str]:
@@ -78,6 +74,5 @@ def test_every_command_in_the_operations_docs_exists(program: str, group: click.
     named = {
         match for text in DOCS.values() for match in re.findall(rf"{program} ([a-z][a-z-]+)", text)
     }
-    missing = {c for c in named - set(group.commands) if (program, c) not in PENDING}
-    assert set() == missing
+    assert set() == named - set(group.commands)
     assert named  # the docs do show this program's commands
