@@ -1,0 +1,204 @@
+"""``sensormine-collector doctor`` run as a real command against migrated databases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from collector import migrations
+from collector.lifecycle.edition import detect
+from collector.lifecycle.jobs import run_job
+from collector.lifecycle.runner import lifecycle_jobs
+from collector.settings import load_settings
+from tests.conftest import create_database, drop_database
+from tests.lifecycle.conftest import LICENSE
+from tests.services import SYSTEM_MQTT, SYSTEM_PG_DSN, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def databases() -> AsyncIterator[tuple[str, str]]:
+    """Migrated metadata and time-series databases."""
+    meta = await create_database(SYSTEM_PG_DSN, "smmeta", timescale=False)
+    ts = await create_database(SYSTEM_PG_DSN, "smts")
+    try:
+        await migrations.apply(meta, "metadata")
+        await migrations.apply(ts, "timeseries")
+        yield meta, ts
+    finally:
+        await drop_database(SYSTEM_PG_DSN, meta)
+        await drop_database(SYSTEM_PG_DSN, ts)
+
+
+def _config(tmp_path: Path, meta: str, ts: str, mqtt_port: int) -> Path:
+    path = tmp_path / "collector.toml"
+    path.write_text(
+        f'[metadata]\ndsn = "{meta}"\n[timeseries]\ndsn = "{ts}"\n'
+        f'[mqtt]\nhost = "{SYSTEM_MQTT[0]}"\nport = {mqtt_port}\nclient_id = "doctor-test"\n'
+    )
+    return path
+
+
+async def _doctor(config: Path) -> tuple[int, dict[str, Any]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "collector",
+        "doctor",
+        "--config",
+        str(config),
+        "--json",
+        "--broker-timeout",
+        "3",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    assert out, err.decode()
+    return proc.returncode, json.loads(out)
+
+
+async def _run_all_jobs(config: Path, ts: str) -> None:
+    settings = load_settings(config, environ={})
+    conn = await asyncpg.connect(ts)
+    try:
+        for job in lifecycle_jobs(await detect(conn), settings.lifecycle):
+            assert "ok" == (await run_job(conn, job, "test")).result
+    finally:
+        await conn.close()
+
+
+async def test_doctor_reports_the_edition_and_true_chunk_counts_and_asks_for_jobs_never_run(
+    databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """On a fresh database doctor names the edition, counts chunks as TimescaleDB does, and exits 1
+    because no lifecycle job has run yet; once they have, it exits 0."""
+    meta, ts = databases
+    conn = await asyncpg.connect(ts)
+    try:
+        now = datetime.now(UTC)
+        await conn.executemany(
+            "INSERT INTO telemetry (time, tenant_id, device_id, metric, value) VALUES ($1, $2, $2, 'm', 1)",
+            [
+                (now - timedelta(days=d), "11111111-1111-4111-8111-111111111111")
+                for d in (0, 1, 2, 3)
+            ],
+        )
+        await conn.execute(
+            "INSERT INTO ingest_rejects (reason, points) VALUES ('out_of_range', 3), ('out_of_range', 2), ('unknown_device', 1)"
+        )
+        expected_chunks = {
+            r["hypertable_name"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT hypertable_name, count(*) AS n FROM timescaledb_information.chunks GROUP BY 1"
+            )
+        }
+    finally:
+        await conn.close()
+    config = _config(tmp_path, meta, ts, SYSTEM_MQTT[1])
+
+    code, report = await _doctor(config)
+
+    assert 1 == code
+    assert LICENSE == report["timescaledb"]["license"]
+    assert "2.19" <= report["timescaledb"]["version"]
+    assert expected_chunks["telemetry"] == report["hypertables"]["telemetry"]["chunks"] >= 4
+    assert 0 == report["hypertables"]["events"]["chunks"]
+    assert {
+        "out_of_range": {"messages": 2, "points": 5},
+        "unknown_device": {"messages": 1, "points": 1},
+    } == report["rejects_24h"]
+    assert report["broker"]["reachable"]
+    never = sorted(p for p in report["problems"] if "has never run" in p)
+    assert len(never) == len(report["jobs"]) == 3
+    assert sorted(report["problems"]) == never
+    if LICENSE == "apache":
+        assert "skipped" in report["compression"]["status"]
+        assert any("compression: skipped" in n for n in report["notes"])
+
+    await _run_all_jobs(config, ts)
+    code, report = await _doctor(config)
+
+    assert [] == report["problems"]
+    assert 0 == code
+    assert {"ok"} == {j["last_result"] for j in report["jobs"].values()}
+
+
+async def test_doctor_exits_non_zero_naming_an_unreachable_broker(
+    databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """A broker that does not answer is a problem, said with its address."""
+    meta, ts = databases
+    port = free_port()
+    config = _config(tmp_path, meta, ts, port)
+    await _run_all_jobs(config, ts)
+
+    code, report = await _doctor(config)
+
+    assert 1 == code
+    assert not report["broker"]["reachable"]
+    assert [f"broker 127.0.0.1:{port} unreachable: {report['broker']['detail']}"] == report[
+        "problems"
+    ]
+
+
+async def test_doctor_flags_a_failed_job_and_a_stalled_rollup(
+    databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """A job whose last run failed, and dirty ranges far older than the lag, are named."""
+    meta, ts = databases
+    config = _config(tmp_path, meta, ts, SYSTEM_MQTT[1])
+    await _run_all_jobs(config, ts)
+    conn = await asyncpg.connect(ts)
+    try:
+        await conn.execute(
+            "UPDATE lifecycle_jobs SET last_result = 'error', last_error = 'disk full' WHERE job = 'ledger'"
+        )
+        await conn.execute(
+            "INSERT INTO ingest_dirty (flushed_at, tenant_id, device_id, metric, first_time, last_time) "
+            "VALUES (now() - interval '1 hour', $1, $1, 'm', now(), now())",
+            "11111111-1111-4111-8111-111111111111",
+        )
+    finally:
+        await conn.close()
+
+    code, report = await _doctor(config)
+
+    assert 1 == code
+    assert "job ledger: last run failed: disk full" in report["problems"]
+    assert any(p.startswith("rollups: 1 dirty ranges waiting") for p in report["problems"])
+    assert 2 == len(report["problems"])
+
+
+async def test_doctor_prints_a_readable_report(databases: tuple[str, str], tmp_path: Path) -> None:
+    """Without --json the same findings are lines a person reads, ending in what needs attention."""
+    meta, ts = databases
+    config = _config(tmp_path, meta, ts, SYSTEM_MQTT[1])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "collector",
+        "doctor",
+        "--config",
+        str(config),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert 1 == proc.returncode
+    assert f"license {LICENSE}" in text
+    assert "telemetry" in text and "chunks" in text
+    assert "NEEDS ATTENTION (3):" in text
+    assert "job rollups: has never run" in text
