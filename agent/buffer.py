@@ -46,8 +46,8 @@ T = TypeVar("T")
 
 Overflow = Literal["drop_oldest", "drop_newest"]
 Synchronous = Literal["FULL", "NORMAL"]
-DropReason = Literal["drop_oldest", "drop_newest", "disk_full"]
-DROP_REASONS: tuple[DropReason, ...] = ("drop_oldest", "drop_newest", "disk_full")
+DropReason = Literal["drop_oldest", "drop_newest", "disk_full", "write_error"]
+DROP_REASONS: tuple[DropReason, ...] = ("drop_oldest", "drop_newest", "disk_full", "write_error")
 
 READING_COST = 40
 """Estimated bytes of one stored reading besides its metric name and text value (row + index)."""
@@ -111,11 +111,16 @@ def reading_cost(metric: str, value: Value) -> int:
     return READING_COST + len(metric) + (len(value) if value.__class__ is str else 0)  # type: ignore[arg-type]
 
 
-def _is_full(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.Error) and (
-        getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
-        or "database or disk is full" in str(exc)
-    )
+def _storage_fault(exc: sqlite3.Error) -> DropReason | None:
+    """``disk_full`` or ``write_error`` for faults of the storage, ``None`` for our own bugs."""
+    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "database or disk is full" in str(
+        exc
+    ):
+        return "disk_full"
+    # I/O errors, a locked file and the like: the storage failed us, not our SQL.
+    if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
+        return "write_error"
+    return None
 
 
 @dataclass(slots=True)
@@ -245,7 +250,7 @@ class Store:
 
     def _write_counters(self, counters: dict[str, int]) -> None:
         self.conn.executemany(
-            "UPDATE meta SET value = ? WHERE key = ?", [(v, k) for k, v in counters.items()]
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(counters.items())
         )
 
     def _with_unpersisted(self, counters: dict[str, int]) -> None:
@@ -312,11 +317,12 @@ class Store:
                     counters["unreported_drop_newest"] += dropped_newest
                 self._write_counters(counters)
         except sqlite3.Error as exc:
-            if not _is_full(exc):
+            fault = _storage_fault(exc)
+            if fault is None:
                 raise
-            self.unpersisted["disk_full"] += n
+            self.unpersisted[fault] += n
             self.unpersisted_produced += n
-            log.warning("buffer.disk_full", readings_dropped=n, error=str(exc))
+            log.warning(f"buffer.{fault}", readings_dropped=n, error=str(exc))
             return AppendResult(0, n)
         self._clear_unpersisted()
         self.counters = counters
@@ -378,9 +384,10 @@ class Store:
             with self._transaction():
                 self.conn.executemany("INSERT INTO notes(kind, body) VALUES (?, ?)", notes)
         except sqlite3.Error as exc:
-            if not _is_full(exc):
+            fault = _storage_fault(exc)
+            if fault is None:
                 raise
-            log.warning("buffer.disk_full", notes_dropped=len(notes), error=str(exc))
+            log.warning(f"buffer.{fault}", notes_dropped=len(notes), error=str(exc))
             return False
         self.notes_pending += len(notes)
         return True
@@ -489,9 +496,11 @@ class Store:
                 counters["next_seq"] = seq + 1
                 self._write_counters(counters)
         except sqlite3.Error as exc:
-            if not _is_full(exc):
+            fault = _storage_fault(exc)
+            if fault is None:
                 raise
-            log.warning("buffer.disk_full", action="seal", error=str(exc))
+            # Nothing is lost: the readings stay unsealed and the next seal tries again.
+            log.warning(f"buffer.{fault}", action="seal", error=str(exc))
             return None
         self._clear_unpersisted()
         self.counters = counters
@@ -549,9 +558,11 @@ class Store:
                     self.conn.execute("INSERT INTO notes(kind, body) VALUES (?, ?)", note)
                 self._write_counters(counters)
         except sqlite3.Error as exc:
-            if not _is_full(exc):
+            fault = _storage_fault(exc)
+            if fault is None:
                 raise
-            log.warning("buffer.disk_full", action="acknowledge", seq=seq, error=str(exc))
+            # The batch stays; it is resent and the collector answers "duplicate".
+            log.warning(f"buffer.{fault}", action="acknowledge", seq=seq, error=str(exc))
             return None
         self._clear_unpersisted()
         self.counters = counters

@@ -24,8 +24,8 @@ from typing import Any
 import structlog
 
 from agent import __version__
-from agent.buffer import Buffer, ReadingRow, event_note, now_us, status_note
-from agent.errors import ConfigError
+from agent.buffer import DROP_REASONS, Buffer, ReadingRow, event_note, now_us, status_note
+from agent.errors import AgentError, ConfigError
 from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
 from agent.settings import Settings
 from agent.shipper import Shipper
@@ -159,9 +159,7 @@ class Runtime:
             store = self.buffer.store
         except Exception:
             return {"buffer_readings": 0, "buffer_bytes": 0, "dropped": 0, "rss_bytes": rss_bytes()}
-        dropped = sum(
-            store.counters[f"dropped_{r}"] for r in ("drop_oldest", "drop_newest", "disk_full")
-        )
+        dropped = sum(store.counters[f"dropped_{r}"] for r in DROP_REASONS)
         return {
             "buffer_readings": float(store.unsealed),
             "buffer_batches": float(store.batch_count),
@@ -194,11 +192,13 @@ class Runtime:
             await asyncio.wait(
                 [stop_wait, committer, shipper_task], return_when=asyncio.FIRST_COMPLETED
             )
-            for task in (committer, shipper_task):
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    log.error(
-                        "agent.task_failed", task=task.get_name(), error=repr(task.exception())
-                    )
+            failed = [
+                t
+                for t in (committer, shipper_task)
+                if t.done() and not t.cancelled() and t.exception() is not None
+            ]
+            for task in failed:
+                log.error("agent.task_failed", task=task.get_name(), error=repr(task.exception()))
             self.notifier.notify("STOPPING=1", "STATUS=draining")
             log.info("agent.stopping", drain_timeout=self.settings.runtime.drain_timeout)
             started = time.monotonic()
@@ -218,6 +218,9 @@ class Runtime:
             watchdog.cancel()
             stop_wait.cancel()
             await asyncio.gather(watchdog, stop_wait, return_exceptions=True)
+            if failed:
+                # A bug in the agent's own machinery: exit non-zero so that systemd restarts it.
+                raise AgentError(f"{failed[0].get_name()} failed: {failed[0].exception()!r}")
             stats = await self.buffer.stats()
             log.info(
                 "agent.stopped",
