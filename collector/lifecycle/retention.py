@@ -26,6 +26,25 @@ log = structlog.get_logger("collector.lifecycle")
 SEGMENT_BY = "device_id, metric"
 ORDER_BY = "time DESC"
 
+# The community edition's statements (a test checks that each resolves on the Apache edition too,
+# where TimescaleDB refuses them only for the license).
+NATIVE_SQL = {
+    "add_retention": (
+        "SELECT add_retention_policy($1::regclass, drop_after => $2::interval, if_not_exists => true)"
+    ),
+    "remove_retention": "SELECT remove_retention_policy($1::regclass, if_exists => true)",
+    "enable_compression": (
+        "ALTER TABLE telemetry SET (timescaledb.compress, "
+        f"timescaledb.compress_segmentby = '{SEGMENT_BY}', "
+        f"timescaledb.compress_orderby = '{ORDER_BY}')"
+    ),
+    "add_compression": (
+        "SELECT add_compression_policy('telemetry', compress_after => $1::interval, "
+        "if_not_exists => true)"
+    ),
+    "remove_compression": "SELECT remove_compression_policy('telemetry', if_exists => true)",
+}
+
 
 async def drop_old_chunks(conn: asyncpg.Connection, settings: RetentionSettings) -> dict[str, Any]:
     """Drop the chunks wholly older than each hypertable's horizon; return the count per table."""
@@ -55,8 +74,11 @@ async def _policy_config(conn: asyncpg.Connection, table: str, proc: str) -> dic
 
 
 async def _interval_equals(conn: asyncpg.Connection, text: str, seconds: float) -> bool:
+    # The policy's config holds the interval as text ("90 days"): let PostgreSQL compare.
     return bool(
-        await conn.fetchval("SELECT $1::interval = $2::interval", text, timedelta(seconds=seconds))
+        await conn.fetchval(
+            "SELECT $1::text::interval = $2::interval", text, timedelta(seconds=seconds)
+        )
     )
 
 
@@ -71,48 +93,36 @@ async def ensure_native_policies(
         if current is not None and (
             not wanted or not await _interval_equals(conn, str(current.get("drop_after")), seconds)
         ):
-            await conn.execute(
-                "SELECT remove_retention_policy($1::regclass, if_exists => true)", table
-            )
+            await conn.execute(NATIVE_SQL["remove_retention"], table)
             changed.append(f"{table}: retention removed")
             current = None
         if wanted and current is None:
-            await conn.execute(
-                "SELECT add_retention_policy($1::regclass, drop_after => $2::interval, if_not_exists => true)",
-                table,
-                timedelta(seconds=seconds),
-            )
+            await conn.execute(NATIVE_SQL["add_retention"], table, timedelta(seconds=seconds))
             changed.append(f"{table}: retention {seconds / 86400:g} d")
     enabled = await conn.fetchval(
-        "SELECT compression_enabled FROM timescaledb_information.hypertables WHERE hypertable_name = 'telemetry'"
+        "SELECT compression_enabled FROM timescaledb_information.hypertables "
+        "WHERE hypertable_name = 'telemetry'"
     )
     current = await _policy_config(conn, "telemetry", "policy_compression")
     if compression.enabled:
         if not enabled:
-            await conn.execute(
-                "ALTER TABLE telemetry SET (timescaledb.compress, "
-                f"timescaledb.compress_segmentby = '{SEGMENT_BY}', "
-                f"timescaledb.compress_orderby = '{ORDER_BY}')"
-            )
+            await conn.execute(NATIVE_SQL["enable_compression"])
             changed.append("telemetry: compression enabled")
         if current is not None and not await _interval_equals(
             conn, str(current.get("compress_after")), compression.after
         ):
-            await conn.execute("SELECT remove_compression_policy('telemetry', if_exists => true)")
+            await conn.execute(NATIVE_SQL["remove_compression"])
             current = None
         if current is None:
-            await conn.execute(
-                "SELECT add_compression_policy('telemetry', compress_after => $1::interval, if_not_exists => true)",
-                timedelta(seconds=compression.after),
-            )
+            await conn.execute(NATIVE_SQL["add_compression"], timedelta(seconds=compression.after))
             changed.append(f"telemetry: compression after {compression.after / 86400:g} d")
     elif current is not None:
         # Chunks compressed so far stay compressed; only new compression stops.
-        await conn.execute("SELECT remove_compression_policy('telemetry', if_exists => true)")
+        await conn.execute(NATIVE_SQL["remove_compression"])
         changed.append("telemetry: compression policy removed")
     for change in changed:
         log.info("lifecycle.policy_changed", change=change)
     return {"changed": changed}
 
 
-__all__ = ["HYPERTABLES", "drop_old_chunks", "ensure_native_policies"]
+__all__ = ["HYPERTABLES", "NATIVE_SQL", "drop_old_chunks", "ensure_native_policies"]

@@ -7,11 +7,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 from collector.lifecycle.edition import detect
 from collector.lifecycle.jobs import Job, run_job
 from collector.lifecycle.ledger import trim_ledger
-from collector.lifecycle.retention import drop_old_chunks, ensure_native_policies
+from collector.lifecycle.retention import (
+    NATIVE_SQL,
+    _interval_equals,
+    drop_old_chunks,
+    ensure_native_policies,
+)
 from collector.lifecycle.settings import (
     DAY,
     CompressionSettings,
@@ -181,6 +187,7 @@ async def test_a_failed_job_is_recorded_and_retried_sooner(ts: asyncpg.Connectio
     assert "no_such_table" in row["last_error"]
 
 
+@pytest.mark.tsl
 @needs_tsl
 async def test_native_policies_match_the_settings_on_the_community_edition(
     ts: asyncpg.Connection,
@@ -215,6 +222,7 @@ async def test_native_policies_match_the_settings_on_the_community_edition(
     )
 
 
+@pytest.mark.tsl
 @needs_tsl
 async def test_telemetry_compresses_by_series_on_the_community_edition(
     ts: asyncpg.Connection,
@@ -233,3 +241,31 @@ async def test_telemetry_compresses_by_series_on_the_community_edition(
     stats = await ts.fetchrow("SELECT * FROM hypertable_compression_stats('telemetry')")
     assert stats["number_compressed_chunks"] >= 1
     assert 200 == await ts.fetchval("SELECT count(*) FROM telemetry")
+
+
+_NATIVE_ARGS: dict[str, tuple[Any, ...]] = {
+    "add_retention": ("telemetry", timedelta(days=90)),
+    "remove_retention": ("telemetry",),
+    "enable_compression": (),
+    "add_compression": (timedelta(days=7),),
+    "remove_compression": (),
+}
+
+
+@needs_apache
+async def test_native_statements_resolve_and_are_refused_only_for_the_license(
+    ts: asyncpg.Connection,
+) -> None:
+    """The community edition's statements name real functions and arguments: the Apache edition
+    parses and binds each of them and refuses it only because of its license."""
+    assert set(NATIVE_SQL) == set(_NATIVE_ARGS)
+    for name, sql in NATIVE_SQL.items():
+        with pytest.raises(asyncpg.FeatureNotSupportedError, match='"apache" license'):
+            await ts.execute(sql, *_NATIVE_ARGS[name])
+
+
+async def test_policy_intervals_are_compared_by_postgresql(ts: asyncpg.Connection) -> None:
+    """A policy's stored "90 days" equals a 90d setting and not a 30d one (the replace decision)."""
+    assert await _interval_equals(ts, "90 days", 90 * DAY)
+    assert await _interval_equals(ts, "7 days", 7 * DAY)
+    assert not await _interval_equals(ts, "90 days", 30 * DAY)
