@@ -186,11 +186,11 @@ def _listing(rows: list[Row], as_json: bool, columns: Sequence[str]) -> None:
         _table(rows, columns)
 
 
-def _done(verb: str, label: str, row: Row, as_json: bool = False) -> None:
+def _done(what: str, row: Row, as_json: bool = False) -> None:
     if as_json:
         click.echo(to_json(row))
     else:
-        click.echo(f"{verb} {label} {row.get('name', '')} {row['id']}".replace("  ", " "))
+        click.echo(f"{what} {row['name']} {row['id']}")
 
 
 def _document(path: Path) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def tenants() -> None:
 def tenant_create(name: str, ident: str | None, as_json: bool, config_path: Path) -> None:
     """Create a tenant called NAME."""
     row = _run(config_path, lambda s: s.create_tenant(name, id=ident))
-    _done("created tenant", "", row, as_json)
+    _done("created tenant", row, as_json)
 
 
 @tenants.command("list")
@@ -266,7 +266,7 @@ def tenant_show(tenant: str, as_json: bool, config_path: Path) -> None:
 def tenant_update(tenant: str, name: str | None, as_json: bool, config_path: Path) -> None:
     """Rename TENANT."""
     row = _run(config_path, lambda s: s.update_tenant(tenant, name=name))
-    _done("updated tenant", "", row, as_json)
+    _done("updated tenant", row, as_json)
 
 
 def _enable_commands(group: click.Group, kind: Kind) -> None:
@@ -352,7 +352,7 @@ def gateway_create(
     row = _run(
         config_path, lambda s: s.create_gateway(tenant, name, description=description, id=ident)
     )
-    _done("created gateway", "", row, as_json)
+    _done("created gateway", row, as_json)
 
 
 @gateways.command("list")
@@ -399,7 +399,7 @@ def gateway_update(
         config_path,
         lambda s: s.update_gateway(gateway, tenant=tenant, name=name, description=description),
     )
-    _done("updated gateway", "", row, as_json)
+    _done("updated gateway", row, as_json)
 
 
 _enable_commands(gateways, GATEWAY)
@@ -570,7 +570,7 @@ def schema_create(
         ),
         actor,
     )
-    _done("created schema", "", row, as_json)
+    _done("created schema", row, as_json)
 
 
 @schemas.command("add-version")
@@ -643,7 +643,7 @@ def schema_update(
         config_path,
         lambda s: s.update_schema(schema, tenant=tenant, name=name, description=description),
     )
-    _done("updated schema", "", row, as_json)
+    _done("updated schema", row, as_json)
 
 
 @schemas.command("delete")
@@ -695,7 +695,7 @@ def device_type_create(
         ),
         actor,
     )
-    _done("created device type", "", row, as_json)
+    _done("created device type", row, as_json)
 
 
 @device_types.command("list")
@@ -840,7 +840,7 @@ def device_create(
             id=ident,
         ),
     )
-    _done("created device", "", row, as_json)
+    _done("created device", row, as_json)
 
 
 @devices.command("list")
@@ -910,7 +910,7 @@ def device_update(
     async def work(s: RegistryStore) -> Row:
         return await s.update_device(device, **kwargs)
 
-    _done("updated device", "", _run(config_path, work), as_json)
+    _done("updated device", _run(config_path, work), as_json)
 
 
 _enable_commands(devices, DEVICE)
@@ -980,7 +980,7 @@ def alert_rule_create(
             id=ident,
         ),
     )
-    _done("created alert rule", "", row, as_json)
+    _done("created alert rule", row, as_json)
 
 
 @alert_rules.command("list")
@@ -1056,7 +1056,7 @@ def alert_rule_update(
             severity=severity,
         ),
     )
-    _done("updated alert rule", "", row, as_json)
+    _done("updated alert rule", row, as_json)
 
 
 _enable_commands(alert_rules, ALERT_RULE)

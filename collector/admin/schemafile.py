@@ -28,6 +28,7 @@ import jsonschema.exceptions
 import jsonschema.validators
 
 from collector.errors import CollectorError
+from collector.validation import SchemaError, compile_schema
 
 TOP_LEVEL_KEYS = frozenset(
     {"$schema", "$id", "$comment", "title", "description", "type", "properties"}
@@ -82,8 +83,6 @@ def check_schema_document(document: Any, source: str = "<schema>") -> dict[str, 
     if problems:
         raise SchemaFileError(source, problems)
     # The collector's validator is the one that enforces the schema: it must accept it too.
-    from collector.validation import SchemaError, compile_schema
-
     try:
         compile_schema(document)
     except SchemaError as exc:
