@@ -63,6 +63,27 @@ class Staging:
         return rows, notes
 
 
+_INT64 = 2**63
+
+
+def _invalid(metric: object, value: object, time_us: int) -> str | None:
+    """What makes a reading unencodable under protocol v1, or ``None``."""
+    if metric.__class__ is not str or not 1 <= len(metric) <= 128:  # type: ignore[arg-type]
+        return f"metric name {str(metric)[:40]!r} must be a string of 1 to 128 characters"
+    cls = value.__class__
+    if cls is int:
+        if not -_INT64 <= value < _INT64:  # type: ignore[operator]
+            return f"{metric}: integer {value} is outside the 64-bit range"
+    elif cls is str:
+        if len(value) > 16_384 and len(value.encode()) > 65_536:  # type: ignore[arg-type,attr-defined]
+            return f"{metric}: text value is longer than 64 KiB"
+    elif cls is not float and cls is not bool:
+        return f"{metric}: value of type {cls.__name__} is not int, float, bool or str"
+    if time_us.__class__ is not int or not 0 <= time_us < _INT64:
+        return f"{metric}: timestamp {time_us!r} is not µs since the epoch"
+    return None
+
+
 class InputEmitter:
     """The :class:`~agent.inputs.base.Emitter` an input instance writes to."""
 
@@ -71,6 +92,8 @@ class InputEmitter:
         self._staging = staging
         self._statuses = statuses
         self.last_read_s = 0.0
+        self.invalid = 0
+        self._reported_invalid: set[tuple[uuid.UUID, str]] = set()
 
     def reading(
         self, device_id: uuid.UUID, metric: str, value: Value, time_us: int | None = None
@@ -80,8 +103,28 @@ class InputEmitter:
         if len(staging.rows) >= MAX_STAGED:
             staging.overflowed += 1
             return
-        staging.rows.append(
-            (device_id.bytes, metric, time_us if time_us is not None else now_us(), value)
+        t = time_us if time_us is not None else now_us()
+        problem = _invalid(metric, value, t)
+        if problem is not None:
+            # One bad reading must not make a whole batch undecodable for the collector.
+            self._refuse(device_id, metric, problem)
+            return
+        staging.rows.append((device_id.bytes, metric, t, value))
+
+    def _refuse(self, device_id: uuid.UUID, metric: str, problem: str) -> None:
+        self.invalid += 1
+        key = (device_id, str(metric)[:128])
+        if key in self._reported_invalid:
+            return
+        self._reported_invalid.add(key)
+        log.warning(
+            "reading.invalid", input=self.input_name, device_id=str(device_id), problem=problem
+        )
+        self.event(
+            "reading.invalid",
+            f"input {self.input_name} reported an invalid reading: {problem}",
+            severity="warning",
+            device_id=device_id,
         )
 
     def device_status(self, device_id: uuid.UUID, status: DeviceState, reason: str = "") -> None:

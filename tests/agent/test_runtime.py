@@ -124,3 +124,22 @@ async def test_agent_survives_a_full_disk_and_resumes(tmp_path: Path, prefix: st
     assert resumed.produced - before >= 8 * 20  # 2 devices x 4 metrics, ~100 ticks
     assert resumed.dropped["disk_full"] >= full.dropped["disk_full"]
     assert resumed.produced == resumed.readings + resumed.delivered + sum(resumed.dropped.values())
+
+
+def test_invalid_readings_are_refused_with_one_event_each() -> None:
+    """Readings that protocol v1 cannot carry are refused; the rest of the batch is unharmed."""
+    from agent.runtime import InputEmitter, Staging
+
+    staging = Staging()
+    emit = InputEmitter("sensor", staging, {})
+    device = uuid.UUID(int=5)
+    emit.reading(device, "ok", 1.5)
+    emit.reading(device, "", 1.0)
+    emit.reading(device, "big", 2**70)
+    emit.reading(device, "big", 2**70)
+    emit.reading(device, "obj", [1, 2])  # type: ignore[arg-type]
+    emit.reading(device, "late", 1, time_us=-5)
+    rows, notes = staging.take()
+    assert [(device.bytes, "ok", 1.5)] == [(r[0], r[1], r[3]) for r in rows]
+    assert 5 == emit.invalid
+    assert 4 == len(notes)  # one event per device and metric, not one per reading
