@@ -6,6 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+from click.testing import CliRunner
+
+from collector.cli import main
 from tests.admin.conftest import REPO, Admin
 
 COUNTS = """
@@ -137,3 +140,44 @@ def test_seed_file_errors_name_file_and_key(admin: Admin, tmp_path: Path) -> Non
     )
     assert f"id {ident} is given to two entries" in admin.fail(f"seed {bad}")
     assert "give either a seed FILE or --demo" in admin.fail("seed")
+
+
+def test_seed_moves_and_disables_devices(admin: Admin, tmp_path: Path) -> None:
+    """A device moved to the other gateway or disabled in the file is updated in place."""
+    seed = _copy_demo(tmp_path)
+    admin.run(f"seed {seed}")
+    text = seed.read_text()
+    moved = text.replace(
+        'name = "env-north-lab"\ntype = "environmental"\ngateway = "demo-gateway-north"',
+        'name = "env-north-lab"\ntype = "environmental"\ngateway = "demo-gateway-south"',
+    ).replace(
+        'name = "vib-south-pump"\ntype = "vibration"\ngateway = "demo-gateway-south"\n',
+        'name = "vib-south-pump"\ntype = "vibration"\ngateway = "demo-gateway-south"\nenabled = false\n',
+    )
+    assert moved != text
+    seed.write_text(moved)
+    report = admin.data(f"seed {seed}")
+    assert {"created": 0, "updated": 2, "unchanged": 18} == report["devices"]
+    lab = admin.data("devices show env-north-lab")
+    pump = admin.data("devices show vib-south-pump")
+    assert ("demo-gateway-south", False) == (lab["gateway"], pump["enabled"])
+    assert 20 == admin.scalar("SELECT count(*) FROM devices")
+
+
+def test_config_option_names_the_database(admin: Admin) -> None:
+    """--config works like $SENSORMINE_COLLECTOR_CONFIG; a missing file is named."""
+    result = CliRunner().invoke(
+        main,
+        ["seed", "--demo", "--config", str(admin.config)],
+        env={"SENSORMINE_COLLECTOR_CONFIG": None},
+    )
+    assert 0 == result.exit_code, result.output
+    assert 1 == admin.scalar("SELECT count(*) FROM tenants")
+    missing = admin.workdir / "nope.toml"
+    result = CliRunner().invoke(
+        main,
+        ["tenants", "list", "--config", str(missing)],
+        env={"SENSORMINE_COLLECTOR_CONFIG": None},
+    )
+    assert 1 == result.exit_code
+    assert f"{missing}: configuration file not found" in result.output
