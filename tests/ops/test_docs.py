@@ -4,7 +4,9 @@ settings models, and every command they tell an operator to run exists."""
 from __future__ import annotations
 
 import re
+import shutil
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import click
@@ -14,7 +16,7 @@ from agent.cli import main as agent_cli
 from agent.settings import settings_from_dict
 from collector.cli import main as collector_cli
 from collector.settings import parse_settings
-from tests.ops.units import REPO
+from tests.ops.units import REPO, UNITS_DIR, make_scratch_root, verify
 
 DOCS = {
     name: (REPO / "docs" / name).read_text()
@@ -76,3 +78,19 @@ def test_every_command_in_the_operations_docs_exists(program: str, group: click.
     }
     assert set() == named - set(group.commands)
     assert named  # the docs do show this program's commands
+
+
+def test_drop_in_example_is_accepted_by_systemd(tmp_path: Path) -> None:
+    """The drop-in shown in install-agent.md, installed beside the unit, verifies cleanly."""
+    (block,) = re.findall(r"```ini\n(.*?)```", DOCS["install-agent.md"], flags=re.S)
+    root = make_scratch_root(tmp_path / "root")
+    shutil.copy(UNITS_DIR / "sensormine-agent.service", root / "etc/systemd/system")
+    drop_ins = root / "etc/systemd/system/sensormine-agent.service.d"
+    drop_ins.mkdir()
+    (drop_ins / "override.conf").write_text(block)
+    program = root / "opt/sensormine/venv/bin/sensormine-agent"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    result = verify(root, "sensormine-agent.service")
+    assert (0, "") == (result.returncode, result.stderr)
