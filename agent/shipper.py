@@ -279,7 +279,9 @@ class Shipper:
             except LinkDown as exc:
                 log.warning("link.failed", error=str(exc), attempt=attempt)
             finally:
-                await self._close(graceful=self._stopping)
+                # Leaving on purpose (stop or drain): say "offline" ourselves; a clean
+                # DISCONNECT does not fire the will.
+                await self._close(graceful=self._stopping or self._draining)
             if self._stopping or (self._draining and not self.in_flight):
                 break
             delay = backoff_delay(attempt, self.settings.reconnect_min, self.settings.reconnect_max)

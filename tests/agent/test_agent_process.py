@@ -110,8 +110,10 @@ def test_corrupt_buffer_is_moved_aside_and_agent_runs(
     events = [e for b in ack.batches().values() for e in b.events]
     assert "buffer.corrupt" in [e.kind for e in events]
     # The gateway announced itself online (retained), with offline as its will.
-    states = {decode_status(s).state for s in ack.statuses}
+    states = [decode_status(s).state for s in ack.statuses]
     assert "online" in states
+    # A clean stop leaves the retained status at "offline".
+    wait_for(lambda: decode_status(ack.statuses[-1]).state == "offline", timeout=5)
 
 
 def test_bad_configuration_exits_1_naming_file_key_and_problem(tmp_path: Path) -> None:
@@ -255,3 +257,27 @@ def test_systemd_notify_ready_watchdog_status(tmp_path: Path, prefix: str) -> No
     assert any("READY=1" in m for m in messages)
     assert sum("WATCHDOG=1" in m for m in messages) >= 2
     assert any("STATUS=link" in m for m in messages)
+
+
+def test_killed_agent_is_reported_offline_by_its_will(
+    tmp_path: Path,
+    mqtt_address: tuple[str, int],
+    prefix: str,
+    acknowledger_factory: Callable[..., Acknowledger],
+) -> None:
+    """kill -9: the broker publishes the retained ``offline`` will after the keepalive lapses."""
+    config = write_config(
+        tmp_path / "agent.toml",
+        buffer=tmp_path / "buffer.db",
+        port=mqtt_address[1],
+        prefix=prefix,
+        extra_mqtt='keepalive = "5s"',
+    )
+    ack = acknowledger_factory(*mqtt_address, prefix)
+    agent = start_agent(config, tmp_path / "agent.log")
+    try:
+        wait_for(lambda: any(decode_status(s).state == "online" for s in ack.statuses))
+    finally:
+        agent.kill()
+        agent.wait(10)
+    wait_for(lambda: decode_status(ack.statuses[-1]).state == "offline", timeout=20)
