@@ -397,14 +397,15 @@ class Store:
     def seal(self, force: bool) -> list[int]:
         """Seal full batches; with ``force`` also the remainder. Returns the new seqs."""
         sealed: list[int] = []
-        while self.unsealed >= self.max_points or (force and self._has_unsealed()):
+        while self.unsealed >= self.max_points or (force and self.has_unsealed()):
             seq = self._seal_one()
             if seq is None:
                 break
             sealed.append(seq)
         return sealed
 
-    def _has_unsealed(self) -> bool:
+    def has_unsealed(self) -> bool:
+        """Whether readings, notes or unreported drop counts wait to be sealed."""
         return (
             self.unsealed > 0
             or self.notes_pending > 0
@@ -756,12 +757,10 @@ class Buffer:
     ) -> None:
         self.path = Path(path)
         self.gateway_id = gateway_id
-        self._options = {
-            "max_bytes": max_bytes,
-            "overflow": overflow,
-            "max_points": max_points,
-            "max_frame_bytes": max_frame_bytes,
-        }
+        self._max_bytes = max_bytes
+        self._overflow: Overflow = overflow
+        self._max_points = max_points
+        self._max_frame_bytes = max_frame_bytes
         self._synchronous: Synchronous = synchronous
         self._journal_size_limit = journal_size_limit
         self._max_page_count = max_page_count
@@ -835,10 +834,10 @@ class Buffer:
         store = Store(
             self._db._conn,
             gateway_id=self.gateway_id,
-            max_bytes=int(self._options["max_bytes"]),  # type: ignore[call-overload]
-            overflow=self._options["overflow"],  # type: ignore[arg-type]
-            max_points=int(self._options["max_points"]),  # type: ignore[call-overload]
-            max_frame_bytes=int(self._options["max_frame_bytes"]),  # type: ignore[call-overload]
+            max_bytes=self._max_bytes,
+            overflow=self._overflow,
+            max_points=self._max_points,
+            max_frame_bytes=self._max_frame_bytes,
         )
         self._store = store
         if self._max_page_count is not None:
@@ -897,7 +896,7 @@ class Buffer:
 
     def has_unsealed(self) -> bool:
         """Whether anything (readings, events, drop counts) waits to be sealed."""
-        return self.store._has_unsealed()
+        return self.store.has_unsealed()
 
     async def batches(
         self, *, after: int = -1, upto: int | None = None, exclude: Sequence[int] = (), limit: int
