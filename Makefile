@@ -30,6 +30,10 @@ test: setup lint
 test-slow: setup
 	$(BIN)/pytest -m slow
 
+# The end-to-end demo: a collector and two agents with simulated sensors for DEMO_SECONDS (30).
+demo: setup
+	$(BIN)/python scripts/demo.py
+
 bench: setup
 	$(BIN)/python bench/wire.py
 
