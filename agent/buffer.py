@@ -550,6 +550,9 @@ class Store:
                 counters["last_ack_us"] = now_us()
                 if rejected:
                     counters["rejected_batches"] += 1
+                if rejected and count:
+                    # Only for batches with readings: a rejected batch of events alone (say, for
+                    # an unregistered gateway) would otherwise beget another, forever.
                     note = event_note(
                         kind="batch.rejected",
                         message=f"the collector rejected batch {seq} ({reason or 'no reason'})",
@@ -569,7 +572,7 @@ class Store:
         self.counters = counters
         self.batch_count -= 1
         self.bytes -= size
-        if rejected:
+        if rejected and count:
             self.notes_pending += 1
         return AckOutcome(seq, count, rejected)
 
