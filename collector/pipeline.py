@@ -329,8 +329,13 @@ class Pipeline:
         reason = f"version {_clean(frame.version)}" if frame.version else ""
         if frame.state == "offline":
             reason = "will" if not reason else f"will, {reason}"
+        at = frame.time
+        if frame.state == "offline":
+            # An agent composes its will when it connects, so the will's own time is the connect
+            # time; the broker publishes it when the connection is lost, which is about now.
+            at = max(at, time.time_ns() // 1000)
         return (
-            to_datetime(frame.time),
+            to_datetime(at),
             address.tenant_id,
             address.gateway_id,
             None,

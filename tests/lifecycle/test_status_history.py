@@ -130,6 +130,15 @@ async def test_a_gateways_will_through_the_broker_marks_its_devices_offline(dbs:
     assert sorted(fleet.devices) == sorted(r["device_id"] for r in offline)
     assert {"gateway_offline"} == {r["reason"] for r in offline}
     assert {fleet.gateway} == {r["gateway_id"] for r in offline}
+    # The will was composed when the gateway connected; its rows still come after the online ones,
+    # so every device's latest status is offline.
+    latest = await dbs.fetch(
+        "SELECT DISTINCT ON (device_id) device_id, status FROM device_status_history "
+        "WHERE device_id IS NOT NULL ORDER BY device_id, time DESC"
+    )
+    assert {(d, "offline") for d in fleet.devices} == {
+        (r["device_id"], r["status"]) for r in latest
+    }
     gateway_rows = await dbs.fetch(
         "SELECT status, reason FROM device_status_history WHERE device_id IS NULL ORDER BY status"
     )
