@@ -109,7 +109,9 @@ async def run_job(
             job.name,
             json.dumps(detail, default=str),
         )
-        log.info("lifecycle.job_done", job=job.name, **detail)
+        # A rollup run with nothing to do happens every few seconds: not worth an info line.
+        idle = detail.get("dirty_rows") == 0
+        (log.debug if idle else log.info)("lifecycle.job_done", job=job.name, **detail)
         return JobRun(job.name, True, "ok", detail, job.interval)
     finally:
         if not conn.is_closed():
