@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import math
 import os
 import sqlite3
@@ -31,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import aiosqlite
 import msgpack
@@ -99,6 +100,8 @@ _COUNTERS = (
     *(f"unreported_{r}" for r in DROP_REASONS),
 )
 SQLITE_FULL = 13
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 
 
 def now_us() -> int:
@@ -514,9 +517,19 @@ class Store:
     # --- shipping -------------------------------------------------------------------------
 
     def batches(
-        self, *, after: int = -1, upto: int | None = None, exclude: Sequence[int] = (), limit: int
+        self,
+        *,
+        after: int = -1,
+        upto: int | None = None,
+        exclude: Sequence[int] = (),
+        limit: int,
+        protect: bool = False,
     ) -> list[SealedBatch]:
-        """Sealed batches with ``after < seq <= upto`` not in ``exclude``, oldest first."""
+        """Sealed batches with ``after < seq <= upto`` not in ``exclude``, oldest first.
+
+        ``protect`` marks them in flight in the same step, so that no ``drop_oldest`` can slip
+        between reading a batch for sending and protecting it.
+        """
         upper = upto if upto is not None else 2**63 - 1
         marks = ",".join("?" * len(exclude))
         where = f" AND seq NOT IN ({marks})" if exclude else ""
@@ -525,6 +538,8 @@ class Store:
             " ORDER BY seq LIMIT ?",
             (after, upper, *exclude, limit),
         ).fetchall()
+        if protect:
+            self.protected.update(seq for seq, _, _ in rows)
         return [SealedBatch(seq, bytes(frame), count) for seq, frame, count in rows]
 
     def last_seq(self) -> int:
@@ -693,9 +708,21 @@ def integrity(conn: sqlite3.Connection) -> str:
             uuid.UUID(str(row[0]))
         elif tables:
             return f"not a Sensormine buffer (tables: {', '.join(sorted(tables))})"
-    except (sqlite3.DatabaseError, ValueError) as exc:
+    except ValueError as exc:
         return str(exc)
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            return str(exc)
+        raise
     return "ok"
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    """Corruption or not-a-database, as opposed to a lock, I/O error or permission problem."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
+    return "malformed" in str(exc) or "not a database" in str(exc)
 
 
 def _configure(conn: sqlite3.Connection, synchronous: Synchronous, journal_size_limit: int) -> None:
@@ -703,6 +730,19 @@ def _configure(conn: sqlite3.Connection, synchronous: Synchronous, journal_size_
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute(f"PRAGMA journal_size_limit={int(journal_size_limit)}")
     conn.execute("PRAGMA busy_timeout=5000")
+
+
+def _exclusive_lock(path: Path) -> IO[bytes]:
+    """Hold an exclusive flock on ``path``: one agent per buffer file."""
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise BufferFileError(
+            f"{path.with_suffix('')}: another agent process is using this buffer"
+        ) from None
+    return handle
 
 
 def move_aside(path: Path) -> Path:
@@ -768,6 +808,7 @@ class Buffer:
         self._journal_size_limit = journal_size_limit
         self._max_page_count = max_page_count
         self._db: aiosqlite.Connection | None = None
+        self._lock: IO[bytes] | None = None
         self._store: Store | None = None
         self.startup_events: list[tuple[str, bytes]] = []
         self.moved_to: Path | None = None
@@ -813,10 +854,15 @@ class Buffer:
 
     async def open(self) -> None:
         """Open (or create) the file; a corrupt file is moved aside and a fresh one started."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        problem = "ok"
-        if self.path.exists():
-            problem = await _check_file(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _exclusive_lock(Path(f"{self.path}.lock"))
+            problem = "ok"
+            if self.path.exists():
+                problem = await _check_file(self.path)
+        except (OSError, sqlite3.Error) as exc:
+            # Not corruption (a permission, a lock, an I/O error): moving the file would be wrong.
+            raise BufferFileError(f"{self.path}: cannot open the buffer: {exc}") from None
         if problem != "ok":
             self.moved_to = move_aside(self.path)
             log.error(
@@ -877,6 +923,9 @@ class Buffer:
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     async def __aenter__(self) -> Buffer:
         await self.open()
@@ -902,11 +951,20 @@ class Buffer:
         return self.store.has_unsealed()
 
     async def batches(
-        self, *, after: int = -1, upto: int | None = None, exclude: Sequence[int] = (), limit: int
+        self,
+        *,
+        after: int = -1,
+        upto: int | None = None,
+        exclude: Sequence[int] = (),
+        limit: int,
+        protect: bool = False,
     ) -> list[SealedBatch]:
         """Sealed batches oldest first, within ``(after, upto]``, minus ``exclude``."""
+        store = self.store
         return await self._run(
-            lambda: self.store.batches(after=after, upto=upto, exclude=exclude, limit=limit)
+            lambda: store.batches(
+                after=after, upto=upto, exclude=exclude, limit=limit, protect=protect
+            )
         )
 
     async def last_seq(self) -> int:
@@ -934,11 +992,9 @@ def _size(path: Path) -> int:
 
 async def _check_file(path: Path) -> str:
     def check() -> str:
+        conn = sqlite3.connect(path, isolation_level=None)
         try:
-            conn = sqlite3.connect(path, isolation_level=None)
-        except sqlite3.Error as exc:
-            return str(exc)
-        try:
+            conn.execute("PRAGMA busy_timeout=5000")
             return integrity(conn)
         finally:
             conn.close()

@@ -382,7 +382,7 @@ class Shipper:
         if free <= 0:
             return
         live = await self.buffer.batches(
-            after=self._live_floor, exclude=tuple(self.in_flight), limit=free
+            after=self._live_floor, exclude=tuple(self.in_flight), limit=free, protect=True
         )
         for batch in live:
             self._send(batch, live=True)
@@ -396,7 +396,7 @@ class Shipper:
         if allowed <= 0:
             return
         backlog = await self.buffer.batches(
-            upto=self._live_floor, exclude=tuple(self.in_flight), limit=allowed
+            upto=self._live_floor, exclude=tuple(self.in_flight), limit=allowed, protect=True
         )
         if not backlog and not any(not f.live for f in self.in_flight.values()):
             self._live_floor = -1  # backlog drained: from now on there is one lane

@@ -210,3 +210,19 @@ async def test_file_that_is_not_a_database_is_moved_aside(tmp_path: Path) -> Non
     async with Buffer(path, gateway_id=GATEWAY) as buffer:
         assert buffer.moved_to is not None
         assert (await buffer.append(rows(0, 3))).stored == 3
+
+
+async def test_one_agent_per_buffer_file(tmp_path: Path) -> None:
+    """A second buffer on the same file is refused while the first is open, and not moved."""
+    import pytest
+
+    from agent.errors import BufferFileError
+
+    path = tmp_path / "buffer.db"
+    async with Buffer(path, gateway_id=GATEWAY) as first:
+        await first.append(rows(0, 5))
+        with pytest.raises(BufferFileError, match="another agent process"):
+            await Buffer(path, gateway_id=GATEWAY).open()
+    async with Buffer(path, gateway_id=GATEWAY) as again:
+        assert again.moved_to is None
+        assert 5 == again.unsealed
