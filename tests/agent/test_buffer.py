@@ -7,7 +7,10 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+import pytest
+
 from agent.buffer import Buffer, ReadingRow, integrity
+from agent.errors import BufferFileError
 from protocol import decode_batch
 
 GATEWAY = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
@@ -214,10 +217,6 @@ async def test_file_that_is_not_a_database_is_moved_aside(tmp_path: Path) -> Non
 
 async def test_one_agent_per_buffer_file(tmp_path: Path) -> None:
     """A second buffer on the same file is refused while the first is open, and not moved."""
-    import pytest
-
-    from agent.errors import BufferFileError
-
     path = tmp_path / "buffer.db"
     async with Buffer(path, gateway_id=GATEWAY) as first:
         await first.append(rows(0, 5))
