@@ -98,7 +98,9 @@ def _type_name(annotation: Any, info: FieldInfo) -> str:
         return "size"
     origin = get_origin(annotation)
     if origin is Literal:
-        return " \\| ".join(f'`"{a}"`' if isinstance(a, str) else f"`{a}`" for a in get_args(annotation))
+        return " \\| ".join(
+            f'`"{a}"`' if isinstance(a, str) else f"`{a}`" for a in get_args(annotation)
+        )
     if origin in (typing.Union, types.UnionType):
         parts = [_type_name(a, FieldInfo()) for a in get_args(annotation) if a is not type(None)]
         return " \\| ".join(parts)
@@ -106,7 +108,9 @@ def _type_name(annotation: Any, info: FieldInfo) -> str:
         args = [a for a in get_args(annotation) if a is not Ellipsis]
         inner = _type_name(args[0], FieldInfo()) if args else "value"
         if get_origin(args[0]) is typing.Annotated if args else False:
-            inner = _type_name(get_args(args[0])[0], FieldInfo(metadata=list(get_args(args[0])[1:])))
+            inner = _type_name(
+                get_args(args[0])[0], FieldInfo(metadata=list(get_args(args[0])[1:]))
+            )
         return f"list of {inner}"
     if origin is dict:
         key_t, value_t = get_args(annotation) or (str, str)
@@ -115,7 +119,16 @@ def _type_name(annotation: Any, info: FieldInfo) -> str:
         base, *meta = get_args(annotation)
         return _type_name(base, FieldInfo(metadata=meta))
     if isinstance(annotation, type):
-        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "UUID": "UUID", "Path": "path", "PosixPath": "path", "dict": "table"}.get(annotation.__name__, annotation.__name__)
+        return {
+            "str": "string",
+            "int": "integer",
+            "float": "number",
+            "bool": "boolean",
+            "UUID": "UUID",
+            "Path": "path",
+            "PosixPath": "path",
+            "dict": "table",
+        }.get(annotation.__name__, annotation.__name__)
     return str(annotation)
 
 
@@ -195,7 +208,9 @@ def walk(model: type[BaseModel], section: str, notes: dict[tuple[str, str], str]
             for item in items:
                 nested.append((f"{section}.{name}" if section else name, item))
             continue
-        yield Key(section, name, _type_name(annotation, info), _default(info), notes.get((section, name)))
+        yield Key(
+            section, name, _type_name(annotation, info), _default(info), notes.get((section, name))
+        )
     for path, sub in nested:
         yield from walk(sub, path, notes)
 
@@ -222,7 +237,14 @@ def render() -> tuple[str, list[str]]:
                 sections.setdefault(key.section, []).append(key)
         out.extend([f"## {title}", "", f"Example with every key: `{source}`.", ""])
         for section, items in sections.items():
-            out.extend([f"### `[{section}]`" if section else "### top level", "", "| key | type | default | meaning |", "|---|---|---|---|"])
+            out.extend(
+                [
+                    f"### `[{section}]`" if section else "### top level",
+                    "",
+                    "| key | type | default | meaning |",
+                    "|---|---|---|---|",
+                ]
+            )
             for key in items:
                 if key.text is None:
                     missing.append(f"{source}: [{key.section}] {key.name}")
@@ -231,7 +253,11 @@ def render() -> tuple[str, list[str]]:
             out.append("")
 
     agent_example = ROOT / "config" / "agent.example.toml"
-    table("Agent (`/etc/sensormine/agent.toml`)", list(walk(AgentSettings, "", comments(agent_example))), "config/agent.example.toml")
+    table(
+        "Agent (`/etc/sensormine/agent.toml`)",
+        list(walk(AgentSettings, "", comments(agent_example))),
+        "config/agent.example.toml",
+    )
     out.extend(
         [
             "Secrets: the MQTT password is read from `mqtt.password_file`, else the environment variable",
@@ -245,7 +271,11 @@ def render() -> tuple[str, list[str]]:
         keys = list(walk(input_kind.config_model, "inputs", comments(sample)))
         table(f'Agent input `type = "{name}"`', keys, f"agent/inputs/{name}/sample.toml")
     collector_example = ROOT / "config" / "collector.example.toml"
-    table("Collector (`/etc/sensormine/collector.toml`)", list(walk(CollectorSettings, "", comments(collector_example))), "config/collector.example.toml")
+    table(
+        "Collector (`/etc/sensormine/collector.toml`)",
+        list(walk(CollectorSettings, "", comments(collector_example))),
+        "config/collector.example.toml",
+    )
     out.extend(
         [
             "Environment: any collector key can be set as `SENSORMINE_COLLECTOR__<SECTION>__<KEY>`",
@@ -265,7 +295,9 @@ def main() -> int:
     if "--check" in sys.argv:
         problems = [f"key not shown in its example file: {m}" for m in missing]
         if not OUTPUT.exists() or OUTPUT.read_text() != page:
-            problems.append(f"{OUTPUT.relative_to(ROOT)} is stale: run python scripts/config_reference.py")
+            problems.append(
+                f"{OUTPUT.relative_to(ROOT)} is stale: run python scripts/config_reference.py"
+            )
         for problem in problems:
             print(problem, file=sys.stderr)
         return 1 if problems else 0

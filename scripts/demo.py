@@ -52,12 +52,16 @@ class ReadyListener:
         self.sock.settimeout(0.2)
         self.ready: set[int] = set()
 
-    def wait_ready(self, process: subprocess.Popen[bytes], what: str, timeout: float = 60.0) -> None:
+    def wait_ready(
+        self, process: subprocess.Popen[bytes], what: str, timeout: float = 60.0
+    ) -> None:
         """Block until ``process`` sent READY=1; fail if it exits first."""
         deadline = time.monotonic() + timeout
         while process.pid not in self.ready:
             if process.poll() is not None:
-                raise RuntimeError(f"{what} exited with status {process.returncode} before it was ready")
+                raise RuntimeError(
+                    f"{what} exited with status {process.returncode} before it was ready"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} did not report READY=1 within {timeout:.0f} s")
             try:
@@ -88,7 +92,13 @@ class Program:
     def start(self, ready: ReadyListener) -> None:
         """Start the process and wait for its READY=1."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps the descriptor
-        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, "NOTIFY_SOCKET": str(ready.path)}, cwd=ROOT)
+        self.process = subprocess.Popen(
+            self.args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**self.env, "NOTIFY_SOCKET": str(ready.path)},
+            cwd=ROOT,
+        )
         log.close()
         ready.wait_ready(self.process, self.name)
 
@@ -103,7 +113,9 @@ class Program:
         except subprocess.TimeoutExpired:
             self.process.kill()
             code = self.process.wait()
-            raise RuntimeError(f"{self.name} did not stop within {timeout:.0f} s of {signal.Signals(sig).name}") from None
+            raise RuntimeError(
+                f"{self.name} did not stop within {timeout:.0f} s of {signal.Signals(sig).name}"
+            ) from None
         finally:
             self.process = None
         return code
@@ -148,9 +160,17 @@ class LocalSystem:
 
     def collector_cli(self, *args: str) -> str:
         """Run a ``sensormine-collector`` subcommand against this system; return its output."""
-        result = subprocess.run([str(BIN / "sensormine-collector"), *args, "--config", str(self.collector_config())], capture_output=True, text=True, env=self.env, cwd=ROOT)
+        result = subprocess.run(
+            [str(BIN / "sensormine-collector"), *args, "--config", str(self.collector_config())],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=ROOT,
+        )
         if result.returncode != 0:
-            raise RuntimeError(f"sensormine-collector {' '.join(args)} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+            raise RuntimeError(
+                f"sensormine-collector {' '.join(args)} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}"
+            )
         return result.stdout
 
     async def recreate_databases(self) -> None:
@@ -180,7 +200,12 @@ class LocalSystem:
                 "--output", str(config), "--buffer-path", str(directory / "buffer.db"),
                 "--broker-host", self.mqtt_host, "--broker-port", str(self.mqtt_port),
             )  # fmt: skip
-            self.agents[gateway] = Program(gateway, [str(BIN / "sensormine-agent"), "run", "--config", str(config)], directory / "agent.log", self.env)
+            self.agents[gateway] = Program(
+                gateway,
+                [str(BIN / "sensormine-agent"), "run", "--config", str(config)],
+                directory / "agent.log",
+                self.env,
+            )
 
     # --- processes -------------------------------------------------------------------------
 
@@ -189,7 +214,12 @@ class LocalSystem:
         program = self.collectors.get(client_id)
         if program is None:
             config = self.collector_config(client_id)
-            program = Program(client_id, [str(BIN / "sensormine-collector"), "run", "--config", str(config)], self.state / f"{client_id}.log", self.env)
+            program = Program(
+                client_id,
+                [str(BIN / "sensormine-collector"), "run", "--config", str(config)],
+                self.state / f"{client_id}.log",
+                self.env,
+            )
             self.collectors[client_id] = program
         program.start(self.ready)
         return program
@@ -220,7 +250,13 @@ class LocalSystem:
     def agent_status(self, gateway: str) -> dict[str, Any]:
         """``sensormine-agent status --json`` of one gateway's buffer."""
         config = self.state / gateway / "agent.toml"
-        out = subprocess.run([str(BIN / "sensormine-agent"), "status", "--json", "--config", str(config)], capture_output=True, text=True, check=True, env=self.env)
+        out = subprocess.run(
+            [str(BIN / "sensormine-agent"), "status", "--json", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=self.env,
+        )
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
     def produced(self) -> int:
@@ -236,11 +272,17 @@ class LocalSystem:
         conn = await asyncpg.connect(self.timeseries_dsn)
         try:
             stored = await conn.fetchval("SELECT count(*) FROM telemetry")
-            distinct = await conn.fetchval("SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM telemetry) AS d")
+            distinct = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM telemetry) AS d"
+            )
             rejected = await conn.fetchval("SELECT coalesce(sum(points), 0) FROM ingest_rejects")
         finally:
             await conn.close()
-        return {"stored": int(stored), "rejected": int(rejected), "duplicates": int(stored - distinct)}
+        return {
+            "stored": int(stored),
+            "rejected": int(rejected),
+            "duplicates": int(stored - distinct),
+        }
 
     async def summary(self, seconds: float) -> list[str]:
         """Human summary read back from TimescaleDB."""
@@ -254,18 +296,29 @@ class LocalSystem:
         type_of = {r["id"]: r["type"] for r in devices}
         ts = await asyncpg.connect(self.timeseries_dsn)
         try:
-            per_device = {r["device_id"]: r["n"] for r in await ts.fetch("SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id")}
+            per_device = {
+                r["device_id"]: r["n"]
+                for r in await ts.fetch(
+                    "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id"
+                )
+            }
             latest = await ts.fetch(
                 "SELECT DISTINCT ON (device_id, metric) device_id, metric, time, value FROM telemetry ORDER BY device_id, metric, time DESC"
             )
-            span = await ts.fetchrow("SELECT min(time) AS first, max(time) AS last, count(*) AS n FROM telemetry")
-            rejects = await ts.fetch("SELECT reason, sum(points) AS points FROM ingest_rejects GROUP BY reason ORDER BY 2 DESC")
+            span = await ts.fetchrow(
+                "SELECT min(time) AS first, max(time) AS last, count(*) AS n FROM telemetry"
+            )
+            rejects = await ts.fetch(
+                "SELECT reason, sum(points) AS points FROM ingest_rejects GROUP BY reason ORDER BY 2 DESC"
+            )
         finally:
             await ts.close()
         lines = ["", "rows per device type:"]
         per_type: dict[str, int] = {}
         for device_id, n in per_device.items():
-            per_type[type_of.get(device_id, "(unknown)")] = per_type.get(type_of.get(device_id, "(unknown)"), 0) + n
+            per_type[type_of.get(device_id, "(unknown)")] = (
+                per_type.get(type_of.get(device_id, "(unknown)"), 0) + n
+            )
         lines += [f"  {name:<16} {n:>8}" for name, n in sorted(per_type.items())]
         lines += ["", "latest value per device:"]
         latest_by_device: dict[uuid.UUID, list[str]] = {}
@@ -276,7 +329,9 @@ class LocalSystem:
             lines.append(f"  {r['name']:<24} {r['type']:<14} {values}")
         rate = span["n"] / seconds if seconds > 0 else 0.0
         lines += ["", f"readings/s achieved: {rate:.1f} ({span['n']} readings in {seconds:.0f} s)"]
-        lines += ["", "rejects by reason:"] + ([f"  {r['reason']:<24} {r['points']}" for r in rejects] or ["  (none)"])
+        lines += ["", "rejects by reason:"] + (
+            [f"  {r['reason']:<24} {r['points']}" for r in rejects] or ["  (none)"]
+        )
         lines += ["", "More queries to try: docs/data-model.md (psql " + self.timeseries_dsn + ")"]
         return lines
 
@@ -287,7 +342,10 @@ def main() -> int:
     state = ROOT / "demo-state"
     system = LocalSystem(state)
     try:
-        print(f"demo: preparing databases {system.metadata_dsn} and {system.timeseries_dsn}", flush=True)
+        print(
+            f"demo: preparing databases {system.metadata_dsn} and {system.timeseries_dsn}",
+            flush=True,
+        )
         system.prepare()
         system.start_collector()
         print("demo: collector ready", flush=True)
@@ -297,7 +355,9 @@ def main() -> int:
         while (elapsed := time.monotonic() - started) < seconds:
             time.sleep(min(5.0, seconds - elapsed))
             counts = asyncio.run(system.stored_counts())
-            print(f"demo: {time.monotonic() - started:5.1f} s  stored={counts['stored']}", flush=True)
+            print(
+                f"demo: {time.monotonic() - started:5.1f} s  stored={counts['stored']}", flush=True
+            )
         run_seconds = time.monotonic() - started
         codes = system.stop_all()
         print(f"demo: stopped (exit statuses {codes})", flush=True)
@@ -311,8 +371,15 @@ def main() -> int:
         system.kill_everything()
         return 1
     system.kill_everything()
-    ok = produced == counts["stored"] and counts["duplicates"] == 0 and produced > 0 and not any(codes.values())
-    print(f"demo: produced={produced} stored={counts['stored']} rejected={counts['rejected']} duplicates={counts['duplicates']}")
+    ok = (
+        produced == counts["stored"]
+        and counts["duplicates"] == 0
+        and produced > 0
+        and not any(codes.values())
+    )
+    print(
+        f"demo: produced={produced} stored={counts['stored']} rejected={counts['rejected']} duplicates={counts['duplicates']}"
+    )
     return 0 if ok else 1
 
 
