@@ -41,21 +41,20 @@ def make_certificates(directory: Path) -> dict[str, Path]:
 async def ship_one_batch(
     tmp_path: Path, settings: MqttSettings, seconds: float
 ) -> tuple[bool, int]:
-    """Seal one batch and run the shipper; return (ever connected, batches left)."""
+    """Seal one batch and run the shipper; return (anything published, batches left)."""
     gateway = GatewaySettings(id=uuid.uuid4(), tenant_id=uuid.uuid4())
     async with Buffer(tmp_path / f"{uuid.uuid4().hex}.db", gateway_id=gateway.id) as buffer:
         await buffer.append([(DEVICE.bytes, "m", 1_700_000_000_000_000, 1.5)])
         await buffer.seal(force=True)
         shipper = Shipper(settings, gateway, buffer)
         task = asyncio.create_task(shipper.run())
-        connected = False
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and buffer.batch_count:
-            connected = connected or shipper.state == "connected"
             await asyncio.sleep(0.05)
         shipper.stop()
         await task
-        return connected, buffer.batch_count
+        # Something was published only if the broker accepted the connection.
+        return shipper.sent > 0, buffer.batch_count
 
 
 async def test_mutual_tls(
