@@ -224,11 +224,21 @@ class Shipper:
             raise LinkDown(f"cannot reach {s.host}:{s.port}: {exc}") from None
         self._client = client
         client.loop_start()
+        # Wait for CONNACK, but give up early when the link drops or we are told to stop.
+        lost = asyncio.ensure_future(self._lost.wait())
         try:
-            async with asyncio.timeout(CONNACK_TIMEOUT):
-                reason = await self._connack
-        except TimeoutError:
-            raise LinkDown(f"no CONNACK from {s.host}:{s.port} in {CONNACK_TIMEOUT:g} s") from None
+            await asyncio.wait(
+                [self._connack, lost], timeout=CONNACK_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            lost.cancel()
+        if not self._connack.done():
+            if self._stopping:
+                raise LinkDown("stopped while connecting")
+            if self._lost.is_set():
+                raise LinkDown(f"{s.host}:{s.port} closed the connection before CONNACK")
+            raise LinkDown(f"no CONNACK from {s.host}:{s.port} in {CONNACK_TIMEOUT:g} s")
+        reason = self._connack.result()
         if getattr(reason, "is_failure", False):
             raise LinkDown(f"broker refused the connection: {reason}")
         client.subscribe(self.ack_topic, qos=1)
