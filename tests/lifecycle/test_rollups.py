@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
-from collector.lifecycle.rollups import bucket_ranges, bucket_start, rollup, rollup_pass
+from collector.lifecycle.rollups import bucket_ranges, bucket_start, rollup, rollup_pass, sources
 from tests.lifecycle.conftest import write_readings
 
 TENANT = uuid.UUID("11111111-1111-4111-8111-111111111111")
@@ -205,3 +206,62 @@ def test_bucket_ranges_merge_touching_and_overlapping_ranges() -> None:
         (DEV_A, "x"): [(t0, t0 + 2 * MINUTE), (t0 + 5 * MINUTE, t0 + 6 * MINUTE)],
         (DEV_B, "x"): [(t0, t0 + MINUTE)],
     } == ranges
+
+
+def test_wider_widths_are_built_from_the_widest_dividing_narrower_one() -> None:
+    """1 h comes from 5 min, 5 min and 7 min from 1 min, 1 min from the readings."""
+    widths = [timedelta(minutes=m) for m in (1, 5, 7, 60)]
+    assert [None, MINUTE, MINUTE, 5 * MINUTE] == sources(widths)
+
+
+async def test_rollups_equal_a_direct_aggregate_whatever_the_arrival_order(
+    ts: asyncpg.Connection,
+) -> None:
+    """Readings arriving in shuffled flushes, rolled up between flushes, give exactly the buckets a
+    direct time_bucket aggregate of telemetry gives, for composed and raw widths alike."""
+    rng = random.Random(7)
+    periods = (60.0, 300.0, 3600.0, 5400.0)
+    t0 = _base() - timedelta(hours=4)
+    # Distinct times per series: with two readings at one instant, "last" is either of them.
+    readings = [
+        (device, metric, t0 + timedelta(seconds=second), rng.uniform(-50, 50))
+        for device in (DEV_A, DEV_B)
+        for metric in ("x", "y")
+        for second in rng.sample(range(5 * 3600), 400)
+    ]
+    rng.shuffle(readings)
+    for start in range(0, len(readings), 80):
+        flush = readings[start : start + 80]
+        for device in (DEV_A, DEV_B):
+            for metric in ("x", "y"):
+                points = [(t, v) for d, m, t, v in flush if d == device and m == metric]
+                if points:
+                    await write_readings(ts, TENANT, device, metric, points)
+        if rng.random() < 0.5:
+            await rollup(ts, periods, claim_rows=3)
+    await rollup(ts, periods, claim_rows=3)
+
+    for period in periods:
+        width = timedelta(seconds=period)
+        direct = await ts.fetch(
+            "SELECT time_bucket($1::interval, time) AS bucket, device_id, metric, count(*) AS count, "
+            "sum(value) AS sum, min(value) AS min, max(value) AS max, last(value, time) AS last "
+            "FROM telemetry GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            width,
+        )
+        rolled = await ts.fetch(
+            "SELECT bucket, device_id, metric, count, sum, min, max, last FROM metrics "
+            "WHERE period = $1::interval ORDER BY 1, 2, 3",
+            width,
+        )
+        assert [(r["bucket"], r["device_id"], r["metric"]) for r in direct] == [
+            (r["bucket"], r["device_id"], r["metric"]) for r in rolled
+        ]
+        for d, r in zip(direct, rolled, strict=True):
+            assert (d["count"], d["min"], d["max"], d["last"]) == (
+                r["count"],
+                r["min"],
+                r["max"],
+                r["last"],
+            )
+            assert d["sum"] == pytest.approx(r["sum"], abs=1e-9)
