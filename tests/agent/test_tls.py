@@ -49,7 +49,9 @@ async def ship_one_batch(
         shipper = Shipper(settings, gateway, buffer)
         task = asyncio.create_task(shipper.run())
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and buffer.batch_count:
+        while buffer.batch_count:
+            if time.monotonic() > deadline:
+                break
             await asyncio.sleep(0.05)
         shipper.stop()
         await task
