@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # One line per built-in kind: the folder name is the registry key and the config's ``type``.
-BUILTINS: tuple[str, ...] = ("simulated", "sysfs", "modbus")
+BUILTINS: tuple[str, ...] = ("simulated", "sysfs", "modbus", "command")
 
 _loaded = False
 

@@ -12,6 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import structlog
@@ -141,3 +142,32 @@ async def run_every(interval: float, cycle: Callable[[], Awaitable[None]]) -> No
         if next_at < now:
             next_at = now + interval - ((now - next_at) % interval)
         await asyncio.sleep(next_at - now)
+
+
+def timestamp_us(value: Any) -> int:
+    """Microseconds since the epoch from epoch seconds/ms/µs (by magnitude) or ISO 8601 text.
+
+    Devices disagree on the unit of an epoch number; the magnitude tells them apart for any
+    date between 1973 and 5138, which is every date a live sensor can report.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a timestamp is a number or an ISO 8601 string, not a boolean")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"timestamp {value!r} is not a positive finite number")
+        magnitude = abs(value)
+        if magnitude >= 1e14:
+            return int(value)
+        if magnitude >= 1e11:
+            return int(value * 1000)
+        return int(value * 1_000_000)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"timestamp {value[:40]!r} is not ISO 8601") from None
+        if parsed.tzinfo is None:
+            # A device without a zone in its clock is assumed to run on UTC, as gateways do.
+            parsed = parsed.replace(tzinfo=UTC)
+        return int(parsed.timestamp() * 1_000_000)
+    raise ValueError(f"a timestamp is a number or an ISO 8601 string, not {type(value).__name__}")

@@ -1,0 +1,265 @@
+"""The command input with real child processes."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from agent.inputs.base import InputContext
+from agent.inputs.command import CommandConfig, CommandInput
+from agent.inputs.command.lines import LineError, parse_line
+from tests.inputs.conftest import RecordingEmitter, build_config, load_sample, run_for, stop
+
+UPS = uuid.uuid4()
+TANK1 = uuid.uuid4()
+TANK2 = uuid.uuid4()
+
+
+def script(tmp_path: Path, body: str) -> list[str]:
+    """argv running ``body`` as a Python program (the interpreter is always here)."""
+    path = tmp_path / f"prog_{uuid.uuid4().hex[:6]}.py"
+    path.write_text(body)
+    return [sys.executable, str(path)]
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (gone, or a zombie waiting for its parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def config(argv: list[str], **extra: Any) -> CommandConfig:
+    """A command input for one device unless ``devices`` is given."""
+    raw: dict[str, Any] = {
+        "type": "command",
+        "name": "test-command",
+        "command": argv,
+        "interval": "200ms",
+        "timeout": "3s",
+        "devices": [{"id": str(UPS), "name": "ups"}],
+    }
+    raw.update(extra)
+    built = build_config("command", raw)
+    assert isinstance(built, CommandConfig)
+    return built
+
+
+def test_sample_configuration_loads() -> None:
+    """Both stanzas of the commented sample.toml validate."""
+    assert [c.name for c in load_sample("command")] == ["ups", "serial-logger"]
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"command": []}, "command"),
+        ({"mode": "cron"}, "mode"),
+        ({"timeout": "0s"}, "timeout"),
+        ({"interval": "5 parsecs"}, "interval"),
+        ({"shell": True}, "shell"),
+    ],
+)
+def test_config_errors_name_the_key(change: dict[str, Any], key: str) -> None:
+    """Invalid settings are refused with the offending key in the message."""
+    with pytest.raises(ValidationError) as info:
+        config(["true"], **change)
+    assert key in str(info.value)
+
+
+def test_line_formats() -> None:
+    """JSON objects and metric=value pairs parse; bad lines say what is wrong."""
+    parsed = parse_line(
+        '{"t": 21.5, "on": true, "n": 3, "s": "ok", "x": null}', "auto", "device", None
+    )
+    assert parsed is not None
+    assert parsed.readings == {"t": 21.5, "on": True, "n": 3, "s": "ok"}
+    parsed = parse_line("device=tank-1 level=3.2 pump=false count=7", "auto", "device", None)
+    assert parsed is not None
+    assert (parsed.device, parsed.readings) == ("tank-1", {"level": 3.2, "pump": False, "count": 7})
+    parsed = parse_line('{"v": 1, "ts": 1700000000.5}', "json", "device", "ts")
+    assert parsed is not None
+    assert parsed.time_us == 1_700_000_000_500_000
+    assert parse_line("   ", "auto", "device", None) is None
+    for bad, message in [
+        ('{"t": 21.5', "malformed JSON"),
+        ("[1, 2]", "must be an object"),
+        ("temperature 21", "is not metric=value"),
+        ('{"t": NaN}', "not a finite number"),
+        ('{"device": "x"}', "holds no readings"),
+        ('{"t": {"nested": 1}}', "a dict is not a reading"),
+    ]:
+        with pytest.raises(LineError, match=message):
+            parse_line(bad, "auto" if not bad.startswith("[") else "json", "device", None)
+
+
+async def test_interval_mode_reads_each_run(
+    tmp_path: Path, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """The program runs every interval; its lines become readings, bad lines are counted."""
+    counter = tmp_path / "runs"
+    argv = script(
+        tmp_path,
+        f"""
+import pathlib
+p = pathlib.Path({str(counter)!r})
+n = int(p.read_text()) + 1 if p.exists() else 1
+p.write_text(str(n))
+print('{{"run": %d, "volts": 13.6}}' % n)
+print("charging=true load=42")
+print("this is not a reading")
+""",
+    )
+    command_input = CommandInput(config(argv), context)
+    task = await run_for(command_input, emitter)
+    try:
+        await emitter.wait_for(lambda: len(emitter.values(UPS, "run")) >= 3)
+    finally:
+        await stop(task)
+    runs = emitter.values(UPS, "run")
+    assert runs == list(range(1, len(runs) + 1))
+    assert set(emitter.values(UPS, "volts")) == {13.6}
+    assert set(emitter.values(UPS, "charging")) == {True}
+    assert emitter.last_status(UPS) == ("online", "")
+    assert command_input.counters.bad_lines >= 3
+    assert command_input.counters.failed_exits == 0
+    assert len(emitter.durations) >= 3
+
+
+async def test_non_zero_exits_are_counted_and_reported(
+    tmp_path: Path, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """A failing program makes the device `error` with its status and stderr, every time counted."""
+    argv = script(
+        tmp_path,
+        """
+import sys
+print("partial=1")
+print("sensor bus not found", file=sys.stderr)
+sys.exit(3)
+""",
+    )
+    command_input = CommandInput(config(argv), context)
+    task = await run_for(command_input, emitter)
+    try:
+        await emitter.wait_for(lambda: command_input.counters.failed_exits >= 2)
+    finally:
+        await stop(task)
+    assert emitter.last_status(UPS) == ("error", "exit status 3: sensor bus not found")
+    failed = [e for e in emitter.events if e["kind"] == "command_failed"]
+    assert failed and failed[0]["attributes"]["exit_code"] == 3
+    assert command_input.counters.last_exit == 3
+    # What it printed before failing is still data.
+    assert 1 in emitter.values(UPS, "partial")
+
+
+async def test_hung_program_is_killed_by_the_timeout(
+    tmp_path: Path, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """A run that outlives the timeout is killed together with its children."""
+    child_pid = tmp_path / "child.pid"
+    argv = script(
+        tmp_path,
+        f"""
+import subprocess, sys, time, pathlib
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+pathlib.Path({str(child_pid)!r}).write_text(str(child.pid))
+print("started=1", flush=True)
+time.sleep(600)
+""",
+    )
+    command_input = CommandInput(config(argv, timeout="500ms", interval="1s"), context)
+    task = await run_for(command_input, emitter)
+    started = time.monotonic()
+    try:
+        await emitter.wait_for(lambda: emitter.last_status(UPS) is not None)
+    finally:
+        await stop(task)
+    assert time.monotonic() - started < 5
+    assert emitter.last_status(UPS) == ("error", "killed after 0.5s (timeout)")
+    assert command_input.counters.timeouts == 1
+    assert process_gone(int(child_pid.read_text()))
+
+
+async def test_stream_mode_reads_lines_as_they_come(
+    tmp_path: Path, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """A long-running program's lines arrive one by one and name their device."""
+    argv = script(
+        tmp_path,
+        """
+import sys, time
+for i in range(1000):
+    print(f"device=tank-1 level={i}", flush=True)
+    print(f'{{"device": "tank-2", "level": {i * 10}, "time": "2026-01-02T03:04:05Z"}}', flush=True)
+    print("device=tank-9 level=1", flush=True)
+    time.sleep(0.05)
+""",
+    )
+    devices = [{"id": str(TANK1), "name": "tank-1"}, {"id": str(TANK2), "name": "tank-2"}]
+    command_input = CommandInput(
+        config(argv, mode="stream", devices=devices, time_field="time"), context
+    )
+    task = await run_for(command_input, emitter)
+    try:
+        await emitter.wait_for(lambda: len(emitter.values(TANK2, "level")) >= 5)
+    finally:
+        await stop(task)
+    levels = emitter.values(TANK1, "level")
+    assert levels[:5] == [0, 1, 2, 3, 4]
+    tank2 = [r for r in emitter.readings if r.device_id == TANK2]
+    assert {r.time_us for r in tank2} == {1_767_323_045_000_000}
+    assert emitter.last_status(TANK1) == ("online", "")
+    assert command_input.counters.bad_lines >= 3  # tank-9 is not configured
+
+
+async def test_stream_mode_restarts_and_kills_a_silent_program(
+    tmp_path: Path, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """A stream program that exits is restarted; one that goes silent is killed and restarted."""
+    exits = script(tmp_path, "print('level=1'); import sys; sys.exit(2)")
+    command_input = CommandInput(config(exits, mode="stream", restart_delay="100ms"), context)
+    task = await run_for(command_input, emitter)
+    try:
+        await emitter.wait_for(lambda: command_input.counters.failed_exits >= 2)
+    finally:
+        await stop(task)
+    assert emitter.last_status(UPS) == ("error", "exit status 2")
+    assert command_input.counters.runs >= 2
+
+    silent = script(tmp_path, "print('level=1', flush=True)\nimport time\ntime.sleep(600)")
+    emitter2 = RecordingEmitter()
+    command_input = CommandInput(
+        config(silent, mode="stream", timeout="300ms", restart_delay="100ms"), context
+    )
+    task = await run_for(command_input, emitter2)
+    try:
+        await emitter2.wait_for(lambda: command_input.counters.timeouts >= 2)
+    finally:
+        await stop(task)
+    assert (emitter2.last_status(UPS) or ("", ""))[1].startswith("printed nothing for 0.3s")
+    assert len(emitter2.values(UPS, "level")) >= 2
+
+
+async def test_probe(tmp_path: Path, context: InputContext) -> None:
+    """probe runs the program once and shows readings, or the failure."""
+    ok = script(tmp_path, "print('{\"volts\": 12.9}')")
+    [result] = await CommandInput(config(ok), context).probe()
+    assert (result.readings, result.error) == ({"volts": 12.9}, None)
+    failing = script(tmp_path, "import sys; print('boom', file=sys.stderr); sys.exit(1)")
+    [result] = await CommandInput(config(failing), context).probe()
+    assert result.error == "exit status 1: boom"
+    [result] = await CommandInput(config(["/nonexistent/prog"]), context).probe()
+    assert result.error is not None
+    assert "cannot start /nonexistent/prog" in result.error
+    stream = script(tmp_path, "import time\nprint('level=4', flush=True)\ntime.sleep(600)")
+    [result] = await CommandInput(config(stream, mode="stream"), context).probe()
+    assert (result.readings, result.error) == ({"level": 4}, None)
