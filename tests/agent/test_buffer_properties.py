@@ -45,7 +45,7 @@ def open_store(path: Path, overflow: str) -> Store:
     return store
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=operations, overflow=st.sampled_from(["drop_oldest", "drop_newest"]), seed=st.integers())
 def test_every_reading_is_buffered_delivered_or_counted_as_dropped(
     ops: list[tuple[str, object]], overflow: str, seed: int
