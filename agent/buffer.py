@@ -203,6 +203,7 @@ class Store:
         self.unsealed = 0
         self.notes_pending = 0
         self.batch_count = 0
+        self.batched_readings = 0
         self.protected: set[int] = set()
 
     # --- set-up ---------------------------------------------------------------------------
@@ -234,7 +235,12 @@ class Store:
             self.counters[key] = int(meta.get(key) or 0)
         self.unsealed = int(self.conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0])
         self.notes_pending = int(self.conn.execute("SELECT COUNT(*) FROM notes").fetchone()[0])
-        self.batch_count = int(self.conn.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+        self.batch_count, self.batched_readings = (
+            int(v)
+            for v in self.conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(readings), 0) FROM batches"
+            ).fetchone()
+        )
         self.bytes = int(self.conn.execute(_READING_BYTES_SQL).fetchone()[0]) + int(
             self.conn.execute(_BATCH_BYTES_SQL).fetchone()[0]
         )
@@ -280,7 +286,7 @@ class Store:
         self._with_unpersisted(counters)
         counters["produced"] += n
         keep_from, keep_to = 0, n
-        freed = freed_readings = freed_batches = 0
+        freed = freed_readings = freed_batches = batched_freed = 0
         dropped_oldest = dropped_newest = 0
         try:
             with self._transaction():
@@ -298,6 +304,7 @@ class Store:
                         dropped_newest = n - keep_to
                     else:
                         freed, dropped, freed_readings, freed_batches = self._drop_oldest(excess)
+                        batched_freed = dropped - freed_readings
                         dropped_oldest += dropped
                         # What is still too much comes out of the oldest of the incoming rows.
                         rest = excess - freed
@@ -333,6 +340,7 @@ class Store:
         self.bytes += sum(costs[keep_from:keep_to]) - freed
         self.unsealed += stored - freed_readings
         self.batch_count -= freed_batches
+        self.batched_readings -= batched_freed
         dropped = dropped_oldest + dropped_newest
         if dropped:
             log.warning("buffer.full", policy=self.overflow, readings_dropped=dropped)
@@ -511,6 +519,7 @@ class Store:
         self.unsealed -= n
         self.notes_pending -= len(notes)
         self.batch_count += 1
+        self.batched_readings += n
         self.bytes += BATCH_COST + len(frame) - taken_bytes
         return seq
 
@@ -586,6 +595,7 @@ class Store:
         self._clear_unpersisted()
         self.counters = counters
         self.batch_count -= 1
+        self.batched_readings -= count
         self.bytes -= size
         if rejected and count:
             self.notes_pending += 1

@@ -204,7 +204,7 @@ class Runtime:
             return {"buffer_readings": 0, "buffer_bytes": 0, "dropped": 0, "rss_bytes": rss_bytes()}
         dropped = sum(store.counters[f"dropped_{r}"] for r in DROP_REASONS)
         return {
-            "buffer_readings": float(store.unsealed),
+            "buffer_readings": float(store.unsealed + store.batched_readings),
             "buffer_batches": float(store.batch_count),
             "buffer_bytes": float(store.bytes),
             "dropped": float(dropped + sum(store.unpersisted.values())),
@@ -328,7 +328,8 @@ class Runtime:
     def _status_line(self) -> str:
         s = self.buffer.store
         return (
-            f"link {self.shipper.state}; buffered {s.unsealed} readings + {s.batch_count} batches,"
+            f"link {self.shipper.state}; buffered {s.unsealed + s.batched_readings} readings"
+            f" in {s.batch_count} batches + unsealed,"
             f" {s.bytes} bytes; in flight {len(self.shipper.in_flight)}"
         )
 
@@ -348,7 +349,7 @@ class Runtime:
                 log.info(
                     "agent.status",
                     link=self.shipper.state,
-                    readings=self.buffer.unsealed,
+                    readings=self.buffer.unsealed + self.buffer.store.batched_readings,
                     batches=self.buffer.batch_count,
                     bytes=self.buffer.size_bytes,
                     in_flight=len(self.shipper.in_flight),

@@ -85,7 +85,9 @@ def test_every_reading_is_buffered_delivered_or_counted_as_dropped(
             else:
                 store.conn.close()
                 store = open_store(path, overflow)
-            stats = store.stats()
+            in_memory = store.unsealed + store.batched_readings, store.batch_count, store.bytes
+            stats = store.stats()  # re-reads everything from the file
+            assert (stats.readings, stats.batches, stats.bytes) == in_memory
             dropped = sum(stats.dropped[r] for r in DROP_REASONS)
             assert stats.produced == next_value
             assert stats.produced == stats.delivered + stats.readings + dropped
