@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,34 +18,12 @@ import structlog
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from agent.inputs.base import DeviceState, Emitter
+from agent.settings import parse_duration
 
 log = structlog.get_logger(__name__)
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"`` or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a string like '5s' or a number of seconds, not a boolean")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if match is None:
-            raise ValueError(
-                f"{value!r} is not a duration; write a number and a unit: '250ms', '5s', '2m', '1h'"
-            )
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError(f"a duration is a string like '5s', not {type(value).__name__}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"a duration must be a finite, non-negative time, not {value!r}")
-    return seconds
-
-
-# Seconds as a float; accepts "5s" in configuration files. Bounds go on each field.
+# Seconds as a float, written "5s" in configuration files (the agent settings' parser, so that
+# every duration in the file reads the same way). Bounds go on each field.
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 # Names that end up as metric names on the wire and in the collector's schema.
