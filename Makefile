@@ -36,6 +36,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/wire.py
+	$(BIN)/python bench/agent_buffer.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
