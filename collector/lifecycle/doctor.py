@@ -163,9 +163,10 @@ async def _retention_and_compression(
         ),
         "tables": {},
     }
-    # Whole chunks are dropped: data may outlive the horizon by one chunk plus one job interval.
-    slack = settings.timeseries.chunk_interval * 7 + 2 * lc.retention.interval
     for table, horizon in lc.retention.horizons().items():
+        # Whole chunks are dropped: data may outlive the horizon by one chunk plus a job interval.
+        chunk = settings.timeseries.chunk_interval * (1 if table in ("telemetry", "events") else 7)
+        slack = chunk + 2 * lc.retention.interval
         oldest = await conn.fetchval(
             "SELECT extract(epoch FROM now() - min(range_start)) "
             "FROM timescaledb_information.chunks WHERE hypertable_name = $1",

@@ -202,3 +202,34 @@ async def test_doctor_prints_a_readable_report(databases: tuple[str, str], tmp_p
     assert "telemetry" in text and "chunks" in text
     assert "NEEDS ATTENTION (3):" in text
     assert "job rollups: has never run" in text
+
+
+async def test_doctor_notices_retention_and_housekeeping_not_running(
+    databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """Data far past its horizon means the job that should remove it is not running."""
+    meta, ts = databases
+    config = _config(tmp_path, meta, ts, SYSTEM_MQTT[1])
+    await _run_all_jobs(config, ts)
+    conn = await asyncpg.connect(ts)
+    try:
+        await conn.execute(
+            "INSERT INTO telemetry (time, tenant_id, device_id, metric, value) "
+            "VALUES (now() - interval '200 days', $1, $1, 'm', 1)",
+            "11111111-1111-4111-8111-111111111111",
+        )
+        await conn.execute(
+            "INSERT INTO ingest_ledger (gateway_id, stream, seq, tenant_id, result, received_at) "
+            "VALUES ($1, $1, 1, $1, 'ok', now() - interval '60 days')",
+            "11111111-1111-4111-8111-111111111111",
+        )
+    finally:
+        await conn.close()
+
+    code, report = await _doctor(config)
+
+    assert 1 == code
+    assert 2 == len(report["problems"]), report["problems"]
+    assert report["problems"][0].startswith("retention: telemetry holds a chunk 20")
+    assert report["problems"][0].endswith("past its 90d horizon: retention is not running")
+    assert report["problems"][1].startswith("ledger: rows 60.0 days old, past the 35d horizon")
