@@ -225,3 +225,17 @@ async def test_one_agent_per_buffer_file(tmp_path: Path) -> None:
     async with Buffer(path, gateway_id=GATEWAY) as again:
         assert again.moved_to is None
         assert 5 == again.unsealed
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("FULL", 2), ("NORMAL", 1)])
+async def test_file_settings(tmp_path: Path, synchronous: str, level: int) -> None:
+    """WAL, the chosen synchronous level and a bounded WAL are what the connection uses."""
+    async with Buffer(
+        tmp_path / "b.db",
+        gateway_id=GATEWAY,
+        synchronous=synchronous,  # type: ignore[arg-type]
+        journal_size_limit=1 << 20,
+    ) as buffer:
+        assert [("wal",)] == await buffer.query("PRAGMA journal_mode")
+        assert [(level,)] == await buffer.query("PRAGMA synchronous")
+        assert [(1 << 20,)] == await buffer.query("PRAGMA journal_size_limit")
