@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -24,6 +24,7 @@ from tests.collector.conftest import (
     collector_settings,
     make_batch,
     make_databases,
+    now_us,
 )
 from tests.conftest import drop_database
 from tests.lifecycle.conftest import LICENSE
@@ -153,20 +154,38 @@ async def test_a_gateways_will_through_the_broker_marks_its_devices_offline(dbs:
         gw.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)
 
 
-async def test_the_running_collector_rolls_up_what_it_wrote(dbs: Databases) -> None:
-    """The collector's own lifecycle task turns committed readings into ``metrics`` rows."""
+async def test_the_running_collector_rolls_up_what_it_wrote_including_a_late_backlog(
+    dbs: Databases,
+) -> None:
+    """The collector's own lifecycle task turns committed readings into ``metrics`` rows; a batch
+    of six-hour-old readings arriving later adds its own buckets and leaves the others untouched."""
     fleet = dbs.fleet
     assert fleet is not None
     host, port = SYSTEM_MQTT
     p = f"t{uuid.uuid4().hex[:10]}"
     settings = collector_settings(dbs, host, port, p, lifecycle={"rollups": {"lag": "200ms"}})
+    stream = uuid.uuid4()
+    rollups = (
+        "SELECT bucket, period, count, sum, xmin::text AS xmin FROM metrics ORDER BY period, bucket"
+    )
     async with running(settings):
         with GatewayClient(host, port, p, fleet.tenant, fleet.gateway) as gw:
-            gw.publish(make_batch(fleet, 1, uuid.uuid4(), points=10))
+            gw.publish(make_batch(fleet, 1, stream, points=10))
             await asyncio.to_thread(gw.wait_acks, 1)
-        rows = await _wait_rows(dbs, "SELECT * FROM metrics ORDER BY period", 2)
+            live = await _wait_rows(dbs, rollups, 2)
+            # The gateway's backlog from six hours ago, delivered after the live data.
+            six_hours_ago = now_us() - 6 * 3_600_000_000
+            gw.publish(make_batch(fleet, 2, stream, points=5, start=six_hours_ago))
+            await asyncio.to_thread(gw.wait_acks, 1)
+            both = await _wait_rows(dbs, rollups, len(live) + 2)
         jobs = await dbs.fetch("SELECT job, last_result FROM lifecycle_jobs ORDER BY job")
-    assert 10 == sum(r["count"] for r in rows if r["period"].total_seconds() == 3600)
-    assert 10 == sum(r["count"] for r in rows if r["period"].total_seconds() == 60)
+    hour = [r for r in live if r["period"].total_seconds() == 3600]
+    minute = [r for r in live if r["period"].total_seconds() == 60]
+    assert 10 == sum(r["count"] for r in hour) == sum(r["count"] for r in minute)
+    old = [r for r in both if r["bucket"] < datetime.now(UTC) - timedelta(hours=5)]
+    assert 5 == sum(r["count"] for r in old if r["period"].total_seconds() == 3600)
+    assert 5 == sum(r["count"] for r in old if r["period"].total_seconds() == 60)
+    # The live buckets were not rewritten: same values, same row versions.
+    assert [tuple(r) for r in live] == [tuple(r) for r in both if r not in old]
     edition_job = "policies" if LICENSE == "timescale" else "retention"
     assert {"ledger", edition_job, "rollups"} <= {r["job"] for r in jobs}
