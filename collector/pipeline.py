@@ -145,6 +145,7 @@ class Staged:
     status: list[tuple[Any, ...]] = field(default_factory=list)
     gateway_status: tuple[Any, ...] | None = None
     rejects: list[RejectRow] = field(default_factory=list)
+    copy_data: bytes | None = None
 
     @property
     def rows(self) -> int:

@@ -242,6 +242,9 @@ class Collector:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.writer.retry_max)
             writer.stage(staged)
+            # Queued messages never suspend this loop by themselves: yield so that the writer
+            # can start a full flush while the next messages are processed.
+            await asyncio.sleep(0)
             await writer.room()
 
     def _on_committed(self, items: list[Staged]) -> None:

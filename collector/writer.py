@@ -27,24 +27,25 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any
 
 import asyncpg
 import structlog
 
+from collector import copy_format
+from collector.copy_format import series_rows
 from collector.errors import DatabaseUnavailable
 from collector.lifecycle.status import GatewayDevicesLookup, StatusRow, insert_status_rows
 from collector.observability import CollectorMetrics
-from collector.pipeline import EPOCH, REJECT_COLUMNS, RejectRow, Staged, to_datetime
+from collector.pipeline import REJECT_COLUMNS, RejectRow, Staged, to_datetime
 from protocol import AckResult
 
 log = structlog.get_logger("collector.writer")
 
 HOUR_US = 3_600_000_000
-TELEMETRY_COLUMNS = ("time", "tenant_id", "device_id", "metric", "value", "value_text")
+TELEMETRY_COLUMNS = copy_format.COLUMNS
 EVENT_COLUMNS = (
     "time",
     "tenant_id",
@@ -151,30 +152,18 @@ def dirty_ranges(items: list[Staged], new: set[Any]) -> list[DirtyRange]:
     ]
 
 
-def telemetry_records(items: list[Staged], new: set[Any]) -> list[tuple[Any, ...]]:
-    """COPY records of the readings of the new batches among ``items``."""
-    records: list[tuple[Any, ...]] = []
-    extend = records.extend
-    from datetime import timedelta
+def item_copy_data(item: Staged) -> bytes:
+    """Binary COPY rows of one item's accepted readings."""
+    return b"".join(
+        series_rows(s.tenant_id, s.device_id, s.metric, s.timestamps, s.values) for s in item.series
+    )
 
-    for item in items:
-        if item.key is None or item.key not in new:
-            continue
-        for s in item.series:
-            times = [EPOCH + timedelta(microseconds=t) for t in s.timestamps]
-            types = set(map(type, s.values))
-            tenant, device, metric = repeat(s.tenant_id), repeat(s.device_id), repeat(s.metric)
-            if str not in types:
-                extend(zip(times, tenant, device, metric, s.values, repeat(None)))
-            elif types == {str}:
-                extend(zip(times, tenant, device, metric, repeat(None), s.values))
-            else:
-                for t, v in zip(times, s.values, strict=True):
-                    if type(v) is str:
-                        records.append((t, s.tenant_id, s.device_id, s.metric, None, v))
-                    else:
-                        records.append((t, s.tenant_id, s.device_id, s.metric, v, None))
-    return records
+
+async def _stream(parts: list[bytes]) -> AsyncIterator[bytes]:
+    yield copy_format.HEADER
+    for part in parts:
+        yield part
+    yield copy_format.TRAILER
 
 
 class Writer:
@@ -224,6 +213,10 @@ class Writer:
 
     def stage(self, item: Staged) -> None:
         """Add a processed message to the next flush."""
+        # Built here, in the consumer's task, so that it overlaps the previous flush's wait on
+        # the database instead of delaying the next flush.
+        if item.series:
+            item.copy_data = item_copy_data(item)
         self._staged.append(item)
         self._staged_rows += item.rows
         if self._staged_rows >= self.max_rows or len(self._staged) == 1:
@@ -357,10 +350,18 @@ class Writer:
                     )
                     new = {(r[0], r[1], r[2]) for r in rows}
                 writes = [i for i in items if i.key is None or (i.key in new and first[i.key] is i)]
-                records = telemetry_records(writes, new)
-                if records:
-                    await conn.copy_records_to_table(
-                        "telemetry", records=records, columns=TELEMETRY_COLUMNS
+                parts = [
+                    i.copy_data if i.copy_data is not None else item_copy_data(i)
+                    for i in writes
+                    if i.series and i.key in new
+                ]
+                readings = sum(i.accepted for i in writes if i.series and i.key in new)
+                if parts:
+                    await conn.copy_to_table(
+                        "telemetry",
+                        source=_stream(parts),
+                        columns=TELEMETRY_COLUMNS,
+                        format="binary",
                     )
                 events = [e for i in writes for e in i.events]
                 if events:
@@ -423,7 +424,7 @@ class Writer:
                 )
                 report.duplicates += 1
         report.batches = len(new)
-        report.readings = len(records)
+        report.readings = readings
         report.events = len(events)
         report.status += len(status)
         report.rejects = len(rejects)
@@ -450,6 +451,7 @@ def _quarantine(item: Staged, exc: BaseException) -> None:
     item.rejected += item.accepted
     item.accepted = 0
     item.series, item.events, item.status, item.gateway_status = [], [], [], None
+    item.copy_data = None
     item.result = AckResult.REJECTED if item.ack_topic else None
     item.reason = "invalid_field"
     item.rejects = [
