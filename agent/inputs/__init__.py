@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 # One line per built-in kind: the folder name is the registry key and the config's ``type``.
-BUILTINS: tuple[str, ...] = ("simulated", "sysfs", "modbus", "command", "system")
+BUILTINS: tuple[str, ...] = ("simulated", "sysfs", "modbus", "command", "system", "mqtt")
 
 _loaded = False
 

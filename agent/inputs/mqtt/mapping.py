@@ -1,0 +1,156 @@
+"""Turning one MQTT message into readings according to a subscription."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent.inputs.common import timestamp_us
+from agent.inputs.mqtt.config import Subscription
+
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+_TRUE = {"on", "true", "open", "yes"}
+_FALSE = {"off", "false", "closed", "no"}
+
+Problem = Literal["malformed", "missing", "bad_value", "unknown_device"]
+
+
+class MessageError(Exception):
+    """A message that yields no reading: ``problem`` is the counter it goes to."""
+
+    def __init__(self, problem: Problem, message: str, device_key: str | None = None) -> None:
+        """Say what was wrong, under which counter, and which device it was for if known."""
+        super().__init__(message)
+        self.problem = problem
+        self.device_key = device_key
+
+
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """Readings of one message for one device, with the problems of fields that failed."""
+
+    device_key: str
+    readings: dict[str, bool | int | float]
+    time_us: int | None
+    missing: list[str]
+
+
+def lookup(document: Any, path: str) -> Any:
+    """The value at ``path`` ("a.b[0].c") in a decoded JSON document; ``KeyError`` if absent."""
+    current = document
+    for key, index in _STEP.findall(path.removeprefix("$.")):
+        if index:
+            if not isinstance(current, list) or int(index) >= len(current):
+                raise KeyError(path)
+            current = current[int(index)]
+        else:
+            if not isinstance(current, dict) or key not in current:
+                raise KeyError(path)
+            current = current[key]
+    return current
+
+
+def to_value(raw: Any) -> bool | int | float:
+    """A reading from a JSON value or plain text; ``ValueError`` for anything else."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int):
+        if not -(2**63) <= raw < 2**63:
+            raise ValueError(f"{raw} does not fit in 64 bits")
+        return raw
+    if isinstance(raw, float):
+        if not math.isfinite(raw):
+            raise ValueError(f"{raw} is not a finite number")
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        try:
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{text[:40]!r} is not a number or a boolean") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{text[:40]!r} is not a finite number")
+        return number
+    raise ValueError(f"a {type(raw).__name__} is not a number or a boolean")
+
+
+def map_message(sub: Subscription, topic: str, payload: bytes) -> Mapped:
+    """The readings of ``payload`` under ``sub``, or ``MessageError`` saying what is wrong."""
+    levels = topic.split("/")
+    device_key: str | None = None
+    if sub.device is not None:
+        device_key = sub.device
+    elif sub.device_level is not None:
+        device_key = levels[sub.device_level]
+
+    if sub.payload == "plain":
+        assert device_key is not None  # validation: plain payloads name devices by topic/config
+        metric = sub.metric if sub.metric is not None else levels[sub.metric_level or 0]
+        try:
+            text = payload.decode("utf-8")
+            value = to_value(text)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise MessageError("bad_value", f"{topic}: {exc}", device_key) from None
+        return Mapped(device_key, {metric: value}, None, [])
+
+    try:
+        document = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MessageError("malformed", f"{topic}: malformed JSON ({exc})", device_key) from None
+    if not isinstance(document, dict):
+        raise MessageError(
+            "malformed",
+            f"{topic}: expected a JSON object, got {type(document).__name__}",
+            device_key,
+        )
+    if sub.device_path is not None:
+        try:
+            found = lookup(document, sub.device_path)
+        except KeyError:
+            raise MessageError(
+                "missing", f"{topic}: no {sub.device_path} naming the device"
+            ) from None
+        device_key = str(found)
+    assert device_key is not None
+
+    readings: dict[str, bool | int | float] = {}
+    missing: list[str] = []
+    for metric, path in sub.fields.items():
+        try:
+            readings[metric] = to_value(lookup(document, path))
+        except KeyError:
+            missing.append(path)
+        except ValueError as exc:
+            missing.append(f"{path} ({exc})")
+    if sub.all_fields:
+        for key, raw in document.items():
+            if key in readings or isinstance(raw, dict | list | str) or raw is None:
+                continue
+            try:
+                readings[key] = to_value(raw)
+            except ValueError:
+                continue
+    stamp = None
+    if sub.time_path is not None:
+        try:
+            stamp = timestamp_us(lookup(document, sub.time_path))
+        except KeyError:
+            pass  # the time is optional: arrival time stands in
+        except ValueError as exc:
+            raise MessageError(
+                "bad_value", f"{topic}: {sub.time_path}: {exc}", device_key
+            ) from None
+    if not readings:
+        raise MessageError(
+            "missing",
+            f"{topic}: none of the configured fields present ({', '.join(missing)})",
+            device_key,
+        )
+    return Mapped(device_key, readings, stamp, missing)

@@ -1,0 +1,328 @@
+"""The mqtt input against the real Mosquitto, with real publishes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
+
+from agent.inputs.base import InputContext
+from agent.inputs.mqtt import MqttInput, MqttInputConfig
+from agent.inputs.mqtt.config import Subscription
+from agent.inputs.mqtt.mapping import MessageError, lookup, map_message
+from tests.inputs.conftest import RecordingEmitter, build_config, load_sample, run_for, stop
+from tests.services import MosquittoBroker
+
+CLIMATE = uuid.uuid4()
+GREENHOUSE = uuid.uuid4()
+DOOR = uuid.uuid4()
+READY = uuid.uuid4()
+
+
+def publish_now(
+    address: tuple[str, int], messages: list[tuple[str, bytes | str]], retain: bool = False
+) -> None:
+    """Publish ``messages`` with QoS 1 from a client of the test's own and wait for the acks."""
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}"
+    )
+    client.connect(*address)
+    client.loop_start()
+    try:
+        for topic, payload in messages:
+            client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def publish(
+    address: tuple[str, int], messages: list[tuple[str, bytes | str]], retain: bool = False
+) -> None:
+    """``publish_now`` off the event loop."""
+    await asyncio.to_thread(publish_now, address, messages, retain)
+
+
+def config_for(address: tuple[str, int], prefix: str, **extra: Any) -> MqttInputConfig:
+    """Tasmota, ESPHome and Zigbee2MQTT style subscriptions under a test-unique prefix."""
+    raw: dict[str, Any] = {
+        "type": "mqtt",
+        "name": "local",
+        "host": address[0],
+        "port": address[1],
+        "client_id": f"input-{prefix}",
+        "probe_wait": "3s",
+        "reconnect_min": "1s",
+        "reconnect_max": "1s",
+        "subscriptions": [
+            {
+                "topic": f"{prefix}/tele/+/SENSOR",
+                "device_level": 2,
+                "fields": {
+                    "temperature": "AM2301.Temperature",
+                    "humidity": "AM2301.Humidity",
+                },
+                "time_path": "Time",
+            },
+            {
+                "topic": f"{prefix}/esphome/+/sensor/+/state",
+                "device_level": 2,
+                "payload": "plain",
+                "metric_level": 4,
+            },
+            {"topic": f"{prefix}/z2m/+", "device_level": 2, "all_fields": True},
+            {"topic": f"{prefix}/ready", "device": "ready", "payload": "plain", "metric": "ready"},
+        ],
+        "devices": [
+            {"id": str(CLIMATE), "name": "climate", "key": "tasmota_1A2B3C"},
+            {"id": str(GREENHOUSE), "name": "greenhouse"},
+            {"id": str(DOOR), "name": "door"},
+            {"id": str(READY), "name": "ready"},
+        ],
+    }
+    raw.update(extra)
+    built = build_config("mqtt", raw)
+    assert isinstance(built, MqttInputConfig)
+    return built
+
+
+async def until_subscribed(
+    address: tuple[str, int], prefix: str, emitter: RecordingEmitter
+) -> None:
+    """Publish to the ready topic until the input shows it is subscribed (SUBACK is async)."""
+    before = len(emitter.values(READY, "ready"))
+    for _ in range(50):
+        await publish(address, [(f"{prefix}/ready", "1")])
+        try:
+            await emitter.wait_for(lambda: len(emitter.values(READY, "ready")) > before, within=0.2)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("the input never received the ready message")
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix no other test uses."""
+    return f"smtest-{uuid.uuid4().hex[:10]}"
+
+
+def test_sample_configuration_loads() -> None:
+    """The commented sample.toml validates."""
+    [config] = load_sample("mqtt")
+    assert isinstance(config, MqttInputConfig)
+    assert len(config.subscriptions) == 7
+
+
+@pytest.mark.parametrize(
+    ("subscription", "key"),
+    [
+        ({"topic": "a/#/b", "device_level": 0, "all_fields": True}, "topic"),
+        ({"topic": "a/+x", "device_level": 0, "all_fields": True}, "topic"),
+        ({"topic": "a/+", "device_level": 1, "device_path": "id", "all_fields": True}, "device"),
+        ({"topic": "a/+", "device_level": 5, "all_fields": True}, "device_level"),
+        ({"topic": "a/+", "device_level": 1}, "fields"),
+        ({"topic": "a/+", "device_level": 1, "payload": "plain"}, "metric"),
+        ({"topic": "a/+", "device_level": 1, "fields": {"t": "a..b"}}, "fields"),
+    ],
+)
+def test_config_errors_name_the_key(subscription: dict[str, Any], key: str) -> None:
+    """Invalid subscriptions are refused with the offending key in the message."""
+    with pytest.raises(ValidationError) as info:
+        build_config(
+            "mqtt",
+            {
+                "type": "mqtt",
+                "name": "x",
+                "subscriptions": [subscription],
+                "devices": [{"id": str(uuid.uuid4()), "name": "d"}],
+            },
+        )
+    assert key in str(info.value)
+
+
+def test_mapping_rules() -> None:
+    """Paths with indexes, ON/OFF booleans, numeric strings, and problems by kind."""
+    document = {"a": {"b": [{"c": 1}, {"c": 2}]}, "POWER": "ON"}
+    assert lookup(document, "$.a.b[1].c") == 2
+    with pytest.raises(KeyError):
+        lookup(document, "a.b[2].c")
+    sub = Subscription(topic="t/+", device_level=1, fields={"x": "a.b[0].c", "relay": "POWER"})
+    mapped = map_message(sub, "t/dev", b'{"a": {"b": [{"c": 1.5}]}, "POWER": "OFF"}')
+    assert (mapped.device_key, mapped.readings) == ("dev", {"x": 1.5, "relay": False})
+    with pytest.raises(MessageError) as info:
+        map_message(sub, "t/dev", b"{not json")
+    assert (info.value.problem, info.value.device_key) == ("malformed", "dev")
+    with pytest.raises(MessageError) as info:
+        map_message(sub, "t/dev", b'{"other": 1}')
+    assert info.value.problem == "missing"
+    plain = Subscription(topic="t/+", device_level=1, payload="plain", metric="v")
+    assert map_message(plain, "t/dev", b" 21.5 ").readings == {"v": 21.5}
+    with pytest.raises(MessageError) as info:
+        map_message(plain, "t/dev", b"unavailable")
+    assert info.value.problem == "bad_value"
+
+
+async def test_messages_become_readings(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """Tasmota JSON, ESPHome plain values and Zigbee2MQTT objects map to their devices."""
+    mqtt_input = MqttInput(config_for(mqtt_address, prefix), context)
+    task = await run_for(mqtt_input, emitter)
+    try:
+        await until_subscribed(mqtt_address, prefix, emitter)
+        await publish(
+            mqtt_address,
+            [
+                (
+                    f"{prefix}/tele/tasmota_1A2B3C/SENSOR",
+                    '{"Time":"2026-05-01T12:00:00","AM2301":{"Temperature":21.4,"Humidity":40.1}}',
+                ),
+                (f"{prefix}/esphome/greenhouse/sensor/soil_moisture/state", "37.5"),
+                (f"{prefix}/esphome/greenhouse/sensor/fan/state", "ON"),
+                (
+                    f"{prefix}/z2m/door",
+                    '{"contact": false, "battery": 90, "linkquality": 120, "update": {"state": "idle"}, "label": "x"}',
+                ),
+            ],
+        )
+        await emitter.wait_for(lambda: bool(emitter.values(DOOR, "battery")))
+        await emitter.wait_for(lambda: bool(emitter.values(GREENHOUSE, "fan")))
+    finally:
+        await stop(task)
+    assert emitter.values(CLIMATE, "temperature") == [21.4]
+    assert emitter.values(CLIMATE, "humidity") == [40.1]
+    [climate] = [r for r in emitter.readings if r.device_id == CLIMATE and r.metric == "humidity"]
+    assert climate.time_us == 1_777_636_800_000_000  # 2026-05-01T12:00:00Z
+    assert emitter.values(GREENHOUSE, "soil_moisture") == [37.5]
+    assert emitter.values(GREENHOUSE, "fan") == [True]
+    door = {r.metric: r.value for r in emitter.readings if r.device_id == DOOR}
+    assert door == {"contact": False, "battery": 90, "linkquality": 120}
+    assert emitter.last_status(CLIMATE) == ("online", "")
+    assert emitter.durations
+
+
+async def test_malformed_and_missing_are_counted_not_fatal(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """Malformed JSON, missing fields and unknown devices are counted; the input keeps going."""
+    mqtt_input = MqttInput(config_for(mqtt_address, prefix), context)
+    task = await run_for(mqtt_input, emitter)
+    try:
+        await until_subscribed(mqtt_address, prefix, emitter)
+        await publish(
+            mqtt_address,
+            [
+                (f"{prefix}/tele/tasmota_1A2B3C/SENSOR", '{"AM2301": {"Temperature": 21.4'),
+                (f"{prefix}/tele/tasmota_1A2B3C/SENSOR", '{"DS18B20": {"Temperature": 19.0}}'),
+                (
+                    f"{prefix}/tele/tasmota_1A2B3C/SENSOR",
+                    '{"AM2301": {"Temperature": 22.0, "Humidity": 50}}',
+                ),
+                (f"{prefix}/tele/unknown_plug/SENSOR", '{"AM2301": {"Temperature": 1.0}}'),
+                (f"{prefix}/esphome/greenhouse/sensor/soil/state", "unavailable"),
+                (f"{prefix}/z2m/door", "[1, 2, 3]"),
+            ],
+        )
+        await emitter.wait_for(lambda: mqtt_input.counters["malformed"] >= 2)
+        await emitter.wait_for(lambda: mqtt_input.counters["bad_value"] >= 1)
+        await emitter.wait_for(lambda: (emitter.last_status(DOOR) or ("",))[0] == "error")
+        # A good message brings a device that sent garbage back to online.
+        await publish(mqtt_address, [(f"{prefix}/z2m/door", '{"contact": true}')])
+        await emitter.wait_for(lambda: emitter.last_status(DOOR) == ("online", ""))
+    finally:
+        await stop(task)
+    counters = mqtt_input.counters
+    assert (counters["malformed"], counters["missing"], counters["unknown_device"]) == (2, 1, 1)
+    assert emitter.values(CLIMATE, "temperature") == [22.0]
+    assert emitter.values(DOOR, "contact") == [True]
+    # The climate sensor went error (malformed, missing) and back online with its good message.
+    climate = [s for d, s, _ in emitter.statuses if d == CLIMATE]
+    assert climate[0] == "error"
+    assert climate[-1] == "online"
+
+
+async def test_probe_reports_what_each_device_sent(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext
+) -> None:
+    """probe collects retained state; a silent device is reported as such."""
+    await publish(
+        mqtt_address,
+        [
+            (f"{prefix}/z2m/door", '{"contact": true, "battery": 80}'),
+            (f"{prefix}/esphome/greenhouse/sensor/soil/state", "41"),
+        ],
+        retain=True,
+    )
+    try:
+        results = {
+            r.device_name: r
+            for r in await MqttInput(
+                config_for(mqtt_address, prefix, probe_wait="1s"), context
+            ).probe()
+        }
+    finally:
+        # Clear the retained messages so nothing is left on the shared broker.
+        await publish(
+            mqtt_address,
+            [(f"{prefix}/z2m/door", b""), (f"{prefix}/esphome/greenhouse/sensor/soil/state", b"")],
+            retain=True,
+        )
+    assert results["door"].readings == {"contact": True, "battery": 80}
+    assert results["greenhouse"].readings == {"soil": 41.0}
+    assert results["climate"].error == "no message within 1s"
+
+
+async def test_probe_without_a_broker(prefix: str, context: InputContext) -> None:
+    """With nothing listening, probe says the broker cannot be reached."""
+    from tests.inputs.modbus_peer import free_port
+
+    config = config_for(("127.0.0.1", free_port()), prefix, probe_wait="500ms")
+    results = await MqttInput(config, context).probe()
+    assert all((r.error or "").startswith("cannot connect to the local broker") for r in results)
+
+
+async def test_broker_restart(
+    private_broker: MosquittoBroker, prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """Devices go `error` while the broker is down; paho reconnects and messages flow again."""
+    address = ("127.0.0.1", private_broker.port)
+    mqtt_input = MqttInput(config_for(address, prefix), context)
+    task = await run_for(mqtt_input, emitter)
+    try:
+        await until_subscribed(address, prefix, emitter)
+        await asyncio.to_thread(private_broker.stop)
+        await emitter.wait_for(
+            lambda: "local broker lost" in (emitter.last_status(READY) or ("", ""))[1]
+        )
+        await asyncio.to_thread(private_broker.start)
+        await until_subscribed(address, prefix, emitter)
+        await emitter.wait_for(lambda: emitter.last_status(READY) == ("online", ""))
+        await publish(address, [(f"{prefix}/z2m/door", '{"contact": false}')])
+        await emitter.wait_for(lambda: emitter.values(DOOR, "contact") == [False])
+    finally:
+        await stop(task)
+
+
+async def test_silent_device_goes_stale(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """A device with no message for stale_after goes `error`; its next message restores it."""
+    config = config_for(mqtt_address, prefix, stale_after="400ms")
+    task = await run_for(MqttInput(config, context), emitter)
+    try:
+        await until_subscribed(mqtt_address, prefix, emitter)
+        await publish(mqtt_address, [(f"{prefix}/z2m/door", '{"contact": true}')])
+        await emitter.wait_for(lambda: emitter.last_status(DOOR) == ("online", ""))
+        await emitter.wait_for(
+            lambda: emitter.last_status(DOOR) == ("error", "no message for 0.4s")
+        )
+        await publish(mqtt_address, [(f"{prefix}/z2m/door", '{"contact": false}')])
+        await emitter.wait_for(lambda: emitter.last_status(DOOR) == ("online", ""))
+    finally:
+        await stop(task)
