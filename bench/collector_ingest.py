@@ -50,7 +50,9 @@ FLUSH_ROWS = 20_000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def make_frames(fleet_devices: list[uuid.UUID], gateway: uuid.UUID) -> tuple[list[bytes], list[tuple[object, ...]], int]:
+def make_frames(
+    fleet_devices: list[uuid.UUID], gateway: uuid.UUID
+) -> tuple[list[bytes], list[tuple[object, ...]], int]:
     """Pre-encoded frames, and the same readings as COPY records (tenant filled in later)."""
     rng = random.Random(11)
     stream = uuid.uuid4()
@@ -68,7 +70,10 @@ def make_frames(fleet_devices: list[uuid.UUID], gateway: uuid.UUID) -> tuple[lis
             base = rng.uniform(15, 30) if metric == "temperature" else rng.uniform(30, 70)
             vals = [round(base + rng.gauss(0, 0.2), 2) for _ in range(POINTS)]
             series.append(Series(device_id=device, metric=metric, timestamps=ts, values=vals))
-            rows.extend((EPOCH + timedelta(microseconds=t), device, metric, v) for t, v in zip(ts, vals, strict=True))
+            rows.extend(
+                (EPOCH + timedelta(microseconds=t), device, metric, v)
+                for t, v in zip(ts, vals, strict=True)
+            )
         batch = Batch(gateway_id=gateway, stream=stream, seq=seq, created=start, series=series)
         frames.append(encode_frame(batch))
     return frames, rows, BATCHES * SERIES * POINTS
@@ -102,7 +107,11 @@ def publisher(host: str, port: int, topic: str, frames: list[bytes], go: object)
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}", protocol=MQTTProtocolVersion.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"bench-pub-{os.getpid()}",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )
     client.max_inflight_messages_set(200)
     client.max_queued_messages_set(0)
     client.connect(host, port)
@@ -115,25 +124,28 @@ def publisher(host: str, port: int, topic: str, frames: list[bytes], go: object)
     client.loop_stop()
 
 
-async def wait_ledger(dsn: str, n: int, timeout: float) -> float:
+async def wait_ledger(dsn: str, n: int, limit: float) -> float:
     """Block until ``n`` batches are in the ledger; return the time (perf_counter) it happened."""
     conn = await asyncpg.connect(dsn)
     try:
-        deadline = time.perf_counter() + timeout
+        deadline = time.perf_counter() + limit
         while time.perf_counter() < deadline:
             if await conn.fetchval("SELECT count(*) FROM ingest_ledger") >= n:
                 return time.perf_counter()
             await asyncio.sleep(0.01)
     finally:
         await conn.close()
-    raise TimeoutError(f"fewer than {n} batches committed after {timeout} s")
+    raise TimeoutError(f"fewer than {n} batches committed after {limit} s")
 
 
 async def main(profile: str | None) -> None:
     meta = await create_database(SYSTEM_PG_DSN, "smbenchmeta", timescale=False)
     ts = await create_database(SYSTEM_PG_DSN, "smbenchts", timescale=True)
     workdir = Path(tempfile.mkdtemp(prefix="sensormine-bench-"))
-    broker = MosquittoBroker(workdir / "mosquitto", extra_config="max_inflight_messages 1000\nmax_queued_messages 100000\n")
+    broker = MosquittoBroker(
+        workdir / "mosquitto",
+        extra_config="max_inflight_messages 1000\nmax_queued_messages 100000\n",
+    )
     proc: subprocess.Popen[bytes] | None = None
     try:
         await migrations.apply(meta, "metadata")
@@ -141,7 +153,9 @@ async def main(profile: str | None) -> None:
         fleet = await make_fleet(meta, devices=DEVICES)
         frames, rows, readings = make_frames(fleet.devices, fleet.gateway)
         size = sum(map(len, frames))
-        print(f"frames: {len(frames)} batches, {readings} readings, {size / readings:.2f} bytes/reading")
+        print(
+            f"frames: {len(frames)} batches, {readings} readings, {size / readings:.2f} bytes/reading"
+        )
 
         copy_rate = await raw_copy(ts, fleet.tenant, rows)
         print(f"raw COPY: {copy_rate:,.0f} rows/s ({FLUSH_ROWS} rows per transaction)")
@@ -158,13 +172,15 @@ async def main(profile: str | None) -> None:
         if profile:
             cmd += ["-m", "cProfile", "-o", profile]
         cmd += ["-m", "collector", "run", "--config", str(config)]
-        proc = subprocess.Popen(cmd, cwd=ROOT)
+        proc = subprocess.Popen(cmd, cwd=ROOT)  # noqa: ASYNC220 - started once, before the clock
         # Ready when the collector's session exists on the broker: publish a probe batch and wait for it.
         topic = f"{prefix}/v1/{fleet.tenant}/{fleet.gateway}/telemetry"
         ctx = multiprocessing.get_context("spawn")
         probe_go = ctx.Event()
         probe_go.set()
-        warm = ctx.Process(target=publisher, args=(broker.host, broker.port, topic, frames[:1], probe_go))
+        warm = ctx.Process(
+            target=publisher, args=(broker.host, broker.port, topic, frames[:1], probe_go)
+        )
         await asyncio.sleep(1.0)
         warm.start()
         await wait_ledger(ts, 1, 30)
@@ -188,7 +204,11 @@ async def main(profile: str | None) -> None:
         if stored != readings:
             raise SystemExit(f"stored {stored} readings, expected {readings}")
         print(f"collector: {readings} readings committed in {finished - started:.2f} s")
-        print(f"collector ingest: {rate:,.0f} readings/s, raw COPY {copy_rate:,.0f} rows/s, ratio {rate / copy_rate:.2f}".replace(",", ""))
+        print(
+            f"collector ingest: {rate:,.0f} readings/s, raw COPY {copy_rate:,.0f} rows/s, ratio {rate / copy_rate:.2f}".replace(
+                ",", ""
+            )
+        )
     finally:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
