@@ -51,6 +51,8 @@ class Consumer:
         self.connected = asyncio.Event()
         self._lock = threading.Lock()
         self._intake = True
+        self._disconnected = threading.Event()
+        self._disconnected.set()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -94,6 +96,7 @@ class Consumer:
         with self._lock:
             self.generation += 1
             generation = self.generation
+        self._disconnected.clear()
         client.subscribe([(f, 1) for f in self.filters])
         log.info(
             "mqtt.connected",
@@ -114,6 +117,7 @@ class Consumer:
     ) -> None:
         with self._lock:
             self.generation += 1
+        self._disconnected.set()
         log.warning("mqtt.disconnected", reason=str(reason))
         self.loop.call_soon_threadsafe(self.connected.clear)
 
@@ -168,4 +172,7 @@ class Consumer:
     def stop(self) -> None:
         """Disconnect (the session, with any unacknowledged messages, stays on the broker)."""
         self.client.disconnect()
+        # The PUBACKs and ack frames queued before DISCONNECT go out first; wait for the
+        # network thread to get there before stopping it.
+        self._disconnected.wait(5.0)
         self.client.loop_stop()

@@ -48,6 +48,16 @@ def to_datetime(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=us)
 
 
+def to_datetime_or_none(us: int | None) -> datetime | None:
+    """Like :func:`to_datetime`, ``None`` for a time that no datetime can hold."""
+    if us is None:
+        return None
+    try:
+        return to_datetime(us)
+    except OverflowError:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     """One MQTT message as received, with what is needed to acknowledge it later."""
@@ -258,6 +268,16 @@ class Pipeline:
             staged = self._refused(msg, address, exc.reason, str(exc), batch)
             return staged
 
+    def failed(self, msg: Incoming, exc: BaseException) -> Staged:
+        """A refusal for a message whose processing raised unexpectedly."""
+        try:
+            address: TopicAddress | None = parse_topic(msg.topic, self.prefix)
+        except ProtocolError:
+            address = None
+        return self._refused(
+            msg, address, Reason.MALFORMED, f"collector could not process the frame: {exc!r}"
+        )
+
     # --- refusals -----------------------------------------------------------------------------
 
     def _refused(
@@ -318,6 +338,15 @@ class Pipeline:
             await self._authorize_gateway(address, frame.gateway_id)
         except Refused as exc:
             return self._refused(msg, address, exc.reason, str(exc))
+        now = time.time_ns() // 1000
+        at = max(frame.time, now) if frame.state == "offline" else frame.time
+        if not now - self.max_age_us <= at <= now + self.max_skew_us:
+            return self._refused(
+                msg,
+                address,
+                Reason.TIMESTAMP_OUT_OF_WINDOW,
+                f"status frame time {frame.time} is outside the accepted window",
+            )
         return Staged(
             incoming=msg,
             tenant_id=address.tenant_id,
@@ -491,6 +520,23 @@ class Pipeline:
                     )
                 )
         gw = batch.gateway_id
+        # Events and status changes are kept to the readings' window too: a time far outside
+        # it is a gateway clock fault (and past year 9999 not even a datetime).
+        events = [e for e in batch.events if earliest <= e.time <= latest]
+        changes = [d for d in batch.status if earliest <= d.time <= latest]
+        dropped = len(batch.events) - len(events) + len(batch.status) - len(changes)
+        if dropped:
+            staged.rejects.append(
+                RejectRow(
+                    reason=Reason.TIMESTAMP_OUT_OF_WINDOW.value,
+                    message=f"{dropped} event(s) or status change(s) outside the accepted window",
+                    topic=msg.topic[:512],
+                    tenant_id=tenant,
+                    gateway_id=gw,
+                    stream=batch.stream,
+                    seq=batch.seq,
+                )
+            )
         staged.events = [
             (
                 to_datetime(e.time),
@@ -502,16 +548,20 @@ class Pipeline:
                 _clean(e.message),
                 to_json(e.attributes),
             )
-            for e in batch.events
+            for e in events
         ]
         staged.status = [
             (to_datetime(d.time), tenant, gw, d.device_id, d.status, _clean(d.reason))
-            for d in batch.status
+            for d in changes
         ]
-        if staged.rejected == 0:
+        if staged.rejected == 0 and not dropped:
             staged.result = AckResult.OK
         else:
-            staged.reason = refused_points.most_common(1)[0][0]
+            staged.reason = (
+                refused_points.most_common(1)[0][0]
+                if refused_points
+                else Reason.TIMESTAMP_OUT_OF_WINDOW.value
+            )
             nothing_kept = staged.accepted == 0 and not staged.events and not staged.status
             staged.result = AckResult.REJECTED if nothing_kept else AckResult.PARTIAL
         return staged

@@ -20,7 +20,7 @@ import structlog
 
 from collector import migrations
 from collector.consumer import Consumer
-from collector.errors import DatabaseUnavailable
+from collector.errors import CollectorError, DatabaseUnavailable
 from collector.lifecycle.runner import run_lifecycle
 from collector.lifecycle.status import GatewayDevices
 from collector.observability import CollectorMetrics
@@ -179,12 +179,22 @@ class Collector:
             group=s.mqtt.group,
             prefix=s.mqtt.prefix,
         )
+        stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await stop.wait()
+            done, _ = await asyncio.wait(
+                {stopped, writer_task, pump_task}, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
+            stopped.cancel()
+            stop.set()  # the lifecycle task watches it too
             await self._shutdown(consumer, writer, writer_task, pump_task, watchdog_task, registry)
             await _finish_lifecycle(lifecycle_task, self.settings.drain_deadline)
             await gateway_devices.close()
+        for task in (writer_task, pump_task):
+            # A crashed writer or pump must not leave a process that consumes nothing: exit
+            # non-zero so that systemd restarts it (unacknowledged messages are redelivered).
+            if task in done and not task.cancelled() and task.exception() is not None:
+                raise CollectorError(f"{task.get_name()} failed: {task.exception()!r}")
 
     async def _shutdown(
         self,
@@ -200,7 +210,8 @@ class Collector:
         log.info("collector.draining", staged=writer.pending, deadline=self.settings.drain_deadline)
         consumer.stop_intake()
         pump_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # A crashed task's exception is reported by run(); here it only must not stop the drain.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump_task
         writer.close_intake()
         try:
@@ -208,8 +219,10 @@ class Collector:
         except TimeoutError:
             log.error("collector.drain_timeout", unacknowledged=writer.pending)
             writer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer_task
+        except Exception:
+            log.exception("writer.failed")
         watchdog_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog_task
@@ -241,6 +254,11 @@ class Collector:
                     log.warning("registry.unavailable", error=str(exc), retry_in=delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.settings.writer.retry_max)
+                except Exception as exc:
+                    # A bug must cost one message, not the collector: refuse it and go on.
+                    log.exception("pipeline.failed", topic=msg.topic)
+                    staged = pipeline.failed(msg, exc)
+                    break
             writer.stage(staged)
             # Queued messages never suspend this loop by themselves: yield so that the writer
             # can start a full flush while the next messages are processed.

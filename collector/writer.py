@@ -39,7 +39,13 @@ from collector.copy_format import series_rows
 from collector.errors import DatabaseUnavailable
 from collector.lifecycle.status import GatewayDevicesLookup, StatusRow, insert_status_rows
 from collector.observability import CollectorMetrics
-from collector.pipeline import REJECT_COLUMNS, RejectRow, Staged, to_datetime
+from collector.pipeline import (
+    REJECT_COLUMNS,
+    RejectRow,
+    Staged,
+    to_datetime,
+    to_datetime_or_none,
+)
 from protocol import AckResult
 
 log = structlog.get_logger("collector.writer")
@@ -346,7 +352,7 @@ class Writer:
                         [i.accepted for i in keyed],
                         [i.rejected for i in keyed],
                         [i.reason for i in keyed],
-                        [to_datetime(i.created) if i.created is not None else None for i in keyed],
+                        [to_datetime_or_none(i.created) for i in keyed],
                     )
                     new = {(r[0], r[1], r[2]) for r in rows}
                 writes = [i for i in items if i.key is None or (i.key in new and first[i.key] is i)]
