@@ -11,7 +11,7 @@ import msgpack
 import zstandard
 
 from collector.service import running
-from protocol import AckResult, Batch, GatewayStatus, Series, encode_frame
+from protocol import AckResult, Batch, Event, GatewayStatus, Series, encode_frame
 from tests.collector.conftest import (
     Databases,
     Fleet,
@@ -70,6 +70,17 @@ def _one(device: uuid.UUID, metric: str, value: object, t: int | None = None) ->
             device_id=device, metric=metric, timestamps=[t or now_us() - 1_000_000], values=[value]
         )
     ]  # type: ignore[list-item]
+
+
+def _far_event(f: Fleet, seq: int) -> bytes:
+    b = Batch(
+        gateway_id=f.gateway,
+        stream=uuid.UUID(int=seq + 1),
+        seq=seq,
+        created=2**62,
+        events=[Event(time=2**62, kind="clock", message="far future")],
+    )
+    return encode_frame(b)
 
 
 CASES = [
@@ -146,6 +157,7 @@ CASES = [
         lambda f, s: _with_series(f, s, _one(f.devices[0], "rpm", 1.0)),
     ),
     Case("empty batch", "empty_batch", lambda f, s: _with_series(f, s, [])),
+    Case("event time past year 9999", "timestamp_out_of_window", _far_event),
     Case(
         "out of range",
         "out_of_range",
