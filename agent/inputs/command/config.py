@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,7 +16,9 @@ class CommandConfig(InputConfig):
     type: Literal["command"]
     # argv, run without a shell so that nothing in it is interpreted; use ["sh", "-c", "..."]
     # deliberately when a pipeline is wanted.
-    command: list[str] = Field(min_length=1, max_length=256)
+    command: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1, max_length=256
+    )
     # "interval": run, read its output, wait for it to exit; "stream": keep it running and
     # read each line as it comes.
     mode: Literal["interval", "stream"] = "interval"
@@ -33,7 +35,10 @@ class CommandConfig(InputConfig):
     time_field: str | None = Field(default=None, min_length=1, max_length=64)
     max_line_bytes: int = Field(default=65536, ge=256, le=16 * 1024 * 1024)
     working_dir: str | None = Field(default=None, min_length=1, max_length=4096)
-    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    env: dict[
+        Annotated[str, Field(min_length=1, max_length=256)],
+        Annotated[str, Field(max_length=65536)],
+    ] = Field(default_factory=dict, max_length=256)
     devices: list[DeviceConfig] = Field(min_length=1, max_length=1000)
 
     @model_validator(mode="after")

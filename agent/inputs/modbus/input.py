@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,9 @@ class ModbusInput:
         }
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self._sent_any = False
+        # pymodbus logs every unanswered request at ERROR, once per request and cycle; this input
+        # reports each failure itself as a status change with its reason, once per transition.
+        logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
     @property
     def _link(self) -> str:

@@ -50,6 +50,7 @@ class MqttInput:
         self._last_seen: dict[uuid.UUID, float] = {}
         self._connected = asyncio.Event()
         self._ever_connected = False
+        self._stopping = False
         self._connect_error = ""
         # Devices whose message of the moment failed, with why (filled by _apply).
         self._failed: list[tuple[MqttDevice, str]] = []
@@ -113,10 +114,14 @@ class MqttInput:
 
     def _on_disconnect(self, reason: str) -> None:
         self._connected.clear()
+        if self._stopping:
+            log.info("mqtt_input.closed", input=self.name)
+            return
         self._connect_error = f"connection to the local broker lost: {reason}"
         log.warning("mqtt_input.disconnected", input=self.name, reason=reason)
 
     async def _start(self, deliver: Callable[[str, bytes], None]) -> paho.Client:
+        self._stopping = False
         client = self._client(asyncio.get_running_loop(), deliver)
         # connect_async + loop_start: paho's thread connects and keeps reconnecting by itself;
         # a broker that is down at start is therefore not an error of the input.
@@ -124,8 +129,8 @@ class MqttInput:
         client.loop_start()
         return client
 
-    @staticmethod
-    async def _stop(client: paho.Client) -> None:
+    async def _stop(self, client: paho.Client) -> None:
+        self._stopping = True
         client.disconnect()
         # loop_stop joins paho's thread; do the join off the event loop.
         await asyncio.to_thread(client.loop_stop)
