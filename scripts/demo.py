@@ -8,7 +8,10 @@ and prints what TimescaleDB holds. Its last line is
 ``demo: produced=<n> stored=<m> rejected=<k> duplicates=<d>``; it exits 0 only when every
 produced reading is stored exactly once.
 
-The orchestration (:class:`LocalSystem`) is also what the end-to-end tests drive.
+Environment: ``DEMO_SECONDS`` (run time), ``DEMO_DATABASE`` (name of the registry database; the
+time-series one gets ``_ts`` appended; default ``sensormine_demo``), ``DEMO_STATE`` (directory of
+logs and buffers, default ``demo-state/``). The orchestration (:class:`LocalSystem`) is also what
+the end-to-end tests drive.
 """
 
 from __future__ import annotations
@@ -338,9 +341,17 @@ class LocalSystem:
 
 def main() -> int:
     """Run the demo; exit 0 only when produced == stored and nothing was stored twice."""
-    seconds = float(os.environ.get("DEMO_SECONDS", "30"))
-    state = ROOT / "demo-state"
-    system = LocalSystem(state)
+    try:
+        seconds = float(os.environ.get("DEMO_SECONDS", "30"))
+    except ValueError:
+        print(
+            f"demo: DEMO_SECONDS must be a number of seconds, got {os.environ['DEMO_SECONDS']!r}",
+            file=sys.stderr,
+        )
+        return 2
+    state = Path(os.environ.get("DEMO_STATE", ROOT / "demo-state"))
+    name = os.environ.get("DEMO_DATABASE", "sensormine_demo")
+    system = LocalSystem(state, name=name, prefix=name.replace("_", "-"))
     try:
         print(
             f"demo: preparing databases {system.metadata_dsn} and {system.timeseries_dsn}",
