@@ -43,6 +43,7 @@ class Consumer:
         password: str | None,
         queue: asyncio.Queue[Incoming],
         loop: asyncio.AbstractEventLoop,
+        connected_gauge: Any = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -51,6 +52,7 @@ class Consumer:
         self.connected = asyncio.Event()
         self._lock = threading.Lock()
         self._intake = True
+        self._gauge = connected_gauge
         self._disconnected = threading.Event()
         self._disconnected.set()
         client = mqtt.Client(
@@ -97,6 +99,8 @@ class Consumer:
             self.generation += 1
             generation = self.generation
         self._disconnected.clear()
+        if self._gauge is not None:
+            self._gauge.set(1)
         client.subscribe([(f, 1) for f in self.filters])
         log.info(
             "mqtt.connected",
@@ -118,6 +122,8 @@ class Consumer:
         with self._lock:
             self.generation += 1
         self._disconnected.set()
+        if self._gauge is not None:
+            self._gauge.set(0)
         log.warning("mqtt.disconnected", reason=str(reason))
         self.loop.call_soon_threadsafe(self.connected.clear)
 

@@ -143,7 +143,9 @@ class Collector:
             reject_sample=s.validation.reject_sample,
         )
         queue: asyncio.Queue[Incoming] = asyncio.Queue()
-        consumer = Consumer(s.mqtt, mqtt_password(s.mqtt, self.environ), queue, loop)
+        consumer = Consumer(
+            s.mqtt, mqtt_password(s.mqtt, self.environ), queue, loop, self.metrics.mqtt_connected
+        )
         self.consumer = consumer
         writer = Writer(
             db_kwargs(s, "timeseries", self.environ),

@@ -196,7 +196,7 @@ class MqttSettings(_Section):
     keepalive: Duration = 30.0
     session_expiry: Duration = 86400.0
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
-    reconnect_min: Duration = 0.5
+    reconnect_min: Duration = 1.0
     reconnect_max: Duration = 30.0
     tls: bool = False
     ca_file: Path | None = None

@@ -96,6 +96,7 @@ async def test_status_metrics_and_gateway_will(dbs: Databases, tmp_path: Path) -
     assert "sensormine_collector_points_accepted_total 10.0" in body
     assert 'sensormine_collector_points_rejected_total{reason="out_of_range"} 1.0' in body
     assert "sensormine_collector_duplicates_total 1.0" in body
+    assert "sensormine_collector_mqtt_connected 1.0" in body
     config = _config(tmp_path / "c.toml", dbs.metadata, dbs.timeseries)
     result = _cli("status", "--json", "--config", str(config))
     assert 0 == result.returncode, result.stderr
