@@ -124,9 +124,11 @@ async def test_hung_inputs_do_not_delay_sysfs(
     assert emitter.last_status(UPS) == ("error", "killed after 1.5s (timeout)")
     times = [r.at for r in emitter.readings if r.device_id == PROBE]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # 3 s of a hung Modbus cycle: about 30 sysfs readings, none late by more than a beat or two.
+    # A hung Modbus cycle lasts 3 s (1 s timeout, 2 retries) and the program 1.5 s: sysfs gets
+    # about 30 readings meanwhile, and no gap comes anywhere near one Modbus timeout (the bound
+    # leaves room for a machine busy with other tests).
     assert len(times) >= 20
-    assert max(gaps) < 0.35, max(gaps)
+    assert max(gaps) < 0.6, max(gaps)
     assert emitter.values(context.gateway_id, "cpu_percent")
 
 
