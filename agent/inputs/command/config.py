@@ -11,7 +11,7 @@ from agent.inputs.common import DeviceConfig, Duration
 
 
 class CommandConfig(InputConfig):
-    """One ``[[inputs]]`` stanza of type ``command``."""
+    """Readings from a program's output lines, run on an interval or kept running."""
 
     type: Literal["command"]
     # argv, run without a shell so that nothing in it is interpreted; use ["sh", "-c", "..."]

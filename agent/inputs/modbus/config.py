@@ -97,7 +97,7 @@ class ModbusDevice(DeviceConfig):
 
 
 class ModbusConfig(InputConfig):
-    """One ``[[inputs]]`` stanza of type ``modbus``: a TCP endpoint or an RTU serial bus."""
+    """Modbus TCP or RTU devices: registers, coils, discrete inputs and bit fields."""
 
     type: Literal["modbus"]
     transport: Literal["tcp", "rtu"] = "tcp"

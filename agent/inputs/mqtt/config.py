@@ -95,7 +95,7 @@ class Subscription(BaseModel):
 
 
 class MqttInputConfig(InputConfig):
-    """One ``[[inputs]]`` stanza of type ``mqtt``."""
+    """Devices publishing on a local MQTT broker (Tasmota, ESPHome, Shelly, Zigbee2MQTT)."""
 
     type: Literal["mqtt"]
     host: str = Field(default="127.0.0.1", min_length=1, max_length=253)

@@ -57,7 +57,7 @@ SysfsDevice = Annotated[
 
 
 class SysfsConfig(InputConfig):
-    """One ``[[inputs]]`` stanza of type ``sysfs``."""
+    """Kernel sensor files: 1-wire DS18B20 probes, thermal zones, hwmon, number files."""
 
     type: Literal["sysfs"]
     interval: Duration = Field(default=10.0, ge=0.05, le=86400.0)

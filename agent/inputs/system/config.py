@@ -15,7 +15,7 @@ ALL_GROUPS: tuple[Group, ...] = ("cpu", "memory", "disk", "load", "temperature",
 
 
 class SystemConfig(InputConfig):
-    """One ``[[inputs]]`` stanza of type ``system``."""
+    """The gateway's own health: CPU, memory, disk, load, temperature, uptime, agent."""
 
     type: Literal["system"]
     interval: Duration = Field(default=30.0, ge=0.05, le=86400.0)
