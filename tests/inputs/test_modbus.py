@@ -266,3 +266,49 @@ async def test_rtu_over_a_pty_pair(context: InputContext) -> None:
         behaviour.answering.set()
         await server.shutdown()  # type: ignore[no-untyped-call]
         modem.close()
+
+
+async def test_rtu_device_that_stops_answering_recovers(
+    context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """On a serial line, silence gives `error`; late answers do not confuse what follows."""
+    modem = NullModem()
+    modem.start()
+    behaviour = Behaviour()
+    server = await start_rtu_server(modem.ports[0], behaviour)
+    config = build_config(
+        "modbus",
+        {
+            "type": "modbus",
+            "name": "test-rtu-run",
+            "transport": "rtu",
+            "serial_port": modem.ports[1],
+            "baudrate": 19200,
+            "interval": "200ms",
+            "timeout": "300ms",
+            "retries": 0,
+            "devices": [{"id": str(METER), "name": "meter", "unit": 1, "fields": FIELDS}],
+        },
+    )
+    assert isinstance(config, ModbusConfig)
+    task = await run_for(ModbusInput(config, context), emitter)
+    try:
+        await emitter.wait_for(lambda: emitter.last_status(METER) == ("online", ""))
+        behaviour.answering.clear()
+        await emitter.wait_for(lambda: (emitter.last_status(METER) or ("",))[0] == "error")
+        status = emitter.last_status(METER)
+        assert status is not None
+        assert status[1].startswith("no answer within 0.3s reading")
+        behaviour.answering.set()
+        await emitter.wait_for(lambda: emitter.last_status(METER) == ("online", ""))
+        count = len(emitter.values(METER, "f64"))
+        await emitter.wait_for(lambda: len(emitter.values(METER, "f64")) >= count + 3)
+    finally:
+        await stop(task)
+        behaviour.answering.set()
+        await server.shutdown()  # type: ignore[no-untyped-call]
+        modem.close()
+    # Whatever arrived late, no reading was decoded from the wrong registers.
+    for metric, expected in EXPECTED.items():
+        values = emitter.values(METER, metric)
+        assert values == pytest.approx([expected] * len(values)), metric
