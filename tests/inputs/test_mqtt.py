@@ -326,3 +326,20 @@ async def test_silent_device_goes_stale(
         await emitter.wait_for(lambda: emitter.last_status(DOOR) == ("online", ""))
     finally:
         await stop(task)
+
+
+async def test_probe_beside_the_running_input_does_not_take_its_session(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """`inputs test` next to a running agent uses its own client id: the agent stays connected."""
+    config = config_for(mqtt_address, prefix, probe_wait="500ms")
+    task = await run_for(MqttInput(config, context), emitter)
+    try:
+        await until_subscribed(mqtt_address, prefix, emitter)
+        await MqttInput(config, context).probe()
+        await asyncio.sleep(0.3)
+        await publish(mqtt_address, [(f"{prefix}/z2m/door", '{"contact": true}')])
+        await emitter.wait_for(lambda: emitter.values(DOOR, "contact") == [True])
+    finally:
+        await stop(task)
+    assert [s for _, s, _ in emitter.statuses if s == "error"] == []

@@ -58,10 +58,18 @@ class MqttInput:
     # -- paho plumbing ----------------------------------------------------------------------
 
     def _client(
-        self, loop: asyncio.AbstractEventLoop, deliver: Callable[[str, bytes], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[str, bytes], None],
+        probing: bool,
     ) -> paho.Client:
         config = self._config
-        client_id = config.client_id or f"sensormine-{self._gateway.hex[:8]}-{config.name}"[:128]
+        client_id = config.client_id or f"sensormine-{self._gateway.hex[:8]}-{config.name}"
+        if probing:
+            # `inputs test` runs beside the agent: reusing its client id would make the broker
+            # drop the running agent's session (MQTT client takeover).
+            client_id = f"{client_id[:100]}-test-{uuid.uuid4().hex[:8]}"
+        client_id = client_id[:128]
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -120,9 +128,11 @@ class MqttInput:
         self._connect_error = f"connection to the local broker lost: {reason}"
         log.warning("mqtt_input.disconnected", input=self.name, reason=reason)
 
-    async def _start(self, deliver: Callable[[str, bytes], None]) -> paho.Client:
+    async def _start(
+        self, deliver: Callable[[str, bytes], None], probing: bool = False
+    ) -> paho.Client:
         self._stopping = False
-        client = self._client(asyncio.get_running_loop(), deliver)
+        client = self._client(asyncio.get_running_loop(), deliver, probing)
         # connect_async + loop_start: paho's thread connects and keeps reconnecting by itself;
         # a broker that is down at start is therefore not an error of the input.
         client.connect_async(self._config.host, self._config.port, round(self._config.keepalive))
@@ -247,7 +257,7 @@ class MqttInput:
             if len(seen) == len(self._config.devices):
                 everyone.set()
 
-        client = await self._start(deliver)
+        client = await self._start(deliver, probing=True)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(everyone.wait(), self._config.probe_wait)
