@@ -303,6 +303,12 @@ async def test_rtu_device_that_stops_answering_recovers(
         await emitter.wait_for(lambda: emitter.last_status(METER) == ("online", ""))
         count = len(emitter.values(METER, "f64"))
         await emitter.wait_for(lambda: len(emitter.values(METER, "f64")) >= count + 3)
+        # `inputs test` beside the running input: the port is locked, nothing is sent.
+        [result] = await ModbusInput(config, context).probe()
+        assert result.error == (
+            f"cannot connect to serial {modem.ports[1]}: missing, not permitted, "
+            "or locked by another program (the running agent?)"
+        )
     finally:
         await stop(task)
         behaviour.answering.set()

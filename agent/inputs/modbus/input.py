@@ -114,7 +114,12 @@ class ModbusInput:
             connected = False
             detail = str(exc) or type(exc).__name__
         else:
-            detail = "connection refused or port not available"
+            # pymodbus logs the OS error and returns False; say what it usually means.
+            detail = (
+                "connection refused or host unreachable"
+                if self._config.transport == "tcp"
+                else "missing, not permitted, or locked by another program (the running agent?)"
+            )
         if not connected:
             self._client.close()
             return f"cannot connect to {self._link}: {detail}"
