@@ -88,7 +88,7 @@ class StatusTracker:
             # new failure; only a transition into error becomes an event.
             if previous is None or previous[0] != "error":
                 emit.event(
-                    "device_error",
+                    "device.error",
                     reason,
                     severity="warning",
                     device_id=device_id,
@@ -97,7 +97,7 @@ class StatusTracker:
         elif previous is not None and previous[0] == "error":
             log.info("input.device_recovered", input=self._input, device_id=str(device_id))
             emit.event(
-                "device_recovered",
+                "device.recovered",
                 "device answers again",
                 device_id=device_id,
                 attributes={"input": self._input},

@@ -154,7 +154,7 @@ sys.exit(3)
     finally:
         await stop(task)
     assert emitter.last_status(UPS) == ("error", "exit status 3: sensor bus not found")
-    failed = [e for e in emitter.events if e["kind"] == "command_failed"]
+    failed = [e for e in emitter.events if e["kind"] == "command.failed"]
     assert failed and failed[0]["attributes"]["exit_code"] == 3
     assert command_input.counters.last_exit == 3
     # What it printed before failing is still data.

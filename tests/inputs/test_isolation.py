@@ -176,5 +176,5 @@ async def test_inputs_in_the_real_runtime(
     } <= gateway_metrics
     assert "agent_buffer_readings" in gateway_metrics
     events = {(e.kind, e.device_id) for b in batches for e in b.events}
-    assert ("device_error", METER) in events
-    assert ("command_failed", None) in events
+    assert ("device.error", METER) in events
+    assert ("command.failed", None) in events

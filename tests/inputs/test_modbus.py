@@ -197,7 +197,7 @@ async def test_silent_device_goes_error_then_online(
     assert set(emitter.values(METER, "f32")) == {12.5}
     assert emitter.durations and max(emitter.durations) < 5
     kinds = [e["kind"] for e in emitter.events if e["device_id"] == METER]
-    assert kinds[:2] == ["device_error", "device_recovered"]
+    assert kinds[:2] == ["device.error", "device.recovered"]
 
 
 async def test_server_gone_then_back(

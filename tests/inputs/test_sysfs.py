@@ -147,7 +147,7 @@ async def test_crc_no_is_an_error_not_a_reading(
     finally:
         await stop(task)
     kinds_of_events = [e["kind"] for e in emitter.events if e["device_id"] == IDS["w1a"]]
-    assert kinds_of_events == ["device_error", "device_recovered"]
+    assert kinds_of_events == ["device.error", "device.recovered"]
 
 
 async def test_power_on_value_and_missing_files(tree: Path, context: InputContext) -> None:

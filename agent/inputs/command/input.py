@@ -216,7 +216,7 @@ class CommandInput:
             return
         log.warning("command.failed", input=self.name, reason=failure, counters=self.counters)
         emit.event(
-            "command_failed",
+            "command.failed",
             failure,
             severity="warning",
             attributes={
