@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +86,17 @@ async def databases() -> AsyncIterator[Databases]:
     finally:
         await drop_database(SYSTEM_PG_DSN, meta)
         await drop_database(SYSTEM_PG_DSN, ts)
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Child processes of the test; any still alive at teardown (a timeout) are killed."""
+    spawned: list[subprocess.Popen[bytes]] = []
+    yield spawned
+    for process in spawned:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 async def register_site(metadata: str) -> Site:
@@ -295,15 +306,18 @@ async def stall_report(
 
 
 async def test_three_collectors_store_a_million_readings_exactly_despite_a_sigkill(
-    databases: Databases, tmp_path: Path
+    databases: Databases, tmp_path: Path, children: list[subprocess.Popen[bytes]]
 ) -> None:
     """20 gateways, 1,000,000 readings, 3 collectors in one group, one killed mid-run: every
     reading stored exactly once, every batch acked, every collector took a share."""
     site = await register_site(databases.metadata)
     broker = MosquittoBroker(tmp_path / "broker", extra_config="max_inflight_messages 100\n")
     broker.start()
+    assert broker.process is not None
+    children.append(broker.process)
     prefix = f"scale{uuid.uuid4().hex[:6]}"
     collectors = [start_collector(n, databases, broker, prefix, tmp_path) for n in "abc"]
+    children.extend(c.process for c in collectors)
     gateways = []
     try:
         for c in collectors:
