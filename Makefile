@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup services test test-slow lint demo bench clean
+.PHONY: setup services test test-slow lint demo bench clean config-reference
 
 setup: $(STAMP) services
 
@@ -30,13 +30,21 @@ test: setup lint
 test-slow: setup
 	$(BIN)/pytest -m slow
 
+# Regenerate docs/configuration.md after changing a settings model or an example file.
+config-reference: $(STAMP)
+	$(BIN)/python scripts/config_reference.py
+
 # The end-to-end demo: a collector and two agents with simulated sensors for DEMO_SECONDS (30).
+DEMO_SECONDS ?= 30
 demo: setup
-	$(BIN)/python scripts/demo.py
+	DEMO_SECONDS=$(DEMO_SECONDS) $(BIN)/python scripts/demo.py
 
 bench: setup
 	$(BIN)/python bench/wire.py
 	$(BIN)/python bench/agent_buffer.py
+	$(BIN)/python bench/agent_footprint.py
+	$(BIN)/python bench/collector_ingest.py
+	$(BIN)/python bench/lifecycle_rollups.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
