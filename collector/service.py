@@ -119,7 +119,10 @@ class Collector:
         await self._retry("timeseries", stop, self._set_chunk_interval)
         if stop.is_set():
             return
-        self._metrics_server = self.metrics.serve(s.metrics.listen)
+        try:
+            self._metrics_server = self.metrics.serve(s.metrics.listen)
+        except OSError as exc:
+            raise CollectorError(f"metrics.listen {s.metrics.listen}: {exc.strerror}") from None
         registry = Registry(
             db_kwargs(s, "metadata", self.environ),
             refresh_interval=s.registry.refresh_interval,
