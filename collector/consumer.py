@@ -50,6 +50,7 @@ class Consumer:
         self.loop = loop
         self.generation = 0
         self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()
         self._lock = threading.Lock()
         self._intake = True
         self._gauge = connected_gauge
@@ -74,6 +75,7 @@ class Consumer:
         # Outgoing ack frames: enough in flight that acks of one flush do not queue in paho.
         client.max_inflight_messages_set(1000)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         self.client = client
@@ -111,6 +113,20 @@ class Consumer:
         )
         self.loop.call_soon_threadsafe(self.connected.set)
 
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _mid: int,
+        reasons: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            log.error("mqtt.subscribe_refused", filters=self.filters, reasons=failed)
+            return
+        self.loop.call_soon_threadsafe(self.subscribed.set)
+
     def _on_disconnect(
         self,
         _client: mqtt.Client,
@@ -126,6 +142,7 @@ class Consumer:
             self._gauge.set(0)
         log.warning("mqtt.disconnected", reason=str(reason))
         self.loop.call_soon_threadsafe(self.connected.clear)
+        self.loop.call_soon_threadsafe(self.subscribed.clear)
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         if not self._intake:

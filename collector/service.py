@@ -335,15 +335,21 @@ async def _finish_lifecycle(task: asyncio.Task[None], deadline: float) -> None:
             await task
 
 
+async def _subscribed(collector: Collector) -> None:
+    await collector.ready.wait()
+    assert collector.consumer is not None
+    await collector.consumer.subscribed.wait()
+
+
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings, environ: dict[str, str] | None = None
 ) -> AsyncIterator[Collector]:
-    """Run a collector in this event loop for the duration of the ``async with`` block."""
+    """Run a collector in this event loop for the ``async with`` block, entered once it is subscribed."""
     collector = Collector(settings, environ)
     stop = asyncio.Event()
     task = asyncio.create_task(collector.run(stop), name="collector")
-    ready = asyncio.create_task(collector.ready.wait())
+    ready = asyncio.create_task(_subscribed(collector))
     done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         ready.cancel()
