@@ -6,7 +6,7 @@ import asyncio
 import math
 import socket
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -169,3 +169,21 @@ def test_sd_notify_sends_ready_watchdog_and_status(tmp_path: Path) -> None:
     silent = Notifier({})
     assert not silent.enabled
     silent.ready()
+
+
+async def test_chunk_interval_is_configurable(scratch_db: str) -> None:
+    """The hypertables get the configured chunk interval (metrics and status history 7x)."""
+    await migrations.apply(scratch_db, "timeseries", chunk_interval=timedelta(hours=6))
+    conn = await asyncpg.connect(scratch_db)
+    try:
+        rows = await conn.fetch(
+            "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions ORDER BY 1"
+        )
+    finally:
+        await conn.close()
+    assert {
+        "device_status_history": timedelta(hours=42),
+        "events": timedelta(hours=6),
+        "metrics": timedelta(hours=42),
+        "telemetry": timedelta(hours=6),
+    } == {r["hypertable_name"]: r["time_interval"] for r in rows}
