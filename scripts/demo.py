@@ -22,8 +22,10 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,38 +48,67 @@ def free_port() -> int:
 
 
 class ReadyListener:
-    """A notify socket like systemd's: children started with it report READY=1 on it."""
+    """A notify socket like systemd's: children started with it report READY=1 on it.
+
+    Like systemd it reads every datagram for as long as it exists (a thread drains it), and it
+    tells senders apart by their credentials (SO_PASSCRED). A peer that stops reading after
+    READY=1 would fill the socket's small queue (net.unix.max_dgram_qlen) with the children's
+    WATCHDOG=1/STATUS= datagrams, which no real service manager does.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / f"notify-{uuid.uuid4().hex[:8]}.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(str(self.path))
         self.sock.settimeout(0.2)
         self.ready: set[int] = set()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read, name="notify-socket", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        ucred = struct.Struct("3i")  # pid, uid, gid
+        while not self._closed:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(ucred.size))
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            pid = next(
+                (
+                    ucred.unpack(cdata[: ucred.size])[0]
+                    for level, kind, cdata in ancillary
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+                ),
+                None,
+            )
+            if pid is not None and b"READY=1" in data.split(b"\n"):
+                with self._changed:
+                    self.ready.add(pid)
+                    self._changed.notify_all()
 
     def wait_ready(
         self, process: subprocess.Popen[bytes], what: str, timeout: float = 60.0
     ) -> None:
         """Block until ``process`` sent READY=1; fail if it exits first."""
         deadline = time.monotonic() + timeout
-        while process.pid not in self.ready:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"{what} exited with status {process.returncode} before it was ready"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not report READY=1 within {timeout:.0f} s")
-            try:
-                data, _ = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            # Datagrams carry no sender pid here, so MAINPID is not available: a process is
-            # ready when a READY=1 arrives while it is the one we are waiting for.
-            if b"READY=1" in data.split(b"\n"):
-                self.ready.add(process.pid)
+        with self._changed:
+            while process.pid not in self.ready:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"{what} exited with status {process.returncode} before it was ready"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} did not report READY=1 within {timeout:.0f} s")
+                self._changed.wait(0.2)
 
     def close(self) -> None:
-        """Remove the socket."""
+        """Stop reading and remove the socket."""
+        self._closed = True
+        self._reader.join(5)
         self.sock.close()
         self.path.unlink(missing_ok=True)
 

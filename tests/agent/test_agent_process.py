@@ -281,3 +281,63 @@ def test_killed_agent_is_reported_offline_by_its_will(
         agent.kill()
         agent.wait(10)
     wait_for(lambda: decode_status(ack.statuses[-1]).state == "offline", timeout=20)
+
+
+def _queue_full(address: str) -> bool:
+    """Whether the datagram queue of the socket bound at ``address`` refuses one more datagram."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.sendto(b"PROBE=1", socket.MSG_DONTWAIT, address)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def test_unread_notify_socket_never_stalls_the_agent(
+    tmp_path: Path,
+    mqtt_address: tuple[str, int],
+    prefix: str,
+    acknowledger_factory: Callable[..., Acknowledger],
+) -> None:
+    """A notify socket nobody reads (its queue full) costs datagrams, not the event loop.
+
+    A blocking ``sendto`` to a full AF_UNIX datagram queue waits forever: the agent kept
+    running its inputs' threads but stopped shipping and ignored SIGTERM.
+    """
+    config = write_config(
+        tmp_path / "agent.toml",
+        buffer=tmp_path / "buffer.db",
+        port=mqtt_address[1],
+        prefix=prefix,
+        extra_runtime='status_interval = "50ms"\ndrain_timeout = "5s"',
+    )
+    ack = acknowledger_factory(*mqtt_address, prefix)
+    address = str(tmp_path / "notify.sock")
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(address)  # and never read: its queue fills after net.unix.max_dgram_qlen datagrams
+    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="100000")
+    log_path = tmp_path / "agent.log"
+    agent = subprocess.Popen(
+        [*AGENT, "run", "--config", str(config)],
+        env=env,
+        cwd=ROOT,
+        stdout=log_path.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _queue_full(address), timeout=30)
+        # The agent still ships after its notifications started bouncing off the full queue.
+        shipped = len(ack.frames)
+        wait_for(lambda: len(ack.frames) >= shipped + 3, timeout=30)
+        assert "systemd.notify_dropped" in log_path.read_text()
+        agent.send_signal(signal.SIGTERM)
+        # Drain deadline 5 s, plus the shipper's 5 s to say offline, plus start-up slack.
+        code = agent.wait(20)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        peer.close()
+    events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+    assert 0 == code, log_path.read_text()[-2000:]
+    assert "agent.stopping" in events and "agent.stopped" in events
