@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import ssl
 import threading
+import time
+from collections import deque
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -55,6 +57,7 @@ class Consumer:
         self._intake = True
         self._gauge = connected_gauge
         self._disconnected = threading.Event()
+        self._pending: deque[mqtt.MQTTMessageInfo] = deque()
         self._disconnected.set()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -190,10 +193,23 @@ class Consumer:
 
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish an ack frame (QoS 1); paho queues it across reconnects."""
-        self.client.publish(topic, payload, qos=1)
+        pending = self._pending
+        while pending and pending[0].is_published():
+            pending.popleft()
+        pending.append(self.client.publish(topic, payload, qos=1))
 
-    def stop(self) -> None:
+    def stop(self, deadline: float = 5.0) -> None:
         """Disconnect (the session, with any unacknowledged messages, stays on the broker)."""
+        # paho keeps QoS 1 publishes beyond the broker's receive maximum in its own queue and
+        # sends them only as PUBACKs come back: let the ack frames of the last flush get out.
+        until = time.monotonic() + deadline
+        while self._pending and time.monotonic() < until:
+            if self._pending[0].is_published():
+                self._pending.popleft()
+            elif not self.client.is_connected():
+                break
+            else:
+                time.sleep(0.01)
         self.client.disconnect()
         # The PUBACKs and ack frames queued before DISCONNECT go out first; wait for the
         # network thread to get there before stopping it.

@@ -231,7 +231,10 @@ class Collector:
         watchdog_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog_task
-        await asyncio.get_running_loop().run_in_executor(None, consumer.stop)
+        remaining = self.settings.drain_deadline - (time.monotonic() - started)
+        await asyncio.get_running_loop().run_in_executor(
+            None, consumer.stop, min(5.0, max(0.5, remaining))
+        )
         await writer.close()
         await registry.close()
         if self._metrics_server is not None:
@@ -286,7 +289,13 @@ class Collector:
                     reason=item.reason,
                 )
                 consumer.publish(item.ack_topic, encode_frame(frame, compress=False))
-            consumer.ack(item.incoming)
+            pubacked = consumer.ack(item.incoming)
+            log.debug(
+                "batch.acked",
+                seq=item.seq,
+                result=item.result.value if item.result else None,
+                puback=pubacked,
+            )
             m.inflight.dec()
             kind = "status" if item.ack_topic is None and item.result is None else "telemetry"
             result = item.result.value if item.result is not None else "ok"
