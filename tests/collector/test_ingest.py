@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 from collector.service import running
+from collector.writer import FlushReport
 from protocol import AckResult, Batch, DeviceStatus, Event, Series
 from tests.collector.conftest import (
     Databases,
@@ -224,3 +225,47 @@ async def test_invalid_points_are_refused_and_valid_ones_of_the_batch_stored(
         ("pressure", "unknown_metric", 1),
         ("temperature", "out_of_range", 2),
     ]
+
+
+async def test_flush_hook_and_dirty_table_name_what_was_written(dbs: Databases) -> None:
+    """After a commit, the hook and ingest_dirty both name the (device, metric, hour) ranges written."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    reports: list[FlushReport] = []
+    hour = 3_600_000_000
+    start = (now_us() // hour - 3) * hour + 10_000_000  # 10 s into an hour three hours ago
+    batch = make_batch(fleet, 1, uuid.uuid4(), values=[1.0, 2.0], start=start)
+    spanning = Batch(
+        gateway_id=fleet.gateway,
+        stream=uuid.uuid4(),
+        seq=2,
+        created=now_us(),
+        series=[
+            Series(
+                device_id=fleet.devices[1],
+                metric="humidity",
+                timestamps=[start, start + hour],
+                values=[40.0, 41.0],
+            )
+        ],
+    )
+    async with running(collector_settings(dbs, *SYSTEM_MQTT, p)) as collector:
+        assert collector.writer is not None
+        collector.writer.add_flush_hook(reports.append)
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(batch)
+            gw.publish(spanning)
+            await asyncio.to_thread(gw.wait_acks, 2)
+    ranges = sorted(
+        ((r.device_id, r.metric, r.first_us, r.last_us) for rep in reports for r in rep.ranges),
+        key=lambda r: (r[1], r[2]),
+    )
+    t1 = start + 1000  # make_batch offsets by seq * 1 ms
+    assert [
+        (fleet.devices[1], "humidity", start, start),
+        (fleet.devices[1], "humidity", start + hour, start + hour),
+        (fleet.devices[0], "temperature", t1, t1 + 1_000_000),
+    ] == ranges
+    rows = await dbs.fetch("SELECT device_id, metric, first_time, last_time FROM ingest_dirty")
+    assert len(rows) == 3
