@@ -194,7 +194,7 @@ class Consumer:
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish an ack frame (QoS 1); paho queues it across reconnects."""
         pending = self._pending
-        while pending and pending[0].is_published():
+        while pending and _sent(pending[0]):
             pending.popleft()
         pending.append(self.client.publish(topic, payload, qos=1))
 
@@ -204,7 +204,7 @@ class Consumer:
         # sends them only as PUBACKs come back: let the ack frames of the last flush get out.
         until = time.monotonic() + deadline
         while self._pending and time.monotonic() < until:
-            if self._pending[0].is_published():
+            if _sent(self._pending[0]):
                 self._pending.popleft()
             elif not self.client.is_connected():
                 break
@@ -215,3 +215,13 @@ class Consumer:
         # network thread to get there before stopping it.
         self._disconnected.wait(5.0)
         self.client.loop_stop()
+
+
+def _sent(info: mqtt.MQTTMessageInfo) -> bool:
+    """Whether paho is done with a publish (``is_published`` raises for one made offline)."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        # Published while disconnected: paho sends QoS 1 messages after it reconnects, or the
+        # frame is lost with the process; either way the agent's resend gets a duplicate ack.
+        return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -241,10 +242,11 @@ class GatewayClient:
 
         client.on_message = on_message
         client.on_subscribe = lambda *a: subscribed.set()
+        # Every gateway's acks: hostile frames on other tenants' or gateways' topics get one too.
+        # Subscribed on every connect, as an agent does: a broker restart may forget sessions.
+        client.on_connect = lambda c, *a: c.subscribe(f"{self.prefix}/v1/+/+/ack", qos=1)
         client.connect(self.host, self.port)
         client.loop_start()
-        # Every gateway's acks: hostile frames on other tenants' or gateways' topics get one too.
-        client.subscribe(f"{self.prefix}/v1/+/+/ack", qos=1)
         assert subscribed.wait(10), "ack subscription not confirmed"
         self.client = client
         return self
@@ -266,7 +268,9 @@ class GatewayClient:
         data = encode_frame(payload) if isinstance(payload, Batch) else payload
         topic = build_topic(self.prefix, tenant or self.tenant, gateway or self.gateway, kind)
         info = self.client.publish(topic, data, qos=1)
-        info.wait_for_publish(10)
+        # Offline, paho queues the message and sends it after reconnecting (like the agent).
+        with contextlib.suppress(RuntimeError):
+            info.wait_for_publish(10)
 
     def wait_acks(self, n: int, timeout: float = 15.0) -> list[Ack]:
         """The next ``n`` ack frames."""

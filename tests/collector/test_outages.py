@@ -170,3 +170,29 @@ async def test_sigterm_drains_acks_and_exits_zero(dbs: Databases, tmp_path: Path
     # Nothing acknowledged that is not committed, and what was taken before SIGTERM was drained.
     assert acked <= ledger
     assert 0 in ledger and len(ledger) == len(acked) + 1
+
+
+async def test_broker_restart_mid_stream_stores_every_batch_once(
+    dbs: Databases, private_broker: MosquittoBroker
+) -> None:
+    """The broker restarts while batches flow: the collector reconnects and nothing is lost or doubled."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = f"b{uuid.uuid4().hex[:10]}"
+    stream = uuid.uuid4()
+    batches = [make_batch(fleet, seq, stream, points=20) for seq in range(80)]
+    settings = collector_settings(dbs, private_broker.host, private_broker.port, p)
+    async with running(settings):
+        with GatewayClient(
+            private_broker.host, private_broker.port, p, fleet.tenant, fleet.gateway
+        ) as gw:
+            sender = asyncio.create_task(
+                asyncio.to_thread(deliver_all, gw, batches, 60.0, 5.0, 0.02)
+            )
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(private_broker.stop)
+            await asyncio.to_thread(private_broker.start)
+            results = await sender
+    assert set(range(80)) == set(results)
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    assert (1600, 1600) == (rows[0]["n"], rows[0]["t"])
