@@ -288,7 +288,12 @@ class Collector:
                     rejected=item.rejected,
                     reason=item.reason,
                 )
-                consumer.publish(item.ack_topic, encode_frame(frame, compress=False))
+                try:
+                    consumer.publish(item.ack_topic, encode_frame(frame, compress=False))
+                except Exception:
+                    # The batch is committed; without its ack frame the agent resends it and
+                    # gets a duplicate ack. Not worth stopping the writer for.
+                    log.exception("ack.publish_failed", topic=item.ack_topic)
             pubacked = consumer.ack(item.incoming)
             log.debug(
                 "batch.acked",
