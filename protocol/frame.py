@@ -425,7 +425,7 @@ def _decode_ack(body: dict[str, Any]) -> Ack:
     )
 
 
-def decode_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int:
+def decode_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> int:
     """Check a frame's size and header; return its flags."""
     if len(data) > limits.max_frame_bytes:
         raise _fail(
@@ -451,7 +451,7 @@ def decode_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> int:
     return flags
 
 
-def decode_frame(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Frame:
+def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Frame:
     """Decode a frame into a :class:`Batch`, :class:`GatewayStatus` or :class:`Ack`.
 
     Raises only :class:`ProtocolError`.
@@ -497,7 +497,7 @@ def decode_frame(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Frame:
     raise _fail(Reason.INVALID_FIELD, f"frame kind {kind!r} is not batch, status or ack")
 
 
-def decode_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Batch:
+def decode_batch(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Batch:
     """Decode a frame that must be a batch."""
     frame = decode_frame(data, limits)
     if not isinstance(frame, Batch):
@@ -505,7 +505,7 @@ def decode_batch(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Batch:
     return frame
 
 
-def decode_ack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Ack:
+def decode_ack(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Ack:
     """Decode a frame that must be an ack."""
     frame = decode_frame(data, limits)
     if not isinstance(frame, Ack):
@@ -513,7 +513,9 @@ def decode_ack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Ack:
     return frame
 
 
-def decode_status(data: bytes, limits: Limits = DEFAULT_LIMITS) -> GatewayStatus:
+def decode_status(
+    data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+) -> GatewayStatus:
     """Decode a frame that must be a gateway status."""
     frame = decode_frame(data, limits)
     if not isinstance(frame, GatewayStatus):
