@@ -26,7 +26,7 @@ def test_frame_travels_through_mosquitto(mqtt_address: tuple[str, int]) -> None:
         series=[Series(device_id=uuid.uuid4(), metric="t", timestamps=[1, 2], values=[1.25, 2.5])],
     )
     frame = encode_frame(batch)
-    received: queue.Queue[bytes] = queue.Queue()
+    received: queue.Queue[bytes | bytearray] = queue.Queue()
     subscribed: queue.Queue[bool] = queue.Queue()
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"smoke-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5

@@ -70,9 +70,9 @@ class Acknowledger:
         )
         client.on_connect = self._on_connect
         client.on_message = self._on_message
-        client.reconnect_delay_set(0.2, 1.0)
+        client.reconnect_delay_set(0.2, 1.0)  # type: ignore[arg-type]  # paho takes floats; its hint says int
         self._client = client
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         client.connect(self.host, self.port, keepalive=10, clean_start=False, properties=props)
         client.loop_start()

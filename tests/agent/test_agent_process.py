@@ -13,13 +13,14 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from protocol import decode_status
 from tests.agent.conftest import AGENT, ROOT, Acknowledger, agent_cli, start_agent, write_config
 from tests.services import MosquittoBroker
 
 
-def status_json(config: Path) -> dict[str, object]:
+def status_json(config: Path) -> dict[str, Any]:
     """``sensormine-agent status --json``, parsed."""
     result = agent_cli("status", "--config", str(config), "--json")
     assert 0 == result.returncode, result.stderr

@@ -31,7 +31,16 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from collector import migrations
-from protocol import AckResult, Batch, Series, TopicKind, build_topic, decode_ack, encode_frame
+from protocol import (
+    AckResult,
+    Batch,
+    Series,
+    TopicKind,
+    Value,
+    build_topic,
+    decode_ack,
+    encode_frame,
+)
 from tests.conftest import create_database, drop_database
 from tests.ops.units import REPO
 from tests.services import SYSTEM_PG_DSN, MosquittoBroker, free_port
@@ -213,7 +222,9 @@ def make_frames(gateway: uuid.UUID, devices: list[uuid.UUID], stream: uuid.UUID)
             for m, metric in enumerate(METRICS):
                 start = base + (seq * POINTS_PER_SERIES) * 1000
                 stamps = [start + i * 1000 for i in range(POINTS_PER_SERIES)]
-                values = [20.0 + ((seq + i + d + m) % 50) / 10 for i in range(POINTS_PER_SERIES)]
+                values: list[Value] = [
+                    20.0 + ((seq + i + d + m) % 50) / 10 for i in range(POINTS_PER_SERIES)
+                ]
                 series.append(
                     Series(device_id=device, metric=metric, timestamps=stamps, values=values)
                 )

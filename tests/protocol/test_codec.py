@@ -20,6 +20,7 @@ from protocol import (
     ProtocolError,
     Reason,
     Series,
+    Value,
     decode_ack,
     decode_batch,
     decode_frame,
@@ -74,7 +75,8 @@ def test_nan_survives_the_wire() -> None:
 
 def test_decimal_values_use_the_compact_codec() -> None:
     """Readings with two decimals travel as small integer deltas, not 9-byte doubles."""
-    values = [20.0 + i / 100 for i in range(100)]
+    decimals = [20.0 + i / 100 for i in range(100)]
+    values: list[Value] = list(decimals)
     batch = Batch(
         gateway_id=GW,
         stream=STREAM,
@@ -90,7 +92,7 @@ def test_decimal_values_use_the_compact_codec() -> None:
                     device_id=DEV,
                     metric="t",
                     timestamps=list(range(100)),
-                    values=[v + 1e-9 for v in values],
+                    values=[v + 1e-9 for v in decimals],
                 )
             ]
         }
@@ -104,7 +106,7 @@ def _body(frame: bytes) -> dict[str, object]:
 
 
 def _frame(body: object, flags: int = 0) -> bytes:
-    return b"SM\x01" + bytes([flags]) + msgpack.packb(body, use_bin_type=True)
+    return b"SM\x01" + bytes([flags]) + bytes(msgpack.packb(body, use_bin_type=True))
 
 
 def _valid_body() -> dict[str, object]:
