@@ -262,7 +262,10 @@ class RegistryStore:
                 f"tenant {ref} still owns {', '.join(owned)}; delete those first "
                 "(or disable the tenant instead)"
             )
-        await self.conn.execute("DELETE FROM tenants WHERE id = $1", row["id"])
+        # No foreign keys (the seed's decision): what belongs to the row goes explicitly.
+        async with self.conn.transaction():
+            await self.conn.execute("DELETE FROM users WHERE tenant_id = $1", row["id"])
+            await self.conn.execute("DELETE FROM tenants WHERE id = $1", row["id"])
         return row
 
     # --- gateways -----------------------------------------------------------------------------
@@ -497,7 +500,9 @@ class RegistryStore:
                 f"schema {ref} is used by {len(names)} device type(s) ({self._listing(names)}); "
                 "point them at another schema (`device-types update <type> --schema ...`) first"
             )
-        await self.conn.execute("DELETE FROM schemas WHERE id = $1", row["id"])
+        async with self.conn.transaction():
+            await self.conn.execute("DELETE FROM schema_versions WHERE schema_id = $1", row["id"])
+            await self.conn.execute("DELETE FROM schemas WHERE id = $1", row["id"])
         return row
 
     # --- device types -------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 -- Registry of the metadata database: who owns what, and what a device may send.
--- References inside this database use foreign keys, except device_types.schema_id: a schema
--- reference is checked by the application (the seed's decision), so a device type can be
--- created before its schema and schemas can be managed on their own.
+-- No foreign keys, here or between the two databases (the seed's decision): every reference is
+-- a UUID that the application checks (`sensormine-collector` refuses a device type naming a
+-- schema that does not exist, a device of another tenant's type, and a delete that would leave
+-- something pointing at nothing). So "foreign key constraint violation" cannot come from us,
+-- and schemas, device types and devices can be managed, backed up and restored on their own.
 
 CREATE TABLE tenants (
     id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -13,7 +15,7 @@ CREATE TABLE tenants (
 
 CREATE TABLE users (
     id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    tenant_id     uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+    tenant_id     uuid NOT NULL,
     email         text NOT NULL,
     display_name  text NOT NULL DEFAULT '',
     role          text NOT NULL DEFAULT 'viewer' CHECK (role IN ('admin', 'operator', 'viewer')),
@@ -25,7 +27,7 @@ CREATE TABLE users (
 
 CREATE TABLE gateways (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    tenant_id    uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+    tenant_id    uuid NOT NULL,
     name         text NOT NULL,
     description  text NOT NULL DEFAULT '',
     enabled      boolean NOT NULL DEFAULT true,
@@ -36,7 +38,7 @@ CREATE TABLE gateways (
 
 CREATE TABLE schemas (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    tenant_id    uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+    tenant_id    uuid NOT NULL,
     name         text NOT NULL,
     description  text NOT NULL DEFAULT '',
     created_at   timestamptz NOT NULL DEFAULT now(),
@@ -47,7 +49,7 @@ CREATE TABLE schemas (
 -- The current version of a schema is the one with the highest version number.
 CREATE TABLE schema_versions (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    schema_id    uuid NOT NULL REFERENCES schemas (id) ON DELETE CASCADE,
+    schema_id    uuid NOT NULL,
     version      integer NOT NULL CHECK (version > 0),
     json_schema  jsonb NOT NULL,
     created_by   text NOT NULL DEFAULT '',
@@ -57,7 +59,7 @@ CREATE TABLE schema_versions (
 
 CREATE TABLE device_types (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    tenant_id    uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+    tenant_id    uuid NOT NULL,
     name         text NOT NULL,
     description  text NOT NULL DEFAULT '',
     schema_id    uuid,  -- no foreign key: checked by the application
@@ -71,7 +73,7 @@ CREATE INDEX device_types_schema_id ON device_types (schema_id);
 
 CREATE TABLE device_type_versions (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    device_type_id  uuid NOT NULL REFERENCES device_types (id) ON DELETE CASCADE,
+    device_type_id  uuid NOT NULL,
     version         integer NOT NULL,
     snapshot        jsonb NOT NULL,
     created_by      text NOT NULL DEFAULT '',
@@ -92,9 +94,9 @@ CREATE INDEX device_type_audit_logs_type_time ON device_type_audit_logs (device_
 
 CREATE TABLE devices (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    tenant_id       uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
-    device_type_id  uuid NOT NULL REFERENCES device_types (id),
-    gateway_id      uuid REFERENCES gateways (id) ON DELETE SET NULL,
+    tenant_id       uuid NOT NULL,
+    device_type_id  uuid NOT NULL,
+    gateway_id      uuid,
     name            text NOT NULL,
     description     text NOT NULL DEFAULT '',
     attributes      jsonb NOT NULL DEFAULT '{}'::jsonb,
@@ -108,10 +110,10 @@ CREATE INDEX devices_device_type_id ON devices (device_type_id);
 
 CREATE TABLE alert_rules (
     id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    tenant_id       uuid NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+    tenant_id       uuid NOT NULL,
     name            text NOT NULL,
-    device_type_id  uuid REFERENCES device_types (id) ON DELETE CASCADE,
-    device_id       uuid REFERENCES devices (id) ON DELETE CASCADE,
+    device_type_id  uuid,
+    device_id       uuid,
     metric          text NOT NULL,
     condition       text NOT NULL CHECK (condition IN ('>', '>=', '<', '<=', '==', '!=')),
     threshold       double precision NOT NULL,
