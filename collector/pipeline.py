@@ -26,6 +26,8 @@ from collector.validation import MetricRule, Verdict, check_series
 from protocol import (
     AckResult,
     Batch,
+    DeviceStatus,
+    Event,
     GatewayStatus,
     Limits,
     ProtocolError,
@@ -394,30 +396,45 @@ class Pipeline:
 
     async def _authorize_devices(
         self, address: TopicAddress, batch: Batch
-    ) -> dict[uuid.UUID, DeviceEntry]:
+    ) -> tuple[dict[uuid.UUID, DeviceEntry], dict[uuid.UUID, tuple[Reason, str]]]:
+        """The batch's devices that may send, and the refused ones with their reason.
+
+        A refused device costs only its own readings (rejected with the reason), never the
+        rest of the batch: a device added on site before it is registered must not take the
+        gateway's other devices down with it.
+        """
         ids = {s.device_id for s in batch.series}
         ids.update(e.device_id for e in batch.events if e.device_id is not None)
         ids.update(s.device_id for s in batch.status)
         found = await self.registry.devices(ids)
-        out: dict[uuid.UUID, DeviceEntry] = {}
+        allowed: dict[uuid.UUID, DeviceEntry] = {}
+        refused: dict[uuid.UUID, tuple[Reason, str]] = {}
         for ident in sorted(ids):
             device = found.get(ident)
             if device is None:
-                raise Refused(Reason.UNKNOWN_DEVICE, f"device {ident} is not registered")
-            if not device.enabled:
-                raise Refused(Reason.DEVICE_DISABLED, f"device {ident} is disabled")
-            if device.tenant_id != address.tenant_id:
-                raise Refused(
+                refused[ident] = (Reason.UNKNOWN_DEVICE, f"device {ident} is not registered")
+            elif not device.enabled:
+                refused[ident] = (Reason.DEVICE_DISABLED, f"device {ident} is disabled")
+            elif device.tenant_id != address.tenant_id:
+                refused[ident] = (
                     Reason.DEVICE_TENANT_MISMATCH,
                     f"device {ident} belongs to tenant {device.tenant_id}, not {address.tenant_id}",
                 )
-            if device.gateway_id is not None and device.gateway_id != address.gateway_id:
-                raise Refused(
+            elif device.gateway_id is not None and device.gateway_id != address.gateway_id:
+                refused[ident] = (
                     Reason.DEVICE_GATEWAY_MISMATCH,
                     f"device {ident} is assigned to gateway {device.gateway_id}, not {address.gateway_id}",
                 )
-            out[ident] = device
-        return out
+            else:
+                dtype = await self.registry.device_type(device.device_type_id)
+                if dtype is not None and not dtype.enabled:
+                    refused[ident] = (
+                        Reason.DEVICE_DISABLED,
+                        f"device {ident} is of device type {dtype.id}, which is disabled",
+                    )
+                else:
+                    allowed[ident] = device
+        return allowed, refused
 
     async def _rule(
         self, device: DeviceEntry, metric: str, cache: dict[uuid.UUID, Any]
@@ -461,7 +478,7 @@ class Pipeline:
         await self._authorize_gateway(address, batch.gateway_id)
         if not batch.series and not batch.events and not batch.status:
             raise Refused(Reason.EMPTY_BATCH, "batch holds no readings, events or status changes")
-        devices = await self._authorize_devices(address, batch)
+        devices, refused_devices = await self._authorize_devices(address, batch)
         tenant = address.tenant_id
         staged = Staged(
             incoming=msg,
@@ -478,7 +495,10 @@ class Pipeline:
         schemas: dict[uuid.UUID, Any] = {}
         refused_points: Counter[str] = Counter()
         for s in batch.series:
-            rule, reason, why = await self._rule(devices[s.device_id], s.metric, schemas)
+            if s.device_id in refused_devices:
+                rule, (reason, why) = None, refused_devices[s.device_id]
+            else:
+                rule, reason, why = await self._rule(devices[s.device_id], s.metric, schemas)
             ts, values = s.timestamps, s.values
             if rule is None:
                 verdict = Verdict([], [_all(reason, len(ts))])
@@ -522,9 +542,35 @@ class Pipeline:
         gw = batch.gateway_id
         # Events and status changes are kept to the readings' window too: a time far outside
         # it is a gateway clock fault (and past year 9999 not even a datetime).
-        events = [e for e in batch.events if earliest <= e.time <= latest]
-        changes = [d for d in batch.status if earliest <= d.time <= latest]
-        dropped = len(batch.events) - len(events) + len(batch.status) - len(changes)
+        events: list[Event] = []
+        changes: list[DeviceStatus] = []
+        dropped = 0
+        refused_extras: Counter[uuid.UUID] = Counter()
+        items: list[Event | DeviceStatus] = [*batch.events, *batch.status]
+        for item in items:
+            if item.device_id is not None and item.device_id in refused_devices:
+                refused_extras[item.device_id] += 1
+            elif not earliest <= item.time <= latest:
+                dropped += 1
+            elif isinstance(item, DeviceStatus):
+                changes.append(item)
+            else:
+                events.append(item)
+        for ident, n in refused_extras.items():
+            # An event or status change of a refused device is refused with it.
+            reason, why = refused_devices[ident]
+            staged.rejects.append(
+                RejectRow(
+                    reason=reason.value,
+                    message=f"{n} event(s) or status change(s): {why}",
+                    topic=msg.topic[:512],
+                    tenant_id=tenant,
+                    gateway_id=gw,
+                    stream=batch.stream,
+                    seq=batch.seq,
+                    device_id=ident,
+                )
+            )
         if dropped:
             staged.rejects.append(
                 RejectRow(
@@ -554,12 +600,14 @@ class Pipeline:
             (to_datetime(d.time), tenant, gw, d.device_id, d.status, _clean(d.reason))
             for d in changes
         ]
-        if staged.rejected == 0 and not dropped:
+        if staged.rejected == 0 and not dropped and not refused_extras:
             staged.result = AckResult.OK
         else:
             staged.reason = (
                 refused_points.most_common(1)[0][0]
                 if refused_points
+                else refused_devices[next(iter(refused_extras))][0].value
+                if refused_extras
                 else Reason.TIMESTAMP_OUT_OF_WINDOW.value
             )
             nothing_kept = staged.accepted == 0 and not staged.events and not staged.status

@@ -269,3 +269,74 @@ async def test_flush_hook_and_dirty_table_name_what_was_written(dbs: Databases) 
     ] == ranges
     rows = await dbs.fetch("SELECT device_id, metric, first_time, last_time FROM ingest_dirty")
     assert len(rows) == 3
+
+
+async def test_a_refused_device_costs_only_its_own_readings(dbs: Databases) -> None:
+    """Unknown, other-tenant and disabled-type devices are refused; the batch's good device is stored."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    t = now_us() - 10_000_000
+    unknown = uuid.uuid4()
+    await dbs.meta(
+        "INSERT INTO device_types (tenant_id, name, enabled) VALUES ($1, 'retired', false)",
+        fleet.tenant,
+    )
+    retired = uuid.uuid4()
+    await dbs.meta(
+        "INSERT INTO devices (id, tenant_id, device_type_id, gateway_id, name) "
+        "SELECT $1, $2, id, $3, 'old' FROM device_types WHERE name = 'retired'",
+        retired,
+        fleet.tenant,
+        fleet.gateway,
+    )
+    batch = Batch(
+        gateway_id=fleet.gateway,
+        stream=uuid.uuid4(),
+        seq=1,
+        created=now_us(),
+        series=[
+            Series(
+                device_id=fleet.devices[0],
+                metric="temperature",
+                timestamps=[t, t + 1],
+                values=[20.0, 21.0],
+            ),
+            Series(
+                device_id=unknown,
+                metric="temperature",
+                timestamps=[t, t + 1, t + 2],
+                values=[1.0, 2.0, 3.0],
+            ),
+            Series(
+                device_id=fleet.other_device, metric="temperature", timestamps=[t], values=[5.0]
+            ),
+            Series(device_id=retired, metric="temperature", timestamps=[t], values=[6.0]),
+        ],
+        events=[Event(time=t, device_id=unknown, kind="device.error", message="new on site")],
+        status=[DeviceStatus(time=t, device_id=fleet.devices[0], status="online")],
+    )
+    async with running(collector_settings(dbs, *SYSTEM_MQTT, p)):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(batch)
+            (ack,) = await asyncio.to_thread(gw.wait_acks, 1)
+    assert (AckResult.PARTIAL, 2, 5, "unknown_device") == (
+        ack.result,
+        ack.accepted,
+        ack.rejected,
+        ack.reason,
+    )
+    stored = await dbs.fetch("SELECT device_id, value FROM telemetry ORDER BY time")
+    assert [(fleet.devices[0], 20.0), (fleet.devices[0], 21.0)] == [tuple(r) for r in stored]
+    rejects = await dbs.fetch("SELECT device_id, reason, points FROM ingest_rejects")
+    assert {
+        (unknown, "unknown_device", 3),
+        (unknown, "unknown_device", 0),
+        (fleet.other_device, "device_tenant_mismatch", 1),
+        (retired, "device_disabled", 1),
+    } == {tuple(r) for r in rejects}
+    statuses = await dbs.fetch(
+        "SELECT device_id, status FROM device_status_history WHERE device_id IS NOT NULL"
+    )
+    assert [(fleet.devices[0], "online")] == [tuple(r) for r in statuses]
+    assert [] == await dbs.fetch("SELECT * FROM events")
