@@ -19,6 +19,8 @@ class Notifier:
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         self.watchdog_interval: float | None = None
+        self.dropped = 0
+        self._pending: list[str] = []
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             # systemd's advice: ping at half the timeout.
             self.watchdog_interval = int(usec) / 2e6
@@ -29,18 +31,30 @@ class Notifier:
         return bool(self.address)
 
     def notify(self, *fields: str) -> None:
-        """Send ``fields`` (e.g. ``"READY=1"``) as one datagram; errors are ignored."""
+        """Send ``fields`` (e.g. ``"READY=1"``) as one datagram; never blocks, never raises.
+
+        The send is non-blocking: a notify socket whose queue is full (a reader that stalls)
+        must not stall the event loop that commits and acknowledges batches. A datagram that
+        does not fit is dropped; ``READY=1`` and ``STOPPING=1`` are kept and sent again with
+        the next notification, while ``STATUS=`` and ``WATCHDOG=1`` repeat anyway.
+        """
         if not self.address:
             return
         address = self.address
         if address.startswith("@"):
             address = "\0" + address[1:]  # abstract namespace socket
+        message = [*self._pending, *(f for f in fields if f not in self._pending)]
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.connect(address)
-                sock.sendall("\n".join(fields).encode())
+                sock.sendto(
+                    "\n".join(message).encode(),
+                    socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL,
+                    address,
+                )
+            self._pending = []
         except OSError:
-            pass
+            self.dropped += 1
+            self._pending = [f for f in message if f in ("READY=1", "STOPPING=1")]
 
     def ready(self, status: str = "") -> None:
         """Tell systemd that start-up is complete."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -169,6 +171,26 @@ def test_sd_notify_sends_ready_watchdog_and_status(tmp_path: Path) -> None:
     silent = Notifier({})
     assert not silent.enabled
     silent.ready()
+
+
+def test_sd_notify_never_blocks_on_a_full_queue(tmp_path: Path) -> None:
+    """A notify socket nobody reads fills up; notify returns at once and READY=1 is sent later."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        n = Notifier({"NOTIFY_SOCKET": str(path)})
+        for _ in range(1000):  # far beyond net.unix.max_dgram_qlen
+            n.status("busy")
+        started = time.monotonic()
+        n.ready("consuming")
+        assert time.monotonic() - started < 1.0
+        assert n.dropped > 0
+        server.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                server.recv(100)
+        n.status("draining")
+        assert b"READY=1\nSTATUS=draining" == server.recv(100)
 
 
 async def test_chunk_interval_is_configurable(scratch_db: str) -> None:
