@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from collector import migrations  # noqa: E402
-from protocol import Batch, Series, encode_frame  # noqa: E402
+from protocol import Batch, Series, Value, encode_frame  # noqa: E402
 from tests.collector.conftest import make_fleet  # noqa: E402
 from tests.conftest import create_database, drop_database  # noqa: E402
 from tests.services import SYSTEM_PG_DSN, MosquittoBroker  # noqa: E402
@@ -69,7 +69,7 @@ def make_frames(
             t0 = start + seq * POINTS * 1_000_000 + k * 1000
             ts = [t0 + i * 1_000_000 + rng.randrange(2000) for i in range(POINTS)]
             base = rng.uniform(15, 30) if metric == "temperature" else rng.uniform(30, 70)
-            vals = [round(base + rng.gauss(0, 0.2), 2) for _ in range(POINTS)]
+            vals: list[Value] = [round(base + rng.gauss(0, 0.2), 2) for _ in range(POINTS)]
             series.append(Series(device_id=device, metric=metric, timestamps=ts, values=vals))
             rows.extend(
                 (EPOCH + timedelta(microseconds=t), device, metric, v)

@@ -274,7 +274,7 @@ class GatewayClient:
 
     def wait_acks(self, n: int, timeout: float = 15.0) -> list[Ack]:
         """The next ``n`` ack frames."""
-        out = []
+        out: list[Ack] = []
         deadline = time.monotonic() + timeout
         while len(out) < n:
             remaining = deadline - time.monotonic()

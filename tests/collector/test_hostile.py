@@ -11,7 +11,7 @@ import msgpack
 import zstandard
 
 from collector.service import running
-from protocol import AckResult, Batch, Event, GatewayStatus, Series, encode_frame
+from protocol import AckResult, Batch, Event, GatewayStatus, Series, Value, encode_frame
 from tests.collector.conftest import (
     Databases,
     Fleet,
@@ -64,12 +64,12 @@ def _with_series(
     return encode_frame(b)
 
 
-def _one(device: uuid.UUID, metric: str, value: object, t: int | None = None) -> list[Series]:
+def _one(device: uuid.UUID, metric: str, value: Value, t: int | None = None) -> list[Series]:
     return [
         Series(
             device_id=device, metric=metric, timestamps=[t or now_us() - 1_000_000], values=[value]
         )
-    ]  # type: ignore[list-item]
+    ]
 
 
 def _far_event(f: Fleet, seq: int) -> bytes:

@@ -6,10 +6,11 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Callable
 
 from collector.registry import Registry
 from collector.service import running
-from protocol import AckResult
+from protocol import AckResult, Batch
 from tests.collector.conftest import (
     SCHEMA,
     Databases,
@@ -21,8 +22,8 @@ from tests.services import SYSTEM_MQTT
 
 
 async def _ack_within(
-    gw: GatewayClient, fleet_batch_factory, want: AckResult, within: float
-) -> float:  # type: ignore[no-untyped-def]
+    gw: GatewayClient, fleet_batch_factory: Callable[[int], Batch], want: AckResult, within: float
+) -> float:
     """Publish fresh batches until one is acked ``want``; return how long that took."""
     started = time.monotonic()
     seq = 0

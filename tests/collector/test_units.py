@@ -18,7 +18,7 @@ from collector import copy_format, migrations
 from collector.errors import MigrationError
 from collector.sd_notify import Notifier
 from collector.validation import SchemaError, check_series, compile_schema
-from protocol import Reason
+from protocol import Reason, Value
 from tests.conftest import create_database, drop_database
 from tests.services import SYSTEM_PG_DSN
 
@@ -28,7 +28,7 @@ async def test_binary_copy_rows_read_back_exactly(scratch_db: str) -> None:
     await migrations.apply(scratch_db, "timeseries")
     tenant, device = uuid.uuid4(), uuid.uuid4()
     t0 = 1_764_000_000_123_457
-    series = [
+    series: list[tuple[str, list[int], list[Value]]] = [
         ("temperature", [t0, t0 + 1, t0 + 999_999], [21.25, -0.0, 1e300]),
         ("count", [t0 + 2, t0 + 3], [2**53 + 1, -7]),
         ("door", [t0 + 4, t0 + 5], [True, False]),
