@@ -66,7 +66,7 @@ def comments(path: Path) -> dict[tuple[str, str], str]:
             pending, group = [], None
         elif key:
             name = key.group(2)
-            text = " ".join(pending).strip()
+            text = " ".join([*pending, _trailing_comment(line)]).strip()
             if not text and group:
                 text = f"See `{group}`."
             elif text:
@@ -79,6 +79,18 @@ def comments(path: Path) -> dict[tuple[str, str], str]:
         elif not line.strip():
             pending, group = [], None
     return found
+
+
+def _trailing_comment(line: str) -> str:
+    """The ``# ...`` after a key's value, outside any quoted string."""
+    body = line.split("=", 1)[1] if "=" in line else ""
+    quoted = False
+    for i, char in enumerate(body):
+        if char == '"':
+            quoted = not quoted
+        elif char == "#" and not quoted:
+            return body[i + 1 :].strip()
+    return ""
 
 
 def _validator_names(info: FieldInfo) -> set[str]:
@@ -215,6 +227,22 @@ def walk(model: type[BaseModel], section: str, notes: dict[tuple[str, str], str]
         yield from walk(sub, path, notes)
 
 
+# Keys every input kind shares, explained once here rather than in every sample file.
+COMMON = {
+    ("inputs", "type"): "The input kind; it decides which other keys the table takes.",
+    (
+        "inputs",
+        "name",
+    ): "A name for this input instance, unique in the file (logs, `sensormine-agent inputs test <name>`).",
+    ("inputs", "devices"): "The devices this input reads, one `[[inputs.devices]]` table each.",
+    (
+        "inputs.devices",
+        "id",
+    ): "The device's id as registered with the collector (`sensormine-collector devices list`).",
+    ("inputs.devices", "name"): "A name for the device in logs and in `inputs test` output.",
+}
+
+
 def render() -> tuple[str, list[str]]:
     """The page, and the keys that do not appear in their example file."""
     out = [
@@ -268,7 +296,11 @@ def render() -> tuple[str, list[str]]:
     )
     for name, input_kind in sorted(kinds().items()):
         sample = ROOT / "agent" / "inputs" / name / "sample.toml"
-        keys = list(walk(input_kind.config_model, "inputs", comments(sample)))
+        notes = comments(sample)
+        for where, text in COMMON.items():
+            if where in notes and not notes[where]:
+                notes[where] = text
+        keys = list(walk(input_kind.config_model, "inputs", notes))
         table(f'Agent input `type = "{name}"`', keys, f"agent/inputs/{name}/sample.toml")
     collector_example = ROOT / "config" / "collector.example.toml"
     table(

@@ -116,7 +116,7 @@ def test_sample_configuration_loads() -> None:
     """The commented sample.toml validates."""
     [config] = load_sample("mqtt")
     assert isinstance(config, MqttInputConfig)
-    assert len(config.subscriptions) == 7
+    assert len(config.subscriptions) == 8
 
 
 @pytest.mark.parametrize(
