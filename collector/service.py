@@ -100,10 +100,26 @@ class Collector:
             raise DatabaseUnavailable(f"time-series database: {exc}") from exc
         try:
             interval = timedelta(seconds=self.settings.timeseries.chunk_interval)
-            for table in ("telemetry", "events"):
+            # Collectors starting together would update the same catalog rows ("tuple
+            # concurrently updated"): change only what differs, one collector at a time.
+            async with conn.transaction():
                 await conn.execute(
-                    "SELECT set_chunk_time_interval($1::regclass, $2::interval)", table, interval
+                    "SELECT pg_advisory_xact_lock($1)", migrations.lock_key("timeseries")
                 )
+                for table in ("telemetry", "events"):
+                    current = await conn.fetchval(
+                        "SELECT time_interval FROM timescaledb_information.dimensions "
+                        "WHERE hypertable_name = $1 AND column_name = 'time'",
+                        table,
+                    )
+                    if current != interval:
+                        await conn.execute(
+                            "SELECT set_chunk_time_interval($1::regclass, $2::interval)",
+                            table,
+                            interval,
+                        )
+        except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise DatabaseUnavailable(f"time-series database: {exc}") from exc
         finally:
             await conn.close()
 

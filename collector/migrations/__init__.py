@@ -177,3 +177,8 @@ async def status(
         )
         for m in files
     ]
+
+
+def lock_key(kind: str) -> int:
+    """The advisory-lock key that serializes schema changes of the ``kind`` database."""
+    return _LOCK_KEYS[kind]

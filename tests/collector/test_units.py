@@ -17,10 +17,12 @@ import pytest
 from collector import copy_format, migrations
 from collector.errors import MigrationError
 from collector.sd_notify import Notifier
+from collector.service import Collector
 from collector.validation import SchemaError, check_series, compile_schema
 from protocol import Reason, Value
+from tests.collector.conftest import Databases, collector_settings
 from tests.conftest import create_database, drop_database
-from tests.services import SYSTEM_PG_DSN
+from tests.services import SYSTEM_MQTT, SYSTEM_PG_DSN
 
 
 async def test_binary_copy_rows_read_back_exactly(scratch_db: str) -> None:
@@ -209,3 +211,18 @@ async def test_chunk_interval_is_configurable(scratch_db: str) -> None:
         "metrics": timedelta(hours=42),
         "telemetry": timedelta(hours=6),
     } == {r["hypertable_name"]: r["time_interval"] for r in rows}
+
+
+async def test_collectors_starting_together_set_the_chunk_interval_without_conflict(
+    dbs: Databases,
+) -> None:
+    """Several collectors applying a new chunk interval at once neither fail nor disagree."""
+    settings = collector_settings(dbs, *SYSTEM_MQTT, "p", timeseries={"chunk_interval": "6h"})
+    await asyncio.gather(*(Collector(settings)._set_chunk_interval() for _ in range(6)))
+    intervals = await dbs.fetch(
+        "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions "
+        "WHERE hypertable_name IN ('telemetry', 'events') ORDER BY 1"
+    )
+    assert [("events", timedelta(hours=6)), ("telemetry", timedelta(hours=6))] == [
+        tuple(r) for r in intervals
+    ]
