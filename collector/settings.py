@@ -16,60 +16,23 @@ passwords may be part of the connection setting, else come from
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from collector.errors import ConfigError
 from collector.lifecycle.settings import LifecycleSettings
+from collector.quantities import Duration, Size
 from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
 
 DEFAULT_CONFIG_PATH = Path("/etc/sensormine/collector.toml")
 ENV_PREFIX = "SENSORMINE_COLLECTOR__"
 MQTT_PASSWORD_ENV = "SENSORMINE_MQTT_PASSWORD"
 MQTT_CREDENTIAL = "mqtt-password"
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|KiB|MiB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"`` (or a plain number)."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a string such as '5s', not a boolean")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"a duration is a string such as '5s', got {type(value).__name__}")
-    match = _DURATION.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a duration; write e.g. '500ms', '5s', '2m', '1h'")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from ``"1MiB"``, ``"64KiB"`` (or a plain integer)."""
-    if isinstance(value, bool):
-        raise ValueError("a size is a string such as '1MiB', not a boolean")
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"a size is a string such as '1MiB', got {type(value).__name__}")
-    match = _SIZE.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a size; write e.g. '64KiB', '1MiB'")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 
 
 class _Section(BaseModel):

@@ -38,7 +38,8 @@ from collector.admin.store import (
     connect,
 )
 from collector.errors import CollectorError
-from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, parse_duration
+from collector.quantities import parse_duration
+from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])

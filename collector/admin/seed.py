@@ -31,7 +31,7 @@ from collector.admin.store import (
     RegistryStore,
     Row,
 )
-from collector.settings import parse_duration
+from collector.quantities import parse_duration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_SEED = REPO_ROOT / "config" / "seed" / "demo.toml"

@@ -1,39 +1,18 @@
 """Configuration of the data lifecycle jobs: the ``[lifecycle]`` section of the collector's file.
 
-Durations are written like the rest of the collector's file (``"30s"``, ``"1h"``, ``"90d"``), plus
-``"w"`` for weeks. The parser is repeated here rather than imported from ``collector.settings``
-because that module imports this one (the ``lifecycle`` field), and a cycle would break whichever
-is imported first.
+Durations are written like the rest of the collector's file (``"30s"``, ``"1h"``, ``"90d"``,
+``"2w"``), parsed by :mod:`collector.quantities`.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
-from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+from collector.quantities import Duration
+
 DAY = 86400.0
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``"30s"``, ``"2m"``, ``"1h"``, ``"90d"``, ``"2w"`` (or a plain number)."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a string such as '30s' or '90d', not a boolean")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"a duration is a string such as '90d', got {type(value).__name__}")
-    match = _DURATION.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a duration; write e.g. '30s', '1h', '90d'")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 
 
 def interval(seconds: float) -> timedelta:
