@@ -3,9 +3,11 @@
 from protocol.errors import ProtocolError, Reason
 from protocol.frame import (
     DEFAULT_LIMITS,
+    Envelope,
     Limits,
     decode_ack,
     decode_batch,
+    decode_envelope,
     decode_frame,
     decode_header,
     decode_status,
@@ -39,6 +41,7 @@ __all__ = [
     "AckResult",
     "Batch",
     "DeviceStatus",
+    "Envelope",
     "Event",
     "Frame",
     "GatewayStatus",
@@ -52,6 +55,7 @@ __all__ = [
     "build_topic",
     "decode_ack",
     "decode_batch",
+    "decode_envelope",
     "decode_frame",
     "decode_header",
     "decode_status",

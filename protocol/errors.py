@@ -42,6 +42,10 @@ class Reason(StrEnum):
     NOT_IN_ENUM = "not_in_enum"
     NON_FINITE = "non_finite"
     TIMESTAMP_OUT_OF_WINDOW = "timestamp_out_of_window"
+    # Delivery (collector)
+    CONFLICT = "conflict"
+    INTERNAL_ERROR = "internal_error"
+    QUOTA_EXCEEDED = "quota_exceeded"
 
 
 class ProtocolError(Exception):

@@ -158,7 +158,7 @@ def _body(frame: Frame) -> dict[str, Any]:
             body["version"] = frame.version
         return body
     if isinstance(frame, Ack):
-        return {
+        ack: dict[str, Any] = {
             "k": "ack",
             "stream": frame.stream.bytes,
             "seq": frame.seq,
@@ -167,6 +167,13 @@ def _body(frame: Frame) -> dict[str, Any]:
             "rejected": frame.rejected,
             "reason": frame.reason,
         }
+        # Only when there is something to say: an ack of a fully stored batch keeps the first
+        # release's shape, which agents of that release decode.
+        if frame.quarantined:
+            ack["quarantined"] = frame.quarantined
+        if frame.reasons:
+            ack["reasons"] = {k: [q, r] for k, (q, r) in frame.reasons.items()}
+        return ack
     raise TypeError(f"cannot encode {type(frame).__name__} as a frame")
 
 
@@ -411,8 +418,34 @@ def _decode_gateway_status(body: dict[str, Any]) -> GatewayStatus:
     )
 
 
+MAX_ACK_REASONS = 64
+
+
+def _ack_reasons(value: Any) -> dict[str, tuple[int, int]]:
+    if type(value) is not dict:
+        raise _fail(Reason.INVALID_FIELD, f"reasons must be a map, got {_describe(value)}")
+    if len(value) > MAX_ACK_REASONS:
+        raise _fail(Reason.INVALID_FIELD, f"reasons has more than {MAX_ACK_REASONS} entries")
+    out: dict[str, tuple[int, int]] = {}
+    for key, pair in value.items():
+        name = _str(key, "reasons key", 64, min_len=1)
+        items = _list(pair, f"reasons[{name}]", 2)
+        if len(items) != 2:
+            raise _fail(Reason.INVALID_FIELD, f"reasons[{name}] must be [quarantined, refused]")
+        out[name] = (
+            _int(items[0], f"reasons[{name}][0]", 0, _INT64_MAX),
+            _int(items[1], f"reasons[{name}][1]", 0, _INT64_MAX),
+        )
+    return out
+
+
 def _decode_ack(body: dict[str, Any]) -> Ack:
-    _known_keys(body, ("k", "stream", "seq", "result", "accepted", "rejected", "reason"), (), "ack")
+    _known_keys(
+        body,
+        ("k", "stream", "seq", "result", "accepted", "rejected", "reason"),
+        ("quarantined", "reasons"),
+        "ack",
+    )
     return Ack.model_construct(
         stream=_uuid(body["stream"], "stream"),
         seq=_int(body["seq"], "seq", 0, MAX_SEQ),
@@ -422,7 +455,56 @@ def _decode_ack(body: dict[str, Any]) -> Ack:
         accepted=_int(body["accepted"], "accepted", 0, _INT64_MAX),
         rejected=_int(body["rejected"], "rejected", 0, _INT64_MAX),
         reason=_str(body["reason"], "reason", 64),
+        quarantined=_int(body.get("quarantined", 0), "quarantined", 0, _INT64_MAX),
+        reasons=_ack_reasons(body.get("reasons", {})),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The address of a batch frame: enough to acknowledge it and to keep it, nothing more."""
+
+    gateway_id: uuid.UUID
+    stream: uuid.UUID
+    seq: int
+    created: int | None
+
+
+def decode_envelope(data: bytes | bytearray | memoryview) -> Envelope | None:
+    """The envelope of a batch frame that a receiver refused, or ``None`` if it cannot be read.
+
+    Uses the protocol's default limits, not a receiver's stricter ones, so that a frame refused
+    for its size or content (more series or readings than the receiver takes) can still be
+    acknowledged under its own stream and seq and kept whole. Compressed frames are inflated
+    within the same caps as :func:`decode_frame`. Never raises.
+    """
+    try:
+        raw = bytes(data)
+        flags = decode_header(raw, DEFAULT_LIMITS)
+        body_bytes = raw[HEADER_SIZE:]
+        if flags & FLAG_ZSTD:
+            body_bytes = _decompress(body_bytes, DEFAULT_LIMITS)
+        body = msgpack.unpackb(
+            body_bytes,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=DEFAULT_LIMITS.max_str_len,
+            max_bin_len=DEFAULT_LIMITS.max_bin_len,
+            max_array_len=DEFAULT_LIMITS.max_array_len,
+            max_map_len=DEFAULT_LIMITS.max_map_len,
+            max_ext_len=0,
+        )
+        if type(body) is not dict or body.get("k") != "batch":
+            return None
+        created = body.get("created")
+        return Envelope(
+            gateway_id=_uuid(body.get("gw"), "gw"),
+            stream=_uuid(body.get("stream"), "stream"),
+            seq=_int(body.get("seq"), "seq", 0, MAX_SEQ),
+            created=created if type(created) is int and 0 <= created <= MAX_TIME_US else None,
+        )
+    except Exception:  # anything at all: this is the salvage of a frame already refused
+        return None
 
 
 def decode_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> int:

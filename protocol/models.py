@@ -36,12 +36,20 @@ GatewayState = Literal["online", "offline"]
 
 
 class AckResult(StrEnum):
-    """What the collector did with a batch."""
+    """What the collector did with a batch.
+
+    Every result but ``conflict`` is final: the batch's data is stored, quarantined in the cloud
+    or refused, and the agent deletes it. ``conflict`` says the key ``(gateway, stream, seq)``
+    was committed earlier with other content: nothing of this batch was kept, and the agent must
+    send it again under a new stream.
+    """
 
     OK = "ok"
     DUPLICATE = "duplicate"
     PARTIAL = "partial"
+    QUARANTINED = "quarantined"
     REJECTED = "rejected"
+    CONFLICT = "conflict"
 
 
 class _Wire(BaseModel):
@@ -111,15 +119,28 @@ class GatewayStatus(_Wire):
     version: Annotated[str, Field(max_length=64)] = ""
 
 
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class Ack(_Wire):
-    """The collector's answer to one batch, sent only after the batch is committed."""
+    """The collector's answer to one batch, sent only after the batch is committed.
+
+    ``accepted`` readings were stored, ``quarantined`` are kept in the collector's quarantine
+    (durable, replayable once the cause is fixed), ``rejected`` were refused for good.
+    ``reasons`` maps each reason code to ``(quarantined, refused)`` readings; ``reason`` is the
+    most frequent one.
+    """
 
     stream: uuid.UUID
     seq: Annotated[int, Field(ge=0, le=MAX_SEQ, strict=True)]
     result: AckResult
-    accepted: Annotated[int, Field(ge=0)] = 0
-    rejected: Annotated[int, Field(ge=0)] = 0
+    accepted: Count = 0
+    rejected: Count = 0
     reason: Annotated[str, Field(max_length=64)] = ""
+    quarantined: Count = 0
+    reasons: dict[Annotated[str, Field(min_length=1, max_length=64)], tuple[Count, Count]] = Field(
+        default_factory=dict, max_length=64
+    )
 
 
 Frame = Batch | GatewayStatus | Ack

@@ -23,6 +23,7 @@ from protocol import (
     Value,
     decode_ack,
     decode_batch,
+    decode_envelope,
     decode_frame,
     encode_frame,
 )
@@ -247,3 +248,83 @@ def test_kind_specific_decoders() -> None:
     with pytest.raises(ProtocolError) as caught:
         decode_ack(_frame(_valid_body()))
     assert Reason.UNEXPECTED_KIND == caught.value.reason
+
+
+def test_envelope_of_a_compressed_frame_refused_at_field_checks() -> None:
+    """A zstd frame refused for its content (too many series) still yields its stream and seq."""
+    series = [
+        Series(device_id=DEV, metric=f"m{i}", timestamps=[1], values=[i]) for i in range(10_001)
+    ]
+    frame = encode_frame(
+        Batch(gateway_id=GW, stream=STREAM, seq=77, created=5, series=series), compress=True
+    )
+    assert frame[3] & 0x01
+    with pytest.raises(ProtocolError) as refused:
+        decode_batch(frame)
+    assert Reason.INVALID_FIELD == refused.value.reason
+    envelope = decode_envelope(frame)
+    assert envelope is not None
+    assert (GW, STREAM, 77, 5) == (
+        envelope.gateway_id,
+        envelope.stream,
+        envelope.seq,
+        envelope.created,
+    )
+
+
+def test_envelope_under_a_receivers_smaller_limits() -> None:
+    """A frame above a receiver's own frame and point limits is still addressable."""
+    series = [
+        Series(device_id=DEV, metric="m", timestamps=list(range(1, 2001)), values=[0.5] * 2000)
+    ]
+    frame = encode_frame(Batch(gateway_id=GW, stream=STREAM, seq=3, created=9, series=series))
+    with pytest.raises(ProtocolError):
+        decode_batch(frame, Limits(max_frame_bytes=64, max_points=10))
+    envelope = decode_envelope(frame)
+    assert envelope is not None and (STREAM, 3) == (envelope.stream, envelope.seq)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"XX\x01\x00",
+        b"SM\x01\x00\xc1",
+        b"SM\x01\x01garbage",
+        encode_frame(Ack(stream=STREAM, seq=1, result=AckResult.OK)),
+    ],
+)
+def test_envelope_of_unreadable_frames_is_none(payload: bytes) -> None:
+    """Frames without a readable batch envelope give None, never an exception."""
+    assert decode_envelope(payload) is None
+
+
+def test_ack_with_quarantine_counts_round_trips() -> None:
+    """Per-reason counts travel in the ack and come back as they were sent."""
+    ack = Ack(
+        stream=STREAM,
+        seq=5,
+        result=AckResult.QUARANTINED,
+        quarantined=7,
+        rejected=1,
+        reason="unknown_device",
+        reasons={"unknown_device": (7, 0), "device_tenant_mismatch": (0, 1)},
+    )
+    assert ack == decode_ack(encode_frame(ack))
+
+
+def test_ack_reasons_are_bounded() -> None:
+    """An ack with more reason entries than the limit is refused as invalid_field."""
+    body = {
+        "k": "ack",
+        "stream": STREAM.bytes,
+        "seq": 1,
+        "result": "ok",
+        "accepted": 0,
+        "rejected": 0,
+        "reason": "",
+        "reasons": {f"r{i}": [1, 0] for i in range(65)},
+    }
+    with pytest.raises(ProtocolError) as refused:
+        decode_ack(b"SM\x01\x00" + msgpack.packb(body, use_bin_type=True))
+    assert Reason.INVALID_FIELD == refused.value.reason

@@ -89,6 +89,23 @@ CASES: dict[str, tuple[Frame, bool]] = {
         ),
         False,
     ),
+    "ack_quarantined": (
+        Ack(
+            stream=STREAM,
+            seq=43,
+            result=AckResult.PARTIAL,
+            accepted=6,
+            rejected=1,
+            reason="unknown_device",
+            quarantined=3,
+            reasons={"unknown_device": (3, 0), "device_tenant_mismatch": (0, 1)},
+        ),
+        False,
+    ),
+    "ack_conflict": (
+        Ack(stream=STREAM, seq=44, result=AckResult.CONFLICT, reason="conflict"),
+        False,
+    ),
 }
 
 
