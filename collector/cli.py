@@ -18,6 +18,7 @@ from collector.admin.cli import register as register_admin
 from collector.errors import CollectorError
 from collector.lifecycle.doctor import doctor
 from collector.observability import configure_logging
+from collector.quarantine_cli import quarantine as quarantine_group
 from collector.service import Collector, db_kwargs, migrate_all
 from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
 
@@ -109,7 +110,13 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         raise CollectorError(f"cannot connect to the time-series database: {exc}") from None
     try:
         totals = await conn.fetchrow(
-            "SELECT count(*) AS batches, coalesce(sum(accepted), 0) AS accepted, coalesce(sum(rejected), 0) AS rejected FROM ingest_ledger"
+            "SELECT count(*) AS batches, coalesce(sum(accepted), 0) AS accepted,"
+            " coalesce(sum(quarantined), 0) AS quarantined,"
+            " coalesce(sum(rejected), 0) AS rejected FROM ingest_ledger"
+        )
+        held = await conn.fetch(
+            "SELECT reason, count(*) AS n, coalesce(sum(points), 0) AS points,"
+            " coalesce(sum(bytes), 0) AS bytes FROM quarantine GROUP BY reason ORDER BY reason"
         )
         by_result = await conn.fetch(
             "SELECT result, count(*) AS n FROM ingest_ledger GROUP BY result ORDER BY result"
@@ -126,9 +133,19 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         "ledger": {
             "batches": int(totals["batches"]),
             "accepted": int(totals["accepted"]),
+            "quarantined": int(totals["quarantined"]),
             "rejected": int(totals["rejected"]),
             "by_result": {r["result"]: int(r["n"]) for r in by_result},
         },
+        "quarantine": [
+            {
+                "reason": r["reason"],
+                "rows": int(r["n"]),
+                "points": int(r["points"]),
+                "bytes": int(r["bytes"]),
+            }
+            for r in held
+        ],
         "gateways": [
             {
                 "gateway_id": str(g["gateway_id"]),
@@ -161,7 +178,8 @@ def status(config_path: Path, as_json: bool) -> None:
         return
     ledger = report["ledger"]
     click.echo(
-        f"ledger: {ledger['batches']} batches, {ledger['accepted']} readings accepted, {ledger['rejected']} refused"
+        f"ledger: {ledger['batches']} batches, {ledger['accepted']} readings stored,"
+        f" {ledger['quarantined']} quarantined, {ledger['rejected']} refused"
     )
     for result, n in ledger["by_result"].items():
         click.echo(f"  {result:<10} {n}")
@@ -170,7 +188,12 @@ def status(config_path: Path, as_json: bool) -> None:
         click.echo(
             f"  {g['gateway_id']}  stream {g['stream']} seq {g['seq']} {g['result']} at {g['received_at']}"
         )
-    click.echo("rejects by reason:")
+    click.echo("quarantine by reason (sensormine-collector quarantine list):")
+    for r in report["quarantine"]:
+        click.echo(
+            f"  {r['reason']:<26} {r['rows']} rows, {r['points']} readings, {r['bytes']} bytes"
+        )
+    click.echo("refused by reason:")
     for r in report["rejects"]:
         click.echo(f"  {r['reason']:<26} {r['messages']} messages, {r['points']} readings")
 
@@ -187,6 +210,9 @@ def check_config(config_path: Path) -> None:
         f"  mqtt:       {settings.mqtt.host}:{settings.mqtt.port} prefix {settings.mqtt.prefix} group {settings.mqtt.group}"
     )
 
+
+# Quarantine: list, show, replay, purge.
+main.add_command(quarantine_group)
 
 # Registry administration: tenants, gateways, schemas, device-types, devices, alert-rules, seed.
 register_admin(main)

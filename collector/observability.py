@@ -34,6 +34,23 @@ class CollectorMetrics:
         self.points_rejected = Counter(
             f"{_NS}_points_rejected", "Readings refused, by reason code", ["reason"], registry=r
         )
+        self.points_quarantined = Counter(
+            f"{_NS}_points_quarantined",
+            "Readings kept in quarantine (replayable), by reason code",
+            ["reason"],
+            registry=r,
+        )
+        self.conflicts = Counter(
+            f"{_NS}_conflicts",
+            "Batches whose key was committed earlier with other content (a gateway's buffer"
+            " rolled back), answered with conflict",
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            f"{_NS}_internal_errors",
+            "Messages whose processing or writing raised; retried, then quarantined",
+            registry=r,
+        )
         self.duplicates = Counter(
             f"{_NS}_duplicates",
             "Batches already in the ledger, acknowledged as duplicate",

@@ -2,10 +2,15 @@
 
 Every message, good or bad, turns into exactly one :class:`Staged` item, and items reach the
 writer in arrival order; that is what lets the writer send the PUBACKs in arrival order after
-the commit. Outcomes are values, not exceptions: a refused batch is a ``Staged`` with result
-``rejected`` and its reject rows. The only exception that leaves :meth:`Pipeline.process` is
+the commit. Outcomes are values, not exceptions: what a reason code leads to (stored,
+quarantined, refused, retry) is decided by the one table in :mod:`collector.outcomes`, and a
+``Staged`` carries the rows for each. The only exception that leaves :meth:`Pipeline.process` is
 :class:`~collector.errors.DatabaseUnavailable` (the metadata database could not answer), after
 which the same message is processed again.
+
+:meth:`Pipeline.evaluate` is the same check for a batch that is already decoded: the quarantine
+replay runs quarantined data through it, so that what passes at replay is exactly what would
+pass at ingest.
 """
 
 from __future__ import annotations
@@ -14,15 +19,23 @@ import json
 import math
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgpack
 
-from collector.registry import DeviceEntry, Registry
-from collector.validation import MetricRule, Verdict, check_series
+from collector.outcomes import (
+    Outcome,
+    QuarantineRow,
+    RejectRow,
+    Tally,
+    ack_result,
+    digest,
+    outcome,
+)
+from collector.registry import DeviceEntry, GatewayEntry, Registry
+from collector.validation import MetricRule, PointRejects, Verdict, check_series
 from protocol import (
     AckResult,
     Batch,
@@ -36,6 +49,7 @@ from protocol import (
     TopicKind,
     build_topic,
     decode_batch,
+    decode_envelope,
     decode_status,
     parse_topic,
 )
@@ -83,65 +97,20 @@ class SeriesRows:
     values: list[Any]
 
 
-@dataclass(frozen=True, slots=True)
-class RejectRow:
-    """One row of ``ingest_rejects``."""
-
-    reason: str
-    message: str
-    topic: str
-    tenant_id: uuid.UUID | None = None
-    gateway_id: uuid.UUID | None = None
-    stream: uuid.UUID | None = None
-    seq: int | None = None
-    device_id: uuid.UUID | None = None
-    metric: str | None = None
-    points: int = 0
-    sample: str = "[]"
-
-    def record(self) -> tuple[Any, ...]:
-        """The row in ``ingest_rejects`` column order (see ``REJECT_COLUMNS``)."""
-        return (
-            self.reason,
-            self.message,
-            self.topic,
-            self.tenant_id,
-            self.gateway_id,
-            self.stream,
-            self.seq,
-            self.device_id,
-            self.metric,
-            self.points,
-            self.sample,
-        )
-
-
-REJECT_COLUMNS = (
-    "reason",
-    "message",
-    "topic",
-    "tenant_id",
-    "gateway_id",
-    "stream",
-    "seq",
-    "device_id",
-    "metric",
-    "points",
-    "sample",
-)
-
-
 @dataclass(slots=True)
 class Staged:
     """A processed message waiting for the writer's next flush.
 
-    ``key`` is set for a decoded, addressed batch: its rows are written only if its ledger row
-    is new. ``ack_topic`` and ``result`` say which ack frame to publish after the commit
-    (``result`` ``None``: no ack frame, as for status frames).
+    ``key`` is set for an addressed batch: its rows are written only if its ledger row is new,
+    and ``digest`` tells a resend (same content) from a reused key (other content). ``ack_topic``
+    and ``result`` say which ack frame to publish after the commit (``result`` ``None``: no ack
+    frame, as for status frames). ``retry`` means: write nothing, publish no ack frame, send only
+    the PUBACK; the agent sends the batch again.
     """
 
     incoming: Incoming
     key: Key | None = None
+    digest: bytes | None = None
     tenant_id: uuid.UUID | None = None
     gateway_id: uuid.UUID | None = None
     stream: uuid.UUID | None = None
@@ -151,18 +120,69 @@ class Staged:
     result: AckResult | None = None
     reason: str = ""
     accepted: int = 0
-    rejected: int = 0
+    tally: Tally = field(default_factory=Tally)
     series: list[SeriesRows] = field(default_factory=list)
     events: list[tuple[Any, ...]] = field(default_factory=list)
     status: list[tuple[Any, ...]] = field(default_factory=list)
     gateway_status: tuple[Any, ...] | None = None
     rejects: list[RejectRow] = field(default_factory=list)
+    quarantine: list[QuarantineRow] = field(default_factory=list)
     copy_data: bytes | None = None
+    retry: bool = False
+    quota_refused: dict[tuple[str, uuid.UUID], int] = field(default_factory=dict)
+
+    @property
+    def rejected(self) -> int:
+        """Readings refused for good."""
+        return self.tally.refused
+
+    @property
+    def quarantined(self) -> int:
+        """Readings kept in quarantine."""
+        return self.tally.quarantined
 
     @property
     def rows(self) -> int:
         """How many rows the flush will write for this item (at most)."""
-        return self.accepted + len(self.events) + len(self.status) + len(self.rejects) + 1
+        return (
+            self.accepted
+            + len(self.events)
+            + len(self.status)
+            + len(self.rejects)
+            + len(self.quarantine)
+            + 1
+        )
+
+    def settle(self) -> None:
+        """Count readings per reason and set ``result`` and ``reason`` from the batch's parts."""
+        tally = Tally()
+        for q in self.quarantine:
+            tally.add(q.reason, q.points, kept=True)
+        for r in self.rejects:
+            tally.add(r.reason, r.points, kept=False)
+        self.tally = tally
+        if self.ack_topic is None:
+            return
+        self.result = ack_result(
+            stored_anything=bool(self.accepted or self.events or self.status),
+            quarantined_anything=bool(self.quarantine),
+            refused_anything=bool(self.rejects),
+        )
+        self.reason = ""
+        if self.result is not AckResult.OK:
+            self.reason = self.tally.main_reason()
+            if not self.reason:
+                first = self.quarantine[0].reason if self.quarantine else self.rejects[0].reason
+                self.reason = first
+
+    def drop_writes(self) -> None:
+        """Forget every row this item would write (it becomes a retry or a whole-frame row)."""
+        self.accepted = 0
+        self.tally = Tally()
+        self.series, self.events, self.status = [], [], []
+        self.gateway_status = None
+        self.rejects, self.quarantine = [], []
+        self.copy_data = None
 
 
 class Refused(Exception):
@@ -173,8 +193,8 @@ class Refused(Exception):
         self.reason = reason
 
 
-def _clean(text: str) -> str:
-    # PostgreSQL text cannot hold NUL; keep the rest of what the gateway sent.
+def clean(text: str) -> str:
+    """Text that PostgreSQL can hold: NUL replaced, the rest as the gateway sent it."""
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 
 
@@ -182,9 +202,9 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, str):
-        return _clean(value)
+        return clean(value)
     if isinstance(value, dict):
-        return {_clean(str(k)): _json_safe(v) for k, v in value.items()}
+        return {clean(str(k)): _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
@@ -205,24 +225,26 @@ def _sample(timestamps: list[int], values: list[Any], indexes: list[int], size: 
     return to_json([[timestamps[i], values[i]] for i in indexes[:size]])
 
 
-def _salvage_key(payload: bytes) -> tuple[uuid.UUID, int]:
-    """Best-effort stream and seq of a frame that failed to decode, for its ack frame."""
-    try:
-        body = msgpack.unpackb(
-            payload[4:],
-            raw=False,
-            max_str_len=1024,
-            max_bin_len=64,
-            max_array_len=100_000,
-            max_map_len=64,
-            max_ext_len=0,
-        )
-        stream, seq = body["stream"], body["seq"]
-        if type(stream) is bytes and len(stream) == 16 and type(seq) is int and 0 <= seq < 2**63:
-            return uuid.UUID(bytes=stream), seq
-    except Exception:
-        pass
-    return NIL_UUID, 0
+def pack(value: Any) -> bytes:
+    """msgpack bytes of a quarantine payload."""
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def event_entry(e: Event) -> list[Any]:
+    """An event as the wire (and a quarantine payload) carries it."""
+    return [
+        e.time,
+        e.device_id.bytes if e.device_id else None,
+        e.severity,
+        e.kind,
+        e.message,
+        e.attributes,
+    ]
+
+
+def status_entry(d: DeviceStatus) -> list[Any]:
+    """A device status change as the wire (and a quarantine payload) carries it."""
+    return [d.time, d.device_id.bytes, d.status, d.reason]
 
 
 class Pipeline:
@@ -263,24 +285,117 @@ class Pipeline:
         try:
             batch = decode_batch(msg.payload, self.limits)
         except ProtocolError as exc:
-            return self._refused(msg, address, exc.reason, str(exc))
+            return await self._undecodable(msg, address, exc)
+        gateway = await self.registry.gateway(address.gateway_id)
+        staged = self._addressed(msg, address, batch.gateway_id, batch.stream, batch.seq)
+        staged.created = batch.created
         try:
-            return await self._batch(msg, address, batch)
+            self._authorize_gateway(address, gateway, batch.gateway_id)
         except Refused as exc:
-            staged = self._refused(msg, address, exc.reason, str(exc), batch)
-            return staged
+            if outcome(exc.reason) is Outcome.QUARANTINED:
+                known = gateway is not None
+                return self.whole_frame(staged, exc.reason, str(exc), batch.point_count, known)
+            return self._refused(msg, address, exc.reason, str(exc), staged, batch.point_count)
+        if not batch.series and not batch.events and not batch.status:
+            return self._refused(
+                msg,
+                address,
+                Reason.EMPTY_BATCH,
+                "batch holds no readings, events or status changes",
+                staged,
+            )
+        await self.evaluate(staged, address, batch)
+        return staged
 
-    def failed(self, msg: Incoming, exc: BaseException) -> Staged:
-        """A refusal for a message whose processing raised unexpectedly."""
+    def internal_error(self, msg: Incoming, exc: BaseException) -> Staged:
+        """The item of a message whose processing raised: its raw frame, quarantined.
+
+        Called only once the message has used up its attempts (:class:`~collector.outcomes.Attempts`);
+        a frame without a readable envelope is refused instead.
+        """
+        message = f"collector could not process the frame: {exc!r}"
         try:
-            address: TopicAddress | None = parse_topic(msg.topic, self.prefix)
+            address = parse_topic(msg.topic, self.prefix)
         except ProtocolError:
-            address = None
-        return self._refused(
-            msg, address, Reason.MALFORMED, f"collector could not process the frame: {exc!r}"
+            return self._refused(msg, None, Reason.BAD_TOPIC, message)
+        envelope = decode_envelope(msg.payload)
+        if envelope is None or envelope.gateway_id != address.gateway_id:
+            return self._refused(msg, address, Reason.MALFORMED, message)
+        staged = self._addressed(msg, address, envelope.gateway_id, envelope.stream, envelope.seq)
+        staged.created = envelope.created
+        return self.whole_frame(staged, Reason.INTERNAL_ERROR, message, 0, True)
+
+    def retry_key(self, msg: Incoming) -> Any:
+        """What identifies a message across its resends: its batch key, else its content."""
+        envelope = decode_envelope(msg.payload)
+        if envelope is not None:
+            return (envelope.gateway_id, envelope.stream, envelope.seq)
+        return digest(msg.payload)
+
+    # --- whole messages -----------------------------------------------------------------------
+
+    def _addressed(
+        self,
+        msg: Incoming,
+        address: TopicAddress,
+        gateway_id: uuid.UUID,
+        stream: uuid.UUID,
+        seq: int,
+    ) -> Staged:
+        return Staged(
+            incoming=msg,
+            key=(gateway_id, stream, seq),
+            digest=digest(msg.payload),
+            tenant_id=address.tenant_id,
+            gateway_id=address.gateway_id,
+            stream=stream,
+            seq=seq,
+            ack_topic=build_topic(
+                self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK
+            ),
         )
 
-    # --- refusals -----------------------------------------------------------------------------
+    def whole_frame(
+        self, staged: Staged, reason: Reason, message: str, points: int, known_gateway: bool
+    ) -> Staged:
+        """Quarantine the raw frame of ``staged`` for ``reason`` (it cannot be split by device)."""
+        assert staged.tenant_id is not None and staged.gateway_id is not None
+        staged.drop_writes()
+        staged.quarantine.append(
+            QuarantineRow(
+                kind="frame",
+                reason=reason.value,
+                message=message[:1000],
+                tenant_id=staged.tenant_id,
+                gateway_id=staged.gateway_id,
+                payload=staged.incoming.payload,
+                known_gateway=known_gateway,
+                stream=staged.stream,
+                seq=staged.seq,
+                points=points,
+            )
+        )
+        staged.settle()
+        return staged
+
+    async def _undecodable(
+        self, msg: Incoming, address: TopicAddress, exc: ProtocolError
+    ) -> Staged:
+        envelope = decode_envelope(msg.payload)
+        if envelope is None:
+            return self._refused(msg, address, exc.reason, str(exc))
+        staged = self._addressed(msg, address, envelope.gateway_id, envelope.stream, envelope.seq)
+        staged.created = envelope.created
+        gateway = await self.registry.gateway(address.gateway_id)
+        try:
+            self._authorize_gateway(address, gateway, envelope.gateway_id)
+        except Refused as refusal:
+            if outcome(refusal.reason) is not Outcome.QUARANTINED:
+                return self._refused(msg, address, refusal.reason, str(refusal), staged)
+        if outcome(exc.reason) is Outcome.QUARANTINED:
+            known = gateway is not None
+            return self.whole_frame(staged, exc.reason, str(exc), 0, known)
+        return self._refused(msg, address, exc.reason, str(exc), staged)
 
     def _refused(
         self,
@@ -288,33 +403,26 @@ class Pipeline:
         address: TopicAddress | None,
         reason: Reason,
         message: str,
-        batch: Batch | None = None,
+        staged: Staged | None = None,
+        points: int = 0,
     ) -> Staged:
-        staged = Staged(incoming=msg, result=AckResult.REJECTED, reason=reason.value)
-        if address is not None:
-            staged.tenant_id = address.tenant_id
-            staged.gateway_id = address.gateway_id
-            if address.kind is TopicKind.TELEMETRY:
-                staged.ack_topic = build_topic(
-                    self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK
-                )
-            else:
-                staged.result = None
-        if batch is not None:
-            staged.stream, staged.seq = batch.stream, batch.seq
-            staged.rejected = batch.point_count
-            staged.created = batch.created
+        """A message refused for good: a bounded sample in ``ingest_rejects``, an ack if addressed."""
+        if staged is None:
+            staged = Staged(incoming=msg)
+            if address is not None:
+                staged.tenant_id, staged.gateway_id = address.tenant_id, address.gateway_id
+                if address.kind is TopicKind.TELEMETRY:
+                    staged.ack_topic = build_topic(
+                        self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK
+                    )
+                    # Unaddressable: the agent cannot match this ack, but sees it on its topic.
+                    staged.stream, staged.seq = NIL_UUID, 0
+        else:
+            staged.drop_writes()
+        if reason in (Reason.TENANT_MISMATCH, Reason.GATEWAY_MISMATCH):
             # The ledger only holds batches whose topic, tenant and gateway agree: anything else
             # could fill the key space of a gateway that is not the sender's.
-            if reason not in (
-                Reason.UNKNOWN_GATEWAY,
-                Reason.GATEWAY_DISABLED,
-                Reason.TENANT_MISMATCH,
-                Reason.GATEWAY_MISMATCH,
-            ):
-                staged.key = (batch.gateway_id, batch.stream, batch.seq)
-        elif staged.ack_topic is not None:
-            staged.stream, staged.seq = _salvage_key(msg.payload)
+            staged.key = None
         staged.rejects.append(
             RejectRow(
                 reason=reason.value,
@@ -324,9 +432,10 @@ class Pipeline:
                 gateway_id=staged.gateway_id,
                 stream=staged.stream,
                 seq=staged.seq if staged.stream is not None else None,
-                points=staged.rejected,
+                points=points,
             )
         )
+        staged.settle()
         return staged
 
     # --- gateway status frames ----------------------------------------------------------------
@@ -337,7 +446,8 @@ class Pipeline:
         except ProtocolError as exc:
             return self._refused(msg, address, exc.reason, str(exc))
         try:
-            await self._authorize_gateway(address, frame.gateway_id)
+            gateway = await self.registry.gateway(address.gateway_id)
+            self._authorize_gateway(address, gateway, frame.gateway_id)
         except Refused as exc:
             return self._refused(msg, address, exc.reason, str(exc))
         now = time.time_ns() // 1000
@@ -358,7 +468,7 @@ class Pipeline:
 
     @staticmethod
     def _gateway_status_row(address: TopicAddress, frame: GatewayStatus) -> tuple[Any, ...]:
-        reason = f"version {_clean(frame.version)}" if frame.version else ""
+        reason = f"version {clean(frame.version)}" if frame.version else ""
         if frame.state == "offline":
             reason = "will" if not reason else f"will, {reason}"
         at = frame.time
@@ -377,31 +487,42 @@ class Pipeline:
 
     # --- batches ------------------------------------------------------------------------------
 
-    async def _authorize_gateway(self, address: TopicAddress, frame_gateway: uuid.UUID) -> None:
-        gateway = await self.registry.gateway(address.gateway_id)
-        if gateway is None:
-            raise Refused(Reason.UNKNOWN_GATEWAY, f"gateway {address.gateway_id} is not registered")
-        if not gateway.enabled:
-            raise Refused(Reason.GATEWAY_DISABLED, f"gateway {gateway.id} is disabled")
-        if gateway.tenant_id != address.tenant_id:
-            raise Refused(
-                Reason.TENANT_MISMATCH,
-                f"topic names tenant {address.tenant_id}, gateway {gateway.id} belongs to {gateway.tenant_id}",
-            )
+    @staticmethod
+    def _authorize_gateway(
+        address: TopicAddress, gateway: GatewayEntry | None, frame_gateway: uuid.UUID
+    ) -> None:
         if frame_gateway != address.gateway_id:
             raise Refused(
                 Reason.GATEWAY_MISMATCH,
                 f"frame names gateway {frame_gateway}, topic names {address.gateway_id}",
             )
+        if gateway is None:
+            raise Refused(Reason.UNKNOWN_GATEWAY, f"gateway {address.gateway_id} is not registered")
+        if gateway.tenant_id != address.tenant_id:
+            raise Refused(
+                Reason.TENANT_MISMATCH,
+                f"topic names tenant {address.tenant_id}, gateway {gateway.id} belongs to {gateway.tenant_id}",
+            )
+        if not gateway.enabled:
+            raise Refused(Reason.GATEWAY_DISABLED, f"gateway {gateway.id} is disabled")
+
+    async def gateway_refusal(self, address: TopicAddress) -> Refused | None:
+        """Why the registry refuses ``address``'s gateway as a whole, or ``None``."""
+        gateway = await self.registry.gateway(address.gateway_id)
+        try:
+            self._authorize_gateway(address, gateway, address.gateway_id)
+        except Refused as exc:
+            return exc
+        return None
 
     async def _authorize_devices(
         self, address: TopicAddress, batch: Batch
     ) -> tuple[dict[uuid.UUID, DeviceEntry], dict[uuid.UUID, tuple[Reason, str]]]:
         """The batch's devices that may send, and the refused ones with their reason.
 
-        A refused device costs only its own readings (rejected with the reason), never the
-        rest of the batch: a device added on site before it is registered must not take the
-        gateway's other devices down with it.
+        A refused device costs only its own readings, never the rest of the batch: a device
+        added on site before it is registered must not take the gateway's other devices down
+        with it.
         """
         ids = {s.device_id for s in batch.series}
         ids.update(e.device_id for e in batch.events if e.device_id is not None)
@@ -413,13 +534,13 @@ class Pipeline:
             device = found.get(ident)
             if device is None:
                 refused[ident] = (Reason.UNKNOWN_DEVICE, f"device {ident} is not registered")
-            elif not device.enabled:
-                refused[ident] = (Reason.DEVICE_DISABLED, f"device {ident} is disabled")
             elif device.tenant_id != address.tenant_id:
                 refused[ident] = (
                     Reason.DEVICE_TENANT_MISMATCH,
                     f"device {ident} belongs to tenant {device.tenant_id}, not {address.tenant_id}",
                 )
+            elif not device.enabled:
+                refused[ident] = (Reason.DEVICE_DISABLED, f"device {ident} is disabled")
             elif device.gateway_id is not None and device.gateway_id != address.gateway_id:
                 refused[ident] = (
                     Reason.DEVICE_GATEWAY_MISMATCH,
@@ -474,26 +595,74 @@ class Pipeline:
             )
         return rule, Reason.NO_SCHEMA, ""
 
-    async def _batch(self, msg: Incoming, address: TopicAddress, batch: Batch) -> Staged:
-        await self._authorize_gateway(address, batch.gateway_id)
-        if not batch.series and not batch.events and not batch.status:
-            raise Refused(Reason.EMPTY_BATCH, "batch holds no readings, events or status changes")
+    def _keep(
+        self,
+        staged: Staged,
+        reason: Reason,
+        message: str,
+        *,
+        device_id: uuid.UUID | None,
+        metric: str | None = None,
+        kind: str = "readings",
+        payload: Any,
+        points: int = 0,
+        first_us: int | None = None,
+        last_us: int | None = None,
+        sample: str = "[]",
+    ) -> None:
+        """Quarantine or refuse one part of a batch, as the outcome table says for ``reason``."""
+        assert staged.tenant_id is not None and staged.gateway_id is not None
+        if outcome(reason) is Outcome.QUARANTINED:
+            staged.quarantine.append(
+                QuarantineRow(
+                    kind=kind,
+                    reason=reason.value,
+                    message=message[:1000],
+                    tenant_id=staged.tenant_id,
+                    gateway_id=staged.gateway_id,
+                    payload=pack(payload),
+                    stream=staged.stream,
+                    seq=staged.seq,
+                    device_id=device_id,
+                    metric=metric,
+                    points=points,
+                    first_us=first_us,
+                    last_us=last_us,
+                )
+            )
+        else:
+            staged.rejects.append(
+                RejectRow(
+                    reason=reason.value,
+                    message=message[:1000],
+                    topic=staged.incoming.topic[:512],
+                    tenant_id=staged.tenant_id,
+                    gateway_id=staged.gateway_id,
+                    stream=staged.stream,
+                    seq=staged.seq,
+                    device_id=device_id,
+                    metric=clean(metric) if metric is not None else None,
+                    points=points,
+                    sample=sample,
+                )
+            )
+
+    async def evaluate(
+        self, staged: Staged, address: TopicAddress, batch: Batch, *, check_time: bool = True
+    ) -> None:
+        """Split an authorized gateway's batch into stored, quarantined and refused parts.
+
+        ``check_time`` false accepts readings outside the time window (an operator's replay of
+        readings whose gateway clock was wrong, once their times are known to be right).
+        """
         devices, refused_devices = await self._authorize_devices(address, batch)
         tenant = address.tenant_id
-        staged = Staged(
-            incoming=msg,
-            key=(batch.gateway_id, batch.stream, batch.seq),
-            tenant_id=tenant,
-            gateway_id=batch.gateway_id,
-            stream=batch.stream,
-            seq=batch.seq,
-            created=batch.created,
-            ack_topic=build_topic(self.prefix, tenant, batch.gateway_id, TopicKind.ACK),
-        )
         now = time.time_ns() // 1000
-        earliest, latest = now - self.max_age_us, now + self.max_skew_us
+        if check_time:
+            earliest, latest = now - self.max_age_us, now + self.max_skew_us
+        else:
+            earliest, latest = 0, 2**63 - 1
         schemas: dict[uuid.UUID, Any] = {}
-        refused_points: Counter[str] = Counter()
         for s in batch.series:
             if s.device_id in refused_devices:
                 rule, (reason, why) = None, refused_devices[s.device_id]
@@ -501,7 +670,7 @@ class Pipeline:
                 rule, reason, why = await self._rule(devices[s.device_id], s.metric, schemas)
             ts, values = s.timestamps, s.values
             if rule is None:
-                verdict = Verdict([], [_all(reason, len(ts))])
+                verdict = Verdict([], [PointRejects(reason, list(range(len(ts))))])
             else:
                 verdict = check_series(rule, ts, values, earliest, latest)
             if verdict.accepted is None:
@@ -521,67 +690,56 @@ class Pipeline:
                 )
                 staged.accepted += len(keep)
             for rejects in verdict.rejects:
-                count = len(rejects.indexes)
-                staged.rejected += count
-                refused_points[rejects.reason.value] += count
-                staged.rejects.append(
-                    RejectRow(
-                        reason=rejects.reason.value,
-                        message=why or _explain(rejects.reason, rule, earliest, latest),
-                        topic=msg.topic[:512],
-                        tenant_id=tenant,
-                        gateway_id=batch.gateway_id,
-                        stream=batch.stream,
-                        seq=batch.seq,
-                        device_id=s.device_id,
-                        metric=_clean(s.metric),
-                        points=count,
-                        sample=_sample(ts, values, rejects.indexes, self.reject_sample),
-                    )
+                idx = rejects.indexes
+                part_ts = [ts[i] for i in idx]
+                self._keep(
+                    staged,
+                    rejects.reason,
+                    why or _explain(rejects.reason, rule, earliest, latest),
+                    device_id=s.device_id,
+                    metric=s.metric,
+                    payload=[part_ts, [values[i] for i in idx]],
+                    points=len(idx),
+                    first_us=min(part_ts),
+                    last_us=max(part_ts),
+                    sample=_sample(ts, values, idx, self.reject_sample),
                 )
         gw = batch.gateway_id
         # Events and status changes are kept to the readings' window too: a time far outside
         # it is a gateway clock fault (and past year 9999 not even a datetime).
         events: list[Event] = []
         changes: list[DeviceStatus] = []
-        dropped = 0
-        refused_extras: Counter[uuid.UUID] = Counter()
+        held: dict[tuple[Reason, uuid.UUID | None, str], list[Any]] = {}
         items: list[Event | DeviceStatus] = [*batch.events, *batch.status]
         for item in items:
+            kind = "status" if isinstance(item, DeviceStatus) else "events"
             if item.device_id is not None and item.device_id in refused_devices:
-                refused_extras[item.device_id] += 1
+                reason = refused_devices[item.device_id][0]
             elif not earliest <= item.time <= latest:
-                dropped += 1
+                reason = Reason.TIMESTAMP_OUT_OF_WINDOW
             elif isinstance(item, DeviceStatus):
                 changes.append(item)
+                continue
             else:
                 events.append(item)
-        for ident, n in refused_extras.items():
-            # An event or status change of a refused device is refused with it.
-            reason, why = refused_devices[ident]
-            staged.rejects.append(
-                RejectRow(
-                    reason=reason.value,
-                    message=f"{n} event(s) or status change(s): {why}",
-                    topic=msg.topic[:512],
-                    tenant_id=tenant,
-                    gateway_id=gw,
-                    stream=batch.stream,
-                    seq=batch.seq,
-                    device_id=ident,
-                )
+                continue
+            entry = status_entry(item) if isinstance(item, DeviceStatus) else event_entry(item)
+            held.setdefault((reason, item.device_id, kind), []).append(entry)
+        for (reason, device, kind), entries in held.items():
+            why = (
+                refused_devices[device][1]
+                if device is not None and device in refused_devices
+                else "outside the accepted time window"
             )
-        if dropped:
-            staged.rejects.append(
-                RejectRow(
-                    reason=Reason.TIMESTAMP_OUT_OF_WINDOW.value,
-                    message=f"{dropped} event(s) or status change(s) outside the accepted window",
-                    topic=msg.topic[:512],
-                    tenant_id=tenant,
-                    gateway_id=gw,
-                    stream=batch.stream,
-                    seq=batch.seq,
-                )
+            self._keep(
+                staged,
+                reason,
+                f"{len(entries)} {'status change(s)' if kind == 'status' else 'event(s)'}: {why}",
+                device_id=device,
+                kind=kind,
+                payload=entries,
+                first_us=min(e[0] for e in entries),
+                last_us=max(e[0] for e in entries),
             )
         staged.events = [
             (
@@ -590,35 +748,17 @@ class Pipeline:
                 gw,
                 e.device_id,
                 e.severity,
-                _clean(e.kind),
-                _clean(e.message),
+                clean(e.kind),
+                clean(e.message),
                 to_json(e.attributes),
             )
             for e in events
         ]
         staged.status = [
-            (to_datetime(d.time), tenant, gw, d.device_id, d.status, _clean(d.reason))
+            (to_datetime(d.time), tenant, gw, d.device_id, d.status, clean(d.reason))
             for d in changes
         ]
-        if staged.rejected == 0 and not dropped and not refused_extras:
-            staged.result = AckResult.OK
-        else:
-            staged.reason = (
-                refused_points.most_common(1)[0][0]
-                if refused_points
-                else refused_devices[next(iter(refused_extras))][0].value
-                if refused_extras
-                else Reason.TIMESTAMP_OUT_OF_WINDOW.value
-            )
-            nothing_kept = staged.accepted == 0 and not staged.events and not staged.status
-            staged.result = AckResult.REJECTED if nothing_kept else AckResult.PARTIAL
-        return staged
-
-
-def _all(reason: Reason, n: int) -> Any:
-    from collector.validation import PointRejects
-
-    return PointRejects(reason, list(range(n)))
+        staged.settle()
 
 
 def _explain(reason: Reason, rule: MetricRule | None, earliest: int, latest: int) -> str:

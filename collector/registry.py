@@ -16,7 +16,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -115,6 +115,8 @@ class Registry:
         self._types: _Cache[DeviceTypeEntry] = _Cache(negative_ttl)
         self._schemas: _Cache[SchemaEntry] = _Cache(negative_ttl)
         self._epoch = 0
+        # Called with (table, id) after each change the metadata database announces.
+        self.on_change: list[Callable[[str, uuid.UUID | None], None]] = []
         self._conn: asyncpg.Connection | None = None
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -177,6 +179,8 @@ class Registry:
         else:
             cache.entries.pop(ident, None)
         log.debug("registry.invalidated", table=table, id=key)
+        for listener in self.on_change:
+            listener(table, ident)
 
     async def _ensure_listener(self) -> None:
         if self._listener is not None and not self._listener.is_closed():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -24,12 +25,14 @@ from collector.errors import CollectorError, DatabaseUnavailable
 from collector.lifecycle.runner import run_lifecycle
 from collector.lifecycle.status import GatewayDevices
 from collector.observability import CollectorMetrics
+from collector.outcomes import REGISTRY_REASONS, SCHEMA_REASONS, Attempts
 from collector.pipeline import Incoming, Pipeline, Staged
+from collector.quarantine import Filters, QuotaSettings, replay
 from collector.registry import Registry
 from collector.sd_notify import Notifier
 from collector.settings import Settings, connect_params, mqtt_password
-from collector.writer import Writer
-from protocol import Ack, AckResult, Limits, encode_frame
+from collector.writer import Writer, write_items
+from protocol import Ack, AckResult, Limits, Reason, encode_frame
 
 log = structlog.get_logger("collector")
 
@@ -42,7 +45,12 @@ def db_kwargs(
     params = connect_params(db, "metadata" if kind == "metadata" else "timeseries", environ)
     kwargs = params.kwargs()
     kwargs["timeout"] = db.connect_timeout
-    kwargs["server_settings"] = {"application_name": "sensormine-collector"}
+    if db.command_timeout:
+        kwargs["command_timeout"] = db.command_timeout
+    kwargs["server_settings"] = {
+        "application_name": "sensormine-collector",
+        **db.session_settings(),
+    }
     return kwargs
 
 
@@ -75,6 +83,15 @@ class Collector:
         self.writer: Writer | None = None
         self.registry: Registry | None = None
         self.consumer: Consumer | None = None
+        self.pipeline: Pipeline | None = None
+        self.attempts = Attempts(settings.quarantine.max_attempts)
+        # Quarantine filters waiting for the next automatic replay (registry changes).
+        self._replay_due: set[Filters] = set()
+        self._replay_wake = asyncio.Event()
+        self.replays = 0
+        # When the pump started on its current message (monotonic), None while it waits.
+        self._processing_since: float | None = None
+        self._stalled = False
         self._metrics_server: Any = None
 
     async def _retry(self, what: str, stop: asyncio.Event, op: Any) -> Any:
@@ -161,6 +178,7 @@ class Collector:
             allow_non_finite=s.validation.allow_non_finite,
             reject_sample=s.validation.reject_sample,
         )
+        self.pipeline = pipeline
         queue: asyncio.Queue[Incoming] = asyncio.Queue()
         consumer = Consumer(
             s.mqtt, mqtt_password(s.mqtt, self.environ), queue, loop, self.metrics.mqtt_connected
@@ -170,6 +188,11 @@ class Collector:
             db_kwargs(s, "timeseries", self.environ),
             self._on_committed,
             self.metrics,
+            on_failed=self._failed,
+            quota=QuotaSettings(
+                per_tenant=s.quarantine.max_bytes_per_tenant,
+                per_unknown_gateway=s.quarantine.max_bytes_per_unknown_gateway,
+            ),
             max_rows=s.writer.max_rows,
             max_age=s.writer.max_age,
             max_staged_rows=s.writer.max_staged_rows,
@@ -191,6 +214,9 @@ class Collector:
         )
         pump_task = asyncio.create_task(self._pump(queue, pipeline, writer, stop), name="pump")
         watchdog_task = asyncio.create_task(self._watchdog(), name="watchdog")
+        replay_task = asyncio.create_task(self._auto_replay(stop), name="replay")
+        if s.quarantine.auto_replay:
+            registry.on_change.append(self._registry_changed)
         consumer.start()
         self.notifier.ready("consuming")
         self.ready.set()
@@ -208,6 +234,9 @@ class Collector:
         finally:
             stopped.cancel()
             stop.set()  # the lifecycle task watches it too
+            replay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await replay_task
             await self._shutdown(consumer, writer, writer_task, pump_task, watchdog_task, registry)
             await _finish_lifecycle(lifecycle_task, self.settings.drain_deadline)
             await gateway_devices.close()
@@ -269,6 +298,7 @@ class Collector:
             msg = await queue.get()
             self.metrics.inflight.inc()
             delay = self.settings.writer.retry_min
+            self._processing_since = time.monotonic()
             while True:
                 try:
                     staged = await pipeline.process(msg)
@@ -276,13 +306,17 @@ class Collector:
                 except DatabaseUnavailable as exc:
                     self.metrics.db_errors.labels(database="metadata").inc()
                     log.warning("registry.unavailable", error=str(exc), retry_in=delay)
+                    self._processing_since = None  # waiting on a dead database is not a hang
                     await asyncio.sleep(delay)
+                    self._processing_since = time.monotonic()
                     delay = min(delay * 2, self.settings.writer.retry_max)
                 except Exception as exc:
-                    # A bug must cost one message, not the collector: refuse it and go on.
+                    # A bug must cost neither the collector nor the batch: retry it, and after
+                    # its attempts keep its raw frame in quarantine.
                     log.exception("pipeline.failed", topic=msg.topic)
-                    staged = pipeline.failed(msg, exc)
+                    staged = self._failed(msg, exc)
                     break
+            self._processing_since = None
             writer.stage(staged)
             # Queued messages never suspend this loop by themselves: yield so that the writer
             # can start a full flush while the next messages are processed.
@@ -295,6 +329,14 @@ class Collector:
         assert consumer is not None
         m = self.metrics
         for item in items:
+            if item.retry:
+                # No ack frame: the agent sends the batch again after its ack timeout.
+                consumer.ack(item.incoming)
+                m.inflight.dec()
+                m.messages.labels(kind="telemetry", result="retry").inc()
+                continue
+            if item.key is not None and item.result is not AckResult.CONFLICT:
+                self.attempts.forget((item.key,))
             if item.ack_topic is not None and item.result is not None and item.stream is not None:
                 frame = Ack(
                     stream=item.stream,
@@ -303,6 +345,8 @@ class Collector:
                     accepted=item.accepted,
                     rejected=item.rejected,
                     reason=item.reason,
+                    quarantined=item.quarantined,
+                    reasons=item.tally.reasons() if item.result is not AckResult.OK else {},
                 )
                 try:
                     consumer.publish(item.ack_topic, encode_frame(frame, compress=False))
@@ -321,12 +365,24 @@ class Collector:
             kind = "status" if item.ack_topic is None and item.result is None else "telemetry"
             result = item.result.value if item.result is not None else "ok"
             m.messages.labels(kind=kind, result=result).inc()
-            if item.result in (AckResult.OK, AckResult.PARTIAL):
+            if item.result in (AckResult.OK, AckResult.PARTIAL, AckResult.QUARANTINED):
                 m.points_accepted.inc(item.accepted)
                 self.committed_batches += 1
             for r in item.rejects:
                 m.points_rejected.labels(reason=r.reason).inc(r.points)
-            if item.result is AckResult.REJECTED or (item.result is None and item.rejects):
+            for q in item.quarantine:
+                m.points_quarantined.labels(reason=q.reason).inc(q.points)
+            if item.result is AckResult.CONFLICT:
+                m.conflicts.inc()
+            elif item.result is AckResult.QUARANTINED:
+                log.warning(
+                    "batch.quarantined",
+                    reason=item.reason,
+                    topic=item.incoming.topic,
+                    quarantined=item.quarantined,
+                    message=item.quarantine[0].message if item.quarantine else "",
+                )
+            elif item.result is AckResult.REJECTED or (item.result is None and item.rejects):
                 log.warning(
                     "batch.rejected",
                     reason=item.reason or (item.rejects[0].reason if item.rejects else ""),
@@ -338,15 +394,94 @@ class Collector:
                     "batch.partial",
                     topic=item.incoming.topic,
                     accepted=item.accepted,
+                    quarantined=item.quarantined,
                     rejected=item.rejected,
                     reason=item.reason,
                 )
+
+    def _failed(self, msg: Incoming, exc: BaseException) -> Staged:
+        """A message whose processing or writing raised: retry it, or quarantine its frame."""
+        pipeline = self.pipeline
+        assert pipeline is not None
+        self.metrics.internal_errors.inc()
+        if self.attempts.failed(pipeline.retry_key(msg)):
+            return pipeline.internal_error(msg, exc)
+        return Staged(incoming=msg, retry=True, reason=Reason.INTERNAL_ERROR.value)
+
+    # --- automatic replay of the quarantine -----------------------------------------------------
+
+    def _registry_changed(self, table: str, ident: uuid.UUID | None) -> None:
+        """Note what waits for a changed gateway, device, device type or schema."""
+        if table == "gateways" and ident is not None:
+            self._replay_due.add(Filters(gateway_id=ident))
+        elif table == "devices" and ident is not None:
+            self._replay_due.add(Filters(device_id=ident))
+        elif table in ("device_types", "schemas", "schema_versions"):
+            reasons = {r.value for r in SCHEMA_REASONS} | {Reason.DEVICE_DISABLED.value}
+            self._replay_due.add(Filters(reasons=tuple(sorted(reasons))))
+        else:
+            reasons = {r.value for r in REGISTRY_REASONS | SCHEMA_REASONS}
+            self._replay_due.add(Filters(reasons=tuple(sorted(reasons))))
+        self._replay_wake.set()
+
+    async def _auto_replay(self, stop: asyncio.Event) -> None:
+        """Replay what waits for a registry change, shortly after the change (debounced)."""
+        s = self.settings
+        kwargs = db_kwargs(s, "timeseries", self.environ)
+        while not stop.is_set():
+            await self._replay_wake.wait()
+            await asyncio.sleep(s.quarantine.replay_delay)
+            self._replay_wake.clear()
+            due, self._replay_due = self._replay_due, set()
+            pipeline = self.pipeline
+            if pipeline is None or not due:
+                continue
+            try:
+                conn = await asyncpg.connect(**kwargs)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("quarantine.replay_failed", error=str(exc))
+                self._replay_due |= due
+                continue
+            try:
+                for filters in due:
+                    await replay(conn, pipeline, write_items, filters)
+                self.replays += 1
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("quarantine.replay_failed", error=str(exc))
+                self._replay_due |= due
+            except DatabaseUnavailable as exc:
+                log.warning("quarantine.replay_failed", error=str(exc))
+                self._replay_due |= due
+            finally:
+                await conn.close()
+
+    def stall(self) -> str:
+        """Why the collector is stuck (a flush or a message beyond its bound), or ``""``."""
+        limit = self._stall_limit()
+        now = time.monotonic()
+        writer = self.writer
+        started = writer.flush_started if writer is not None else None
+        if started is not None and now - started > limit:
+            return f"a flush has been running for {now - started:.0f} s"
+        if self._processing_since is not None and now - self._processing_since > limit:
+            return f"one message has been in processing for {now - self._processing_since:.0f} s"
+        return ""
+
+    def _stall_limit(self) -> float:
+        db = self.settings.timeseries
+        bound = max(db.command_timeout, db.statement_timeout, self.settings.drain_deadline)
+        return 2 * bound if bound else 600.0
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
         while True:
             await asyncio.sleep(interval or 10.0)
-            if interval:
+            stall = self.stall()
+            if stall and not self._stalled:
+                # systemd's watchdog restarts us; un-acked messages are redelivered.
+                log.error("collector.stalled", why=stall, watchdog=bool(interval))
+            self._stalled = bool(stall)
+            if interval and not stall:
                 self.notifier.watchdog()
             if self.writer is not None:
                 state = (

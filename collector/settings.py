@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from collector.errors import ConfigError
 from collector.lifecycle.settings import LifecycleSettings
@@ -124,11 +131,31 @@ def database_name(url: str) -> str:
 
 
 class DatabaseSettings(_Section):
-    """One PostgreSQL connection: a URL or the seed's ``Host=...;Database=...`` form."""
+    """One PostgreSQL connection: a URL or the seed's ``Host=...;Database=...`` form.
+
+    Every session the collector opens carries ``statement_timeout``, ``lock_timeout`` and
+    ``idle_in_transaction_session_timeout``, and every call waits at most ``command_timeout`` for
+    the server: a hung database or a lock held by a wedged collector fails the flush (which is
+    retried, nothing acknowledged) instead of stalling the group. ``0`` turns a timeout off.
+    """
 
     dsn: str = Field(description="postgresql:// URL or Host=...;Port=...;Database=...;Username=...")
     password_file: Path | None = None
     connect_timeout: Duration = 10.0
+    statement_timeout: Duration = 120.0
+    lock_timeout: Duration = 30.0
+    idle_in_transaction_timeout: Duration = 60.0
+    command_timeout: Duration = 150.0
+
+    def session_settings(self) -> dict[str, str]:
+        """The server settings of every session (milliseconds)."""
+        return {
+            "statement_timeout": str(int(self.statement_timeout * 1000)),
+            "lock_timeout": str(int(self.lock_timeout * 1000)),
+            "idle_in_transaction_session_timeout": str(
+                int(self.idle_in_transaction_timeout * 1000)
+            ),
+        }
 
     @field_validator("dsn")
     @classmethod
@@ -157,7 +184,13 @@ class MqttSettings(_Section):
     prefix: str = DEFAULT_PREFIX
     group: str = Field(default="sensormine-collectors", min_length=1)
     keepalive: Duration = 30.0
-    session_expiry: Duration = 86400.0
+    # Short on purpose: Mosquitto keeps handing an absent member its share of the group's
+    # messages until its session expires, then drops them; agents resend after ack_timeout.
+    session_expiry: Duration = Field(
+        default=10.0,
+        description="How long the broker keeps this collector's session (and its share of the"
+        " group's messages) while it is away; longer only delays the other members taking over.",
+    )
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 30.0
@@ -201,6 +234,24 @@ class ValidationSettings(_Section):
     max_points: int = Field(default=100_000, ge=1)
 
 
+class QuarantineSettings(_Section):
+    """Where healable refusals wait: quotas, retry bound, replay on registry changes.
+
+    Quarantined data counts against ``max_bytes_per_tenant`` (registered gateways) or
+    ``max_bytes_per_unknown_gateway`` (per gateway id the registry does not know); what exceeds
+    its quota is refused with ``quota_exceeded``. A batch whose processing fails
+    ``max_attempts`` times (an internal error) is quarantined whole as ``internal_error``.
+    With ``auto_replay`` the collector replays what waits for a gateway, device, device type or
+    schema ``replay_delay`` after the registry announces a change of it.
+    """
+
+    max_bytes_per_tenant: Size = 1 << 30
+    max_bytes_per_unknown_gateway: Size = 16 << 20
+    max_attempts: int = Field(default=5, ge=1, le=1000)
+    auto_replay: bool = True
+    replay_delay: Duration = 2.0
+
+
 class RegistrySettings(_Section):
     """The in-memory cache of gateways, devices, device types and schemas."""
 
@@ -238,12 +289,28 @@ class Settings(_Section):
     mqtt: MqttSettings = MqttSettings()
     writer: WriterSettings = WriterSettings()
     validation: ValidationSettings = ValidationSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
     registry: RegistrySettings = RegistrySettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     drain_deadline: Duration = 20.0
     migrate_on_start: bool = True
+
+    @model_validator(mode="after")
+    def _ledger_covers_the_age_window(self) -> Settings:
+        # A batch resent after its ledger row is gone is written again; the age window is what
+        # keeps a resend that old out, so it must end before the ledger forgets.
+        horizon = self.lifecycle.ledger.horizon
+        window = self.validation.max_age + self.validation.max_skew
+        if horizon <= window:
+            raise ValueError(
+                f"lifecycle.ledger.horizon ({horizon:g} s) must exceed validation.max_age +"
+                f" validation.max_skew ({window:g} s): a batch resent after its ledger row is"
+                " trimmed would be stored twice; raise lifecycle.ledger.horizon or lower"
+                " validation.max_age"
+            )
+        return self
 
 
 def _env_value(text: str) -> Any:

@@ -2,13 +2,18 @@
 
 One flush, one transaction, in this order:
 
-1. the ledger rows ``(gateway_id, stream, seq)`` of the flush's batches, inserted with
-   ``ON CONFLICT DO NOTHING RETURNING``: only the batches whose key comes back are new; the rest
-   were committed before (by this collector or another one racing on the same batch) and are
-   acknowledged as ``duplicate`` without writing anything;
-2. binary COPY of the new batches' readings into ``telemetry``, then events, device status
-   changes and reject rows, and the touched (device, metric, hour) ranges into ``ingest_dirty``;
-3. COMMIT.
+1. the quarantine quota of the flush's batches is checked against ``quarantine_usage``; rows
+   that do not fit become ``quota_exceeded`` refusals;
+2. the ledger rows ``(gateway_id, stream, seq)`` of the flush's batches, with a digest of each
+   frame, inserted with ``ON CONFLICT DO NOTHING RETURNING``: only the batches whose key comes
+   back are new; the rest were committed before (by this collector or another one racing on the
+   same batch) and are acknowledged as ``duplicate`` when the stored digest is the same, and as
+   ``conflict`` when it differs (a gateway reissued the key for other content), without
+   writing anything;
+3. binary COPY of the new batches' readings into ``telemetry``, then events, device status
+   changes, quarantine rows (and their quota usage), reject samples, and the touched (device,
+   metric, hour) ranges into ``ingest_dirty``;
+4. COMMIT.
 
 Only after the commit does the writer hand the flushed items to ``on_committed``, which sends
 the ack frames and the PUBACKs. A failing database leaves the transaction rolled back; the
@@ -39,14 +44,10 @@ from collector.copy_format import series_rows
 from collector.errors import DatabaseUnavailable
 from collector.lifecycle.status import GatewayDevicesLookup, StatusRow, insert_status_rows
 from collector.observability import CollectorMetrics
-from collector.pipeline import (
-    REJECT_COLUMNS,
-    RejectRow,
-    Staged,
-    to_datetime,
-    to_datetime_or_none,
-)
-from protocol import AckResult
+from collector.outcomes import REJECT_COLUMNS
+from collector.pipeline import Incoming, Staged, to_datetime, to_datetime_or_none
+from collector.quarantine import QuotaSettings, apply_quota, insert_rows
+from protocol import AckResult, Reason
 
 log = structlog.get_logger("collector.writer")
 
@@ -66,10 +67,12 @@ STATUS_COLUMNS = ("time", "tenant_id", "gateway_id", "device_id", "status", "rea
 DIRTY_COLUMNS = ("tenant_id", "device_id", "metric", "first_time", "last_time")
 
 _LEDGER_SQL = """
-INSERT INTO ingest_ledger (gateway_id, stream, seq, tenant_id, result, accepted, rejected, reason, created)
+INSERT INTO ingest_ledger (gateway_id, stream, seq, tenant_id, result, accepted, rejected, reason,
+                           created, digest, quarantined)
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::int[],
-                     $7::int[], $8::text[], $9::timestamptz[])
-    AS t(gateway_id, stream, seq, tenant_id, result, accepted, rejected, reason, created)
+                     $7::int[], $8::text[], $9::timestamptz[], $10::bytea[], $11::int[])
+    AS t(gateway_id, stream, seq, tenant_id, result, accepted, rejected, reason, created, digest,
+         quarantined)
 -- A fixed order keeps two collectors that race on the same batches from deadlocking.
 ORDER BY gateway_id, stream, seq
 ON CONFLICT DO NOTHING
@@ -86,14 +89,24 @@ WHERE NOT EXISTS (
 )
 """
 
-# Errors that say "this data cannot be written", as opposed to "the database is not there".
+_DIGESTS_SQL = """
+SELECT l.gateway_id, l.stream, l.seq, l.digest
+FROM ingest_ledger l
+JOIN unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS k(gateway_id, stream, seq)
+  ON l.gateway_id = k.gateway_id AND l.stream = k.stream AND l.seq = k.seq
+"""
+
+# Errors that say "this item's data cannot be written", as opposed to "the database is not
+# there": the item is isolated, the rest of the flush goes on.
 _DATA_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
-    ValueError,
-    TypeError,
-    OverflowError,
 )
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+class ItemFailed(Exception):
+    """Writing a flush failed because of its data or our own code, not the database."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +127,11 @@ class FlushReport:
     messages: int = 0
     batches: int = 0
     duplicates: int = 0
+    conflicts: int = 0
     readings: int = 0
     events: int = 0
     status: int = 0
+    quarantined: int = 0
     rejects: int = 0
     seconds: float = 0.0
     ranges: list[DirtyRange] = field(default_factory=list)
@@ -125,12 +140,10 @@ class FlushReport:
 FlushHook = Callable[[FlushReport], Awaitable[None] | None]
 
 
-def dirty_ranges(items: list[Staged], new: set[Any]) -> list[DirtyRange]:
-    """The (device, metric, hour) ranges that the new batches among ``items`` write."""
+def dirty_ranges(items: list[Staged]) -> list[DirtyRange]:
+    """The (device, metric, hour) ranges that ``items`` (all being written) write."""
     ranges: dict[tuple[uuid.UUID, str, int], list[Any]] = {}
     for item in items:
-        if item.key is None or item.key not in new:
-            continue
         for s in item.series:
             lo, hi = min(s.timestamps), max(s.timestamps)
             if lo // HOUR_US == hi // HOUR_US:
@@ -172,6 +185,68 @@ async def _stream(parts: list[bytes]) -> AsyncIterator[bytes]:
     yield copy_format.TRAILER
 
 
+async def write_items(
+    conn: asyncpg.Connection,
+    writes: list[Staged],
+    fanout: dict[int, list[StatusRow]] | None = None,
+) -> FlushReport:
+    """Write the rows of ``writes`` (all to be written) inside the caller's transaction.
+
+    Used by the flush and by the quarantine replay, so replayed data lands exactly as ingested
+    data does: readings, events, status changes, quarantine rows, reject samples, dirty ranges.
+    """
+    report = FlushReport()
+    parts = [
+        i.copy_data if i.copy_data is not None else item_copy_data(i) for i in writes if i.series
+    ]
+    if parts:
+        await conn.copy_to_table(
+            "telemetry", source=_stream(parts), columns=TELEMETRY_COLUMNS, format="binary"
+        )
+    report.readings = sum(i.accepted for i in writes if i.series)
+    events = [e for i in writes for e in i.events]
+    if events:
+        await conn.copy_records_to_table("events", records=events, columns=EVENT_COLUMNS)
+    status = [s for i in writes for s in i.status]
+    if status:
+        await conn.copy_records_to_table(
+            "device_status_history", records=status, columns=STATUS_COLUMNS
+        )
+    for item in writes:
+        if item.gateway_status is not None:
+            t, tenant, gw, _, state, reason = item.gateway_status
+            done = await conn.execute(_GATEWAY_STATUS_SQL, t, tenant, gw, state, reason)
+            report.status += 1
+            # Only a new gateway row fans out: a redelivered frame adds nothing.
+            if done == "INSERT 0 1" and fanout is not None:
+                report.status += await insert_status_rows(conn, fanout.get(id(item), []))
+    report.quarantined = await insert_rows(conn, writes)
+    rejects = [r.record() for i in writes for r in i.rejects]
+    if rejects:
+        await conn.copy_records_to_table("ingest_rejects", records=rejects, columns=REJECT_COLUMNS)
+    ranges = dirty_ranges(writes)
+    if ranges:
+        await conn.copy_records_to_table(
+            "ingest_dirty",
+            records=[
+                (
+                    r.tenant_id,
+                    r.device_id,
+                    r.metric,
+                    to_datetime(r.first_us),
+                    to_datetime(r.last_us),
+                )
+                for r in ranges
+            ],
+            columns=DIRTY_COLUMNS,
+        )
+    report.events = len(events)
+    report.status += len(status)
+    report.rejects = len(rejects)
+    report.ranges = ranges
+    return report
+
+
 class Writer:
     """Stages items and flushes them; call :meth:`run` in a task and :meth:`stage` per message."""
 
@@ -181,6 +256,8 @@ class Writer:
         on_committed: Callable[[list[Staged]], None],
         metrics: CollectorMetrics,
         *,
+        on_failed: Callable[[Incoming, BaseException], Staged],
+        quota: QuotaSettings,
         max_rows: int = 20_000,
         max_age: float = 0.2,
         max_staged_rows: int = 200_000,
@@ -189,7 +266,9 @@ class Writer:
     ) -> None:
         self._connect_kwargs = connect_kwargs
         self._on_committed = on_committed
+        self._on_failed = on_failed
         self._metrics = metrics
+        self.quota = quota
         self.max_rows = max_rows
         self.max_age = max_age
         self.max_staged_rows = max_staged_rows
@@ -206,6 +285,10 @@ class Writer:
         # Set by the service: the devices behind a gateway, for their rows when it goes offline/online.
         self.gateway_devices: GatewayDevicesLookup | None = None
         self.flushing = False
+        # When the current flush attempt started (monotonic), None between flushes: the
+        # watchdog stops being fed when a flush hangs beyond its bound.
+        self.flush_started: float | None = None
+        self.last_commit = time.monotonic()
         self.last_error: str = ""
 
     def add_flush_hook(self, hook: FlushHook) -> None:
@@ -238,7 +321,7 @@ class Writer:
         if self._conn is None or self._conn.is_closed():
             try:
                 self._conn = await asyncpg.connect(**self._connect_kwargs)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _DB_ERRORS as exc:
                 raise DatabaseUnavailable(f"time-series database: {exc}") from exc
         return self._conn
 
@@ -247,7 +330,7 @@ class Writer:
         if self._conn is not None and not self._conn.is_closed():
             try:
                 await asyncio.wait_for(self._conn.close(), 2)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except _DB_ERRORS:
                 self._conn.terminate()
         self._conn = None
 
@@ -289,6 +372,7 @@ class Writer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max)
         self.last_error = ""
+        self.last_commit = time.monotonic()
         self._on_committed(items)
         for hook in self._hooks:
             result = hook(report)
@@ -312,19 +396,29 @@ class Writer:
         return out
 
     async def flush(self, items: list[Staged]) -> FlushReport:
-        """Write ``items`` in one transaction; isolate an item whose data the database refuses."""
+        """Write ``items`` in one transaction; isolate an item whose data cannot be written."""
         try:
             return await self._write(items)
-        except _DATA_ERRORS as exc:
+        except ItemFailed as exc:
+            cause = exc.__cause__ or exc
             if len(items) == 1:
-                log.error("flush.item_refused", error=str(exc), topic=items[0].incoming.topic)
-                _quarantine(items[0], exc)
+                item = items[0]
+                replacement = self._on_failed(item.incoming, cause)
+                log.error(
+                    "flush.item_failed",
+                    error=repr(cause),
+                    topic=item.incoming.topic,
+                    seq=item.seq,
+                    then="retry" if replacement.retry else replacement.reason,
+                )
+                items[0] = replacement
                 return await self._write(items)
-            log.warning("flush.isolating", error=str(exc), items=len(items))
+            log.warning("flush.isolating", error=repr(cause), items=len(items))
             total = FlushReport()
-            for item in items:
-                part = await self.flush([item])
-                _merge(total, part)
+            for i in range(len(items)):
+                part = [items[i]]
+                _merge(total, await self.flush(part))
+                items[i] = part[0]
             return total
 
     async def _write(self, items: list[Staged]) -> FlushReport:
@@ -333,15 +427,17 @@ class Writer:
         fanout = await self._gateway_fanout(items)
         first: dict[Any, Staged] = {}
         for item in items:
-            if item.key is not None and item.key not in first:
+            if item.key is not None and not item.retry and item.key not in first:
                 first[item.key] = item
-        report = FlushReport(messages=len(items))
         self.flushing = True
+        self.flush_started = time.monotonic()
         try:
             async with conn.transaction():
+                keyed = list(first.values())
+                await apply_quota(conn, keyed, self.quota)
                 new: set[Any] = set()
-                if first:
-                    keyed = list(first.values())
+                stored: dict[Any, bytes | None] = {}
+                if keyed:
                     rows = await conn.fetch(
                         _LEDGER_SQL,
                         [i.key[0] for i in keyed if i.key],
@@ -353,88 +449,64 @@ class Writer:
                         [i.rejected for i in keyed],
                         [i.reason for i in keyed],
                         [to_datetime_or_none(i.created) for i in keyed],
+                        [i.digest for i in keyed],
+                        [i.quarantined for i in keyed],
                     )
                     new = {(r[0], r[1], r[2]) for r in rows}
-                writes = [i for i in items if i.key is None or (i.key in new and first[i.key] is i)]
-                parts = [
-                    i.copy_data if i.copy_data is not None else item_copy_data(i)
-                    for i in writes
-                    if i.series and i.key in new
+                    old = [i.key for i in keyed if i.key not in new and i.key is not None]
+                    if old:
+                        found = await conn.fetch(
+                            _DIGESTS_SQL,
+                            [k[0] for k in old],
+                            [k[1] for k in old],
+                            [k[2] for k in old],
+                        )
+                        stored = {(r[0], r[1], r[2]): r[3] for r in found}
+                writes = [
+                    i
+                    for i in items
+                    if not i.retry and (i.key is None or (i.key in new and first[i.key] is i))
                 ]
-                readings = sum(i.accepted for i in writes if i.series and i.key in new)
-                if parts:
-                    await conn.copy_to_table(
-                        "telemetry",
-                        source=_stream(parts),
-                        columns=TELEMETRY_COLUMNS,
-                        format="binary",
-                    )
-                events = [e for i in writes for e in i.events]
-                if events:
-                    await conn.copy_records_to_table(
-                        "events", records=events, columns=EVENT_COLUMNS
-                    )
-                status = [s for i in writes for s in i.status]
-                if status:
-                    await conn.copy_records_to_table(
-                        "device_status_history", records=status, columns=STATUS_COLUMNS
-                    )
-                for item in writes:
-                    if item.gateway_status is not None:
-                        t, tenant, gw, _, state, reason = item.gateway_status
-                        done = await conn.execute(_GATEWAY_STATUS_SQL, t, tenant, gw, state, reason)
-                        report.status += 1
-                        # Only a new gateway row fans out: a redelivered frame adds nothing.
-                        if done == "INSERT 0 1":
-                            report.status += await insert_status_rows(
-                                conn, fanout.get(id(item), [])
-                            )
-                rejects = [r.record() for i in writes for r in i.rejects]
-                if rejects:
-                    await conn.copy_records_to_table(
-                        "ingest_rejects", records=rejects, columns=REJECT_COLUMNS
-                    )
-                ranges = dirty_ranges(writes, new)
-                if ranges:
-                    await conn.copy_records_to_table(
-                        "ingest_dirty",
-                        records=[
-                            (
-                                r.tenant_id,
-                                r.device_id,
-                                r.metric,
-                                to_datetime(r.first_us),
-                                to_datetime(r.last_us),
-                            )
-                            for r in ranges
-                        ],
-                        columns=DIRTY_COLUMNS,
-                    )
-        except _DATA_ERRORS:
+                report = await write_items(conn, writes, fanout)
+        except DatabaseUnavailable:
             raise
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except _DATA_ERRORS as exc:
+            raise ItemFailed(str(exc)) from exc
+        except _DB_ERRORS as exc:
             # The connection may be unusable; a new one is made for the retry.
             if self._conn is not None:
                 self._conn.terminate()
             self._conn = None
             raise DatabaseUnavailable(f"time-series database: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            # Our own code failed on this data (a bug): isolate it rather than stop the writer.
+            raise ItemFailed(repr(exc)) from exc
         finally:
             self.flushing = False
+            self.flush_started = None
+        report.messages = len(items)
         for item in items:
-            if item.key is not None and (item.key not in new or first[item.key] is not item):
-                item.result, item.accepted, item.rejected, item.reason = (
-                    AckResult.DUPLICATE,
-                    0,
-                    0,
-                    "",
+            if item.key is None or item.retry:
+                continue
+            if item.key in new and first[item.key] is item:
+                continue
+            earlier = first[item.key].digest if item.key in new else stored.get(item.key)
+            if earlier is not None and item.digest is not None and earlier != item.digest:
+                item.result, item.reason = AckResult.CONFLICT, Reason.CONFLICT.value
+                report.conflicts += 1
+                log.warning(
+                    "batch.conflict",
+                    gateway_id=str(item.key[0]),
+                    stream=str(item.key[1]),
+                    seq=item.key[2],
+                    hint="the gateway reissued a committed seq with other content (its buffer"
+                    " was rolled back); it sends the batch again under a new stream",
                 )
+            else:
+                item.result, item.reason = AckResult.DUPLICATE, ""
                 report.duplicates += 1
+            item.drop_writes()
         report.batches = len(new)
-        report.readings = readings
-        report.events = len(events)
-        report.status += len(status)
-        report.rejects = len(rejects)
-        report.ranges = ranges
         report.seconds = time.perf_counter() - started
         self._metrics.flush_rows.observe(report.readings)
         self._metrics.flush_seconds.observe(report.seconds)
@@ -444,43 +516,24 @@ class Writer:
             messages=report.messages,
             batches=report.batches,
             duplicates=report.duplicates,
+            conflicts=report.conflicts,
             readings=report.readings,
+            quarantined=report.quarantined,
             rejects=report.rejects,
             seconds=round(report.seconds, 4),
         )
         return report
 
 
-def _quarantine(item: Staged, exc: BaseException) -> None:
-    """Turn an item whose rows the database refuses into a rejected one (rows dropped)."""
-    message = f"database refused the batch's data: {type(exc).__name__}: {exc}"[:1000]
-    item.rejected += item.accepted
-    item.accepted = 0
-    item.series, item.events, item.status, item.gateway_status = [], [], [], None
-    item.copy_data = None
-    item.result = AckResult.REJECTED if item.ack_topic else None
-    item.reason = "invalid_field"
-    item.rejects = [
-        RejectRow(
-            reason="invalid_field",
-            message=message,
-            topic=item.incoming.topic[:512],
-            tenant_id=item.tenant_id,
-            gateway_id=item.gateway_id,
-            stream=item.stream,
-            seq=item.seq if item.stream is not None else None,
-            points=item.rejected,
-        )
-    ]
-
-
 def _merge(total: FlushReport, part: FlushReport) -> None:
     total.messages += part.messages
     total.batches += part.batches
     total.duplicates += part.duplicates
+    total.conflicts += part.conflicts
     total.readings += part.readings
     total.events += part.events
     total.status += part.status
+    total.quarantined += part.quarantined
     total.rejects += part.rejects
     total.seconds += part.seconds
     total.ranges.extend(part.ranges)

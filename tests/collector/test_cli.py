@@ -76,8 +76,9 @@ async def test_status_metrics_and_gateway_will(dbs: Databases, tmp_path: Path) -
     stream = uuid.uuid4()
     async with running(settings):
         with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
-            gw.publish(make_batch(fleet, 1, stream, points=10))
-            gw.publish(make_batch(fleet, 1, stream, points=10))
+            first = make_batch(fleet, 1, stream, points=10)
+            gw.publish(first)
+            gw.publish(first)
             gw.publish(make_batch(fleet, 2, stream, values=[1000.0]))
             await asyncio.to_thread(gw.wait_acks, 3)
             will = GatewayStatus(gateway_id=fleet.gateway, state="offline", time=now_us())
@@ -94,7 +95,7 @@ async def test_status_metrics_and_gateway_will(dbs: Databases, tmp_path: Path) -
             )
     assert [("offline", "will")] == [(r["status"], r["reason"]) for r in rows]
     assert "sensormine_collector_points_accepted_total 10.0" in body
-    assert 'sensormine_collector_points_rejected_total{reason="out_of_range"} 1.0' in body
+    assert 'sensormine_collector_points_quarantined_total{reason="out_of_range"} 1.0' in body
     assert "sensormine_collector_duplicates_total 1.0" in body
     assert "sensormine_collector_mqtt_connected 1.0" in body
     config = _config(tmp_path / "c.toml", dbs.metadata, dbs.timeseries)
@@ -104,8 +105,17 @@ async def test_status_metrics_and_gateway_will(dbs: Databases, tmp_path: Path) -
     assert {
         "batches": 2,
         "accepted": 10,
-        "rejected": 1,
-        "by_result": {"ok": 1, "rejected": 1},
+        "quarantined": 1,
+        "rejected": 0,
+        "by_result": {"ok": 1, "quarantined": 1},
     } == report["ledger"]
+    assert [
+        {
+            "reason": "out_of_range",
+            "rows": 1,
+            "points": 1,
+            "bytes": report["quarantine"][0]["bytes"],
+        }
+    ] == report["quarantine"]
     assert [str(fleet.gateway)] == [g["gateway_id"] for g in report["gateways"]]
-    assert [{"reason": "out_of_range", "messages": 1, "points": 1}] == report["rejects"]
+    assert [] == report["rejects"]

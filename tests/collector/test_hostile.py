@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import msgpack
 import zstandard
 
+from collector.outcomes import Outcome, outcome
 from collector.service import running
 from protocol import AckResult, Batch, Event, GatewayStatus, Series, Value, encode_frame
 from tests.collector.conftest import (
@@ -32,6 +33,8 @@ class Case:
     payload: Callable[[Fleet, int], bytes]
     tenant: Callable[[Fleet], uuid.UUID] = lambda f: f.tenant
     gateway: Callable[[Fleet], uuid.UUID] = lambda f: f.gateway
+    # A frame whose envelope cannot be read at all is refused whatever its reason's outcome.
+    unaddressable: bool = False
 
 
 def _good(f: Fleet, seq: int, **kw: object) -> Batch:
@@ -91,7 +94,12 @@ CASES = [
     Case("one byte", "malformed", lambda f, s: b"S"),
     Case("zstd bomb", "decompression_limit", _zstd_bomb),
     Case("huge array header", "malformed", _huge_array),
-    Case("oversized payload", "too_large", lambda f, s: b"SM\x01\x00" + b"\xc0" * (1 << 20)),
+    Case(
+        "oversized payload",
+        "too_large",
+        lambda f, s: b"SM\x01\x00" + b"\xc0" * (1 << 20),
+        unaddressable=True,
+    ),
     Case("not msgpack map", "malformed", lambda f, s: b"SM\x01\x00" + msgpack.packb([1, 2, 3])),
     Case(
         "status frame on telemetry topic",
@@ -113,7 +121,20 @@ CASES = [
             f, s, _one(f.devices[0], "temperature", 1.0), gateway=f.other_gateway
         ),
     ),
-    Case("unknown gateway", "unknown_gateway", _body, gateway=lambda f: uuid.UUID(int=99)),
+    Case(
+        "unknown gateway",
+        "unknown_gateway",
+        lambda f, s: _with_series(
+            f, s, _one(f.devices[0], "temperature", 1.0), gateway=uuid.UUID(int=99)
+        ),
+        gateway=lambda f: uuid.UUID(int=99),
+    ),
+    Case(
+        "frame of another gateway on an unknown gateway's topic",
+        "gateway_mismatch",
+        _body,
+        gateway=lambda f: uuid.UUID(int=98),
+    ),
     Case(
         "unknown device",
         "unknown_device",
@@ -184,10 +205,17 @@ CASES = [
 ]
 
 
+def _expected(case: Case) -> str:
+    if case.unaddressable:
+        return "rejected"
+    return "quarantined" if outcome(case.reason) is Outcome.QUARANTINED else "rejected"
+
+
 async def test_hostile_payloads_are_refused_with_their_reason_and_good_batches_still_stored(
     dbs: Databases,
 ) -> None:
-    """Each hostile payload is acked rejected with its reason code and writes no reading; a good batch after it is stored."""
+    """Each hostile payload is acked with its reason code and its table outcome (quarantined or
+    rejected) and writes no reading; a good batch after it is stored."""
     fleet = dbs.fleet
     assert fleet is not None
     assert len({c.reason for c in CASES}) >= 15
@@ -203,9 +231,11 @@ async def test_hostile_payloads_are_refused_with_their_reason_and_good_batches_s
                 gw.publish(_good(fleet, i))
                 bad, good = await asyncio.to_thread(gw.wait_acks, 2)
                 results.append((case.name, bad.result.value, bad.reason, good.result.value))
-    assert results == [(c.name, "rejected", c.reason, "ok") for c in CASES]
+    assert [(c.name, _expected(c), c.reason, "ok") for c in CASES] == results
     rows = await dbs.fetch("SELECT count(*) AS n FROM telemetry")
     assert rows[0]["n"] == 3 * len(CASES)
     rejects = await dbs.fetch("SELECT DISTINCT reason FROM ingest_rejects")
-    assert {r["reason"] for r in rejects} == {c.reason for c in CASES}
+    assert {c.reason for c in CASES if _expected(c) == "rejected"} == {r["reason"] for r in rejects}
+    held = await dbs.fetch("SELECT DISTINCT reason FROM quarantine")
+    assert {c.reason for c in CASES if _expected(c) == "quarantined"} == {r["reason"] for r in held}
     assert AckResult.REJECTED.value == "rejected"

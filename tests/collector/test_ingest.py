@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import msgpack
+
 from collector.service import running
 from collector.writer import FlushReport
 from protocol import AckResult, Batch, DeviceStatus, Event, Series
@@ -159,7 +161,8 @@ async def test_two_collectors_in_one_group_store_each_batch_once(dbs: Databases)
 async def test_invalid_points_are_refused_and_valid_ones_of_the_batch_stored(
     dbs: Databases,
 ) -> None:
-    """Out-of-range, wrong-type, non-enum, NaN and late points go to ingest_rejects; the rest is stored."""
+    """Out-of-range, wrong-type, non-enum, NaN and late points are quarantined, every one of them
+    with its value (not a sample); the rest is stored and the ack counts both per reason."""
     fleet = dbs.fleet
     assert fleet is not None
     p = prefix()
@@ -200,8 +203,16 @@ async def test_invalid_points_are_refused_and_valid_ones_of_the_batch_stored(
         with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
             gw.publish(batch)
             (ack,) = await asyncio.to_thread(gw.wait_acks, 1)
-    assert (ack.result, ack.accepted, ack.rejected) == (AckResult.PARTIAL, 6, 9)
+    assert (AckResult.PARTIAL, 6, 9, 0) == (ack.result, ack.accepted, ack.quarantined, ack.rejected)
     assert ack.reason == "out_of_range"
+    assert {
+        "type_mismatch": (2, 0),
+        "timestamp_out_of_window": (1, 0),
+        "non_finite": (1, 0),
+        "out_of_range": (3, 0),
+        "not_in_enum": (1, 0),
+        "unknown_metric": (1, 0),
+    } == ack.reasons
     stored = await dbs.fetch(
         "SELECT metric, coalesce(value::text, value_text) AS v FROM telemetry ORDER BY metric, time"
     )
@@ -213,18 +224,27 @@ async def test_invalid_points_are_refused_and_valid_ones_of_the_batch_stored(
         ("temperature", "20"),
         ("temperature", "85"),
     ]
-    rejects = await dbs.fetch(
-        "SELECT metric, reason, points FROM ingest_rejects ORDER BY metric, reason"
+    held = await dbs.fetch(
+        "SELECT metric, reason, points, payload FROM quarantine ORDER BY metric, reason"
     )
-    assert [(r["metric"], r["reason"], r["points"]) for r in rejects] == [
-        ("count", "type_mismatch", 2),
-        ("door", "timestamp_out_of_window", 1),
-        ("humidity", "non_finite", 1),
-        ("humidity", "out_of_range", 1),
-        ("mode", "not_in_enum", 1),
-        ("pressure", "unknown_metric", 1),
-        ("temperature", "out_of_range", 2),
+    assert [
+        ("count", "type_mismatch", 2, [[t + 1, t + 2], [2.5, "x"]]),
+        ("door", "timestamp_out_of_window", 1, [[t + 400 * 86_400_000_000], [True]]),
+        ("humidity", "non_finite", 1, None),
+        ("humidity", "out_of_range", 1, [[t], [100.5]]),
+        ("mode", "not_in_enum", 1, [[t + 1], ["turbo"]]),
+        ("pressure", "unknown_metric", 1, [[t], [1013.0]]),
+        ("temperature", "out_of_range", 2, [[t + 1, t + 2], [99.0, -41]]),
+    ] == [
+        (
+            r["metric"],
+            r["reason"],
+            r["points"],
+            None if r["reason"] == "non_finite" else msgpack.unpackb(r["payload"]),
+        )
+        for r in held
     ]
+    assert [] == await dbs.fetch("SELECT * FROM ingest_rejects")
 
 
 async def test_flush_hook_and_dirty_table_name_what_was_written(dbs: Databases) -> None:
@@ -320,21 +340,24 @@ async def test_a_refused_device_costs_only_its_own_readings(dbs: Databases) -> N
         with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
             gw.publish(batch)
             (ack,) = await asyncio.to_thread(gw.wait_acks, 1)
-    assert (AckResult.PARTIAL, 2, 5, "unknown_device") == (
+    assert (AckResult.PARTIAL, 2, 4, 1, "unknown_device") == (
         ack.result,
         ack.accepted,
+        ack.quarantined,
         ack.rejected,
         ack.reason,
     )
     stored = await dbs.fetch("SELECT device_id, value FROM telemetry ORDER BY time")
     assert [(fleet.devices[0], 20.0), (fleet.devices[0], 21.0)] == [tuple(r) for r in stored]
+    # A device of another tenant is a security refusal; the rest waits in quarantine.
     rejects = await dbs.fetch("SELECT device_id, reason, points FROM ingest_rejects")
+    assert {(fleet.other_device, "device_tenant_mismatch", 1)} == {tuple(r) for r in rejects}
+    held = await dbs.fetch("SELECT device_id, kind, reason, points FROM quarantine")
     assert {
-        (unknown, "unknown_device", 3),
-        (unknown, "unknown_device", 0),
-        (fleet.other_device, "device_tenant_mismatch", 1),
-        (retired, "device_disabled", 1),
-    } == {tuple(r) for r in rejects}
+        (unknown, "readings", "unknown_device", 3),
+        (unknown, "events", "unknown_device", 0),
+        (retired, "readings", "device_disabled", 1),
+    } == {tuple(r) for r in held}
     statuses = await dbs.fetch(
         "SELECT device_id, status FROM device_status_history WHERE device_id IS NOT NULL"
     )

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from collector.pipeline import to_datetime
 from collector.registry import Registry
 from collector.service import running
 from protocol import AckResult, Batch
@@ -17,6 +18,7 @@ from tests.collector.conftest import (
     GatewayClient,
     collector_settings,
     make_batch,
+    now_us,
 )
 from tests.services import SYSTEM_MQTT
 
@@ -40,7 +42,9 @@ async def _ack_within(
 async def test_device_registered_while_running_is_accepted_within_two_seconds(
     dbs: Databases,
 ) -> None:
-    """A device inserted with plain SQL is accepted within 2 s, though it was negatively cached."""
+    """A device inserted with plain SQL is accepted within 2 s, though it was negatively cached,
+    and the readings quarantined before its registration are replayed into telemetry by the
+    collector itself, exactly once."""
     fleet = dbs.fleet
     assert fleet is not None
     p = f"r{uuid.uuid4().hex[:10]}"
@@ -49,9 +53,15 @@ async def test_device_registered_while_running_is_accepted_within_two_seconds(
     settings = collector_settings(dbs, *SYSTEM_MQTT, p, registry={"negative_ttl": "60s"})
     async with running(settings):
         with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
-            gw.publish(make_batch(fleet, 0, stream, device=new_device))
+            early = make_batch(fleet, 0, stream, device=new_device, start=now_us() - 3_600_000_000)
+            gw.publish(early)
             (ack,) = await asyncio.to_thread(gw.wait_acks, 1)
-            assert (ack.result, ack.reason) == (AckResult.REJECTED, "unknown_device")
+            assert (AckResult.QUARANTINED, "unknown_device", 10, {"unknown_device": (10, 0)}) == (
+                ack.result,
+                ack.reason,
+                ack.quarantined,
+                ack.reasons,
+            )
             await dbs.meta(
                 "INSERT INTO devices (id, tenant_id, device_type_id, gateway_id, name) VALUES ($1, $2, $3, $4, 'late')",
                 new_device,
@@ -62,7 +72,23 @@ async def test_device_registered_while_running_is_accepted_within_two_seconds(
             took = await _ack_within(
                 gw, lambda seq: make_batch(fleet, seq, stream, device=new_device), AckResult.OK, 2.0
             )
+            for _ in range(100):
+                held = await dbs.fetch("SELECT count(*) AS n FROM quarantine")
+                if held[0]["n"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            # A resend of the quarantined batch changes nothing: its key is in the ledger.
+            gw.publish(early)
+            (again,) = await asyncio.to_thread(gw.wait_acks, 1)
     assert took < 2.0
+    assert AckResult.DUPLICATE == again.result
+    assert 0 == held[0]["n"]
+    replayed = await dbs.fetch(
+        "SELECT time, value FROM telemetry WHERE device_id = $1 AND time <= $2 ORDER BY time",
+        new_device,
+        to_datetime(early.series[0].timestamps[-1]),
+    )
+    assert [float(v) for v in early.series[0].values] == [r["value"] for r in replayed]
 
 
 async def test_narrowed_schema_range_takes_effect_within_two_seconds(dbs: Databases) -> None:
@@ -86,12 +112,12 @@ async def test_narrowed_schema_range_takes_effect_within_two_seconds(dbs: Databa
             took = await _ack_within(
                 gw,
                 lambda seq: make_batch(fleet, seq, stream, values=[30.0]),
-                AckResult.REJECTED,
+                AckResult.QUARANTINED,
                 2.0,
             )
     assert took < 2.0
-    rejects = await dbs.fetch("SELECT reason FROM ingest_rejects")
-    assert {r["reason"] for r in rejects} == {"out_of_range"}
+    held = await dbs.fetch("SELECT reason FROM quarantine")
+    assert {"out_of_range"} == {r["reason"] for r in held}
 
 
 async def test_unknown_gateway_flood_costs_one_lookup(dbs: Databases) -> None:
