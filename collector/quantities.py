@@ -50,3 +50,5 @@ def parse_size(value: Any) -> int:
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+Timeout = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+"""A duration where ``"0s"`` means: no timeout."""

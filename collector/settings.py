@@ -33,7 +33,7 @@ from pydantic import (
 
 from collector.errors import ConfigError
 from collector.lifecycle.settings import LifecycleSettings
-from collector.quantities import Duration, Size
+from collector.quantities import Duration, Size, Timeout
 from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
 
 DEFAULT_CONFIG_PATH = Path("/etc/sensormine/collector.toml")
@@ -136,16 +136,16 @@ class DatabaseSettings(_Section):
     Every session the collector opens carries ``statement_timeout``, ``lock_timeout`` and
     ``idle_in_transaction_session_timeout``, and every call waits at most ``command_timeout`` for
     the server: a hung database or a lock held by a wedged collector fails the flush (which is
-    retried, nothing acknowledged) instead of stalling the group. ``0`` turns a timeout off.
+    retried, nothing acknowledged) instead of stalling the group. ``"0s"`` turns a timeout off.
     """
 
     dsn: str = Field(description="postgresql:// URL or Host=...;Port=...;Database=...;Username=...")
     password_file: Path | None = None
     connect_timeout: Duration = 10.0
-    statement_timeout: Duration = 120.0
-    lock_timeout: Duration = 30.0
-    idle_in_transaction_timeout: Duration = 60.0
-    command_timeout: Duration = 150.0
+    statement_timeout: Timeout = 120.0
+    lock_timeout: Timeout = 30.0
+    idle_in_transaction_timeout: Timeout = 60.0
+    command_timeout: Timeout = 150.0
 
     def session_settings(self) -> dict[str, str]:
         """The server settings of every session (milliseconds)."""

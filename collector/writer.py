@@ -305,7 +305,11 @@ class Writer:
         # Built here, in the consumer's task, so that it overlaps the previous flush's wait on
         # the database instead of delaying the next flush.
         if item.series:
-            item.copy_data = item_copy_data(item)
+            try:
+                item.copy_data = item_copy_data(item)
+            except Exception:
+                # Met again inside the flush, where a failing item is isolated and retried.
+                item.copy_data = None
         self._staged.append(item)
         self._staged_rows += item.rows
         if self._staged_rows >= self.max_rows or len(self._staged) == 1:

@@ -156,9 +156,10 @@ def collector_settings(
     port: int,
     prefix: str,
     client_id: str | None = None,
-    **sections: dict[str, Any],
+    **sections: Any,
 ) -> Settings:
-    """Settings for a collector of this test (no metrics endpoint, quick retries)."""
+    """Settings for a collector of this test (no metrics endpoint, quick retries); a section
+    given as a dict updates the default one, anything else replaces a top-level key."""
     data: dict[str, Any] = {
         "metadata": {"dsn": dbs.metadata},
         "timeseries": {"dsn": dbs.timeseries},
@@ -177,7 +178,10 @@ def collector_settings(
         "drain_deadline": "10s",
     }
     for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
     return parse_settings(data, "<test>")
 
 
