@@ -337,6 +337,56 @@ async def _ingest(conn: asyncpg.Connection, settings: Settings, report: Report) 
     report.data["rejects_24h"] = {
         r["reason"]: {"messages": int(r["messages"]), "points": int(r["points"])} for r in rejects
     }
+    await _quarantine(conn, settings, report)
+
+
+async def _quarantine(conn: asyncpg.Connection, settings: Settings, report: Report) -> None:
+    """What waits in quarantine, and quota scopes that are (nearly) full."""
+    held = await conn.fetch(
+        "SELECT reason, count(*) AS rows, coalesce(sum(points), 0) AS points,"
+        " extract(epoch FROM now() - min(received_at)) AS oldest"
+        " FROM quarantine GROUP BY reason ORDER BY reason"
+    )
+    usage = await conn.fetch(
+        "SELECT scope, id, bytes, refused_points FROM quarantine_usage"
+        " WHERE bytes > 0 OR refused_points > 0 ORDER BY bytes DESC"
+    )
+    q = settings.quarantine
+    report.data["quarantine"] = {
+        "by_reason": {
+            r["reason"]: {
+                "rows": int(r["rows"]),
+                "points": int(r["points"]),
+                "oldest_days": round(float(r["oldest"]) / 86400, 2),
+            }
+            for r in held
+        },
+        "scopes": [
+            {
+                "scope": u["scope"],
+                "id": str(u["id"]),
+                "bytes": int(u["bytes"]),
+                "quota": q.max_bytes_per_tenant
+                if u["scope"] == "tenant"
+                else q.max_bytes_per_unknown_gateway,
+                "refused_points": int(u["refused_points"]),
+            }
+            for u in usage
+        ],
+    }
+    for scope in report.data["quarantine"]["scopes"]:
+        if scope["refused_points"]:
+            report.problems.append(
+                f"quarantine: {scope['scope']} {scope['id']} reached its quota of"
+                f" {scope['quota']} bytes and {scope['refused_points']} readings were refused:"
+                " replay or purge what waits (sensormine-collector quarantine list), or raise"
+                " quarantine.max_bytes_per_*"
+            )
+        elif scope["bytes"] > 0.8 * scope["quota"]:
+            report.problems.append(
+                f"quarantine: {scope['scope']} {scope['id']} holds {scope['bytes']} of its"
+                f" {scope['quota']}-byte quota (sensormine-collector quarantine list)"
+            )
 
 
 def check_broker(settings: Settings, timeout: float) -> dict[str, Any]:
@@ -497,6 +547,15 @@ def render(report: dict[str, Any]) -> str:
         out.append("rejects in the last 24 h:" + ("" if rejects else " none"))
         for reason, r in rejects.items():
             out.append(f"  {reason:<26} {r['messages']} messages, {r['points']} readings")
+    if "quarantine" in report:
+        held = report["quarantine"]["by_reason"]
+        out.append(
+            "quarantine (sensormine-collector quarantine list):" + ("" if held else " empty")
+        )
+        for reason, r in held.items():
+            out.append(
+                f"  {reason:<26} {r['rows']} rows, {r['points']} readings, oldest {r['oldest_days']} days"
+            )
     b = report.get("broker")
     if b:
         state = "reachable" if b["reachable"] else f"UNREACHABLE ({b['detail']})"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -444,3 +445,25 @@ async def test_a_flush_hung_beyond_its_bound_stops_the_watchdog(
         await blocker.close()
         sock.close()
     assert AckResult.OK == ack.result
+
+
+def test_protocol_doc_lists_every_reason_with_its_outcome() -> None:
+    """docs/protocol.md's outcome table is the outcome table: every reason, the same outcome."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \| (stored|quarantined|refused|retry) \|", doc, re.M)
+    assert {r.value: o.value for r, o in OUTCOMES.items()} == dict(rows)
+    assert len(rows) == len(OUTCOMES)
+
+
+def test_quarantine_commands_explain_bad_input(tmp_path: Path) -> None:
+    """An unknown reason or a time that is not ISO 8601 is a usage error naming the option."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[metadata]\ndsn = "postgresql://h/m"\n[timeseries]\ndsn = "postgresql://h/t"\n'
+    )
+    bad_reason = cli("quarantine", "list", "--reason", "nope", "--config", str(config))
+    assert 2 == bad_reason.returncode and "unknown reason nope" in bad_reason.stderr
+    bad_time = cli("quarantine", "replay", "--since", "yesterday", "--config", str(config))
+    assert 2 == bad_time.returncode and "--since" in bad_time.stderr
+    no_filter = cli("quarantine", "purge", "--yes", "--config", str(config))
+    assert 2 == no_filter.returncode and "at least one filter" in no_filter.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -98,6 +99,18 @@ async def test_doctor_reports_the_edition_and_true_chunk_counts_and_asks_for_job
         await conn.execute(
             "INSERT INTO ingest_rejects (reason, points) VALUES ('out_of_range', 3), ('out_of_range', 2), ('unknown_device', 1)"
         )
+        full = uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO quarantine (reason, kind, tenant_id, gateway_id, quota_scope, quota_id,"
+            " points, bytes, payload) VALUES ('unknown_device', 'readings', $1, $1, 'tenant', $1,"
+            " 7, 200, '\\x00')",
+            full,
+        )
+        await conn.execute(
+            "INSERT INTO quarantine_usage (scope, id, bytes, rows, refused_points)"
+            " VALUES ('tenant', $1, 200, 1, 4)",
+            full,
+        )
         expected_chunks = {
             r["hypertable_name"]: r["n"]
             for r in await conn.fetch(
@@ -119,15 +132,27 @@ async def test_doctor_reports_the_edition_and_true_chunk_counts_and_asks_for_job
         "out_of_range": {"messages": 2, "points": 5},
         "unknown_device": {"messages": 1, "points": 1},
     } == report["rejects_24h"]
+    assert {"rows": 1, "points": 7} == {
+        k: v
+        for k, v in report["quarantine"]["by_reason"]["unknown_device"].items()
+        if k != "oldest_days"
+    }
     assert report["broker"]["reachable"]
     never = sorted(p for p in report["problems"] if "has never run" in p)
     assert len(never) == len(report["jobs"]) == 3
-    assert sorted(report["problems"]) == never
+    quota = [p for p in report["problems"] if p.startswith("quarantine:")]
+    assert 1 == len(quota) and "4 readings were refused" in quota[0]
+    assert sorted(report["problems"]) == sorted(never + quota)
     if LICENSE == "apache":
         assert "skipped" in report["compression"]["status"]
         assert any("compression: skipped" in n for n in report["notes"])
 
     await _run_all_jobs(config, ts)
+    conn = await asyncpg.connect(ts)
+    try:
+        await conn.execute("UPDATE quarantine_usage SET refused_points = 0")
+    finally:
+        await conn.close()
     code, report = await _doctor(config)
 
     assert [] == report["problems"]
