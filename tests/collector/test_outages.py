@@ -64,6 +64,64 @@ async def test_database_outage_mid_stream_loses_and_duplicates_nothing(
     assert ledger[0]["n"] == 60
 
 
+def _cluster_pids(cluster: PostgresCluster) -> list[int]:
+    """The postmaster of ``cluster`` and every process it started."""
+    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True
+    ).stdout.split()
+    return [postmaster, *map(int, children)]
+
+
+async def test_a_hung_database_times_out_and_catches_up_when_it_wakes(
+    private_postgres: PostgresCluster,
+) -> None:
+    """A database that stops answering (SIGSTOP, not dead) fails the flush after
+    command_timeout instead of stalling the collector forever; nothing is acknowledged while it
+    hangs, and after SIGCONT every batch is stored exactly once."""
+    dbs = await _databases_on(private_postgres)
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = f"o{uuid.uuid4().hex[:10]}"
+    stream = uuid.uuid4()
+    batches = [make_batch(fleet, seq, stream, points=20) for seq in range(30)]
+    quick = {"connect_timeout": "1s", "command_timeout": "1s", "statement_timeout": "1s"}
+    settings = collector_settings(
+        dbs,
+        *SYSTEM_MQTT,
+        p,
+        timeseries={"dsn": dbs.timeseries, **quick},
+        writer={"retry_min": "200ms", "retry_max": "500ms"},
+        lifecycle={"enabled": False},
+    )
+    async with running(settings) as collector:
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            first = await asyncio.to_thread(deliver_all, gw, batches[:10])
+            assert set(first) == set(range(10))
+            frozen = _cluster_pids(private_postgres)
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                for b in batches[10:]:
+                    gw.publish(b)
+                assert collector.writer is not None
+                for _ in range(100):
+                    if collector.writer.last_error:
+                        break
+                    await asyncio.sleep(0.1)
+                assert "TimeoutError" in collector.writer.last_error or "timeout" in (
+                    collector.writer.last_error.lower()
+                )
+                assert gw.acks.empty()
+            finally:
+                for pid in frozen:
+                    os.kill(pid, signal.SIGCONT)
+            rest = await asyncio.to_thread(deliver_all, gw, batches[10:], 60.0, 5.0)
+    assert set(rest) == set(range(10, 30))
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    assert (600, 600) == (rows[0]["n"], rows[0]["t"])
+
+
 def _spawn(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "collector", "run", "--config", str(config)],
