@@ -5,7 +5,7 @@ seeds them, provisions both demo gateways with simulated inputs, starts a collec
 agents as real processes on the local broker, lets them run for ``DEMO_SECONDS`` (default 30),
 stops them gracefully (SIGTERM: agents drain their buffers, the collector commits and acks),
 and prints what TimescaleDB holds. Its last line is
-``demo: produced=<n> stored=<m> rejected=<k> duplicates=<d>``; it exits 0 only when every
+``demo: produced=<n> stored=<m> quarantined=<q> rejected=<k> duplicates=<d>``; it exits 0 only when every
 produced reading is stored exactly once.
 
 Environment: ``DEMO_SECONDS`` (run time), ``DEMO_DATABASE`` (name of the registry database; the
@@ -302,7 +302,7 @@ class LocalSystem:
         return sum(int(self.agent_status(g)["readings"]) for g in self.agents)
 
     async def stored_counts(self) -> dict[str, int]:
-        """Readings stored, refused, and stored more than once."""
+        """Readings stored, quarantined, refused, and stored more than once."""
         conn = await asyncpg.connect(self.timeseries_dsn)
         try:
             stored = await conn.fetchval("SELECT count(*) FROM telemetry")
@@ -310,10 +310,12 @@ class LocalSystem:
                 "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM telemetry) AS d"
             )
             rejected = await conn.fetchval("SELECT coalesce(sum(points), 0) FROM ingest_rejects")
+            quarantined = await conn.fetchval("SELECT coalesce(sum(points), 0) FROM quarantine")
         finally:
             await conn.close()
         return {
             "stored": int(stored),
+            "quarantined": int(quarantined),
             "rejected": int(rejected),
             "duplicates": int(stored - distinct),
         }
@@ -345,6 +347,9 @@ class LocalSystem:
             rejects = await ts.fetch(
                 "SELECT reason, sum(points) AS points FROM ingest_rejects GROUP BY reason ORDER BY 2 DESC"
             )
+            held = await ts.fetch(
+                "SELECT reason, sum(points) AS points FROM quarantine GROUP BY reason ORDER BY 2 DESC"
+            )
         finally:
             await ts.close()
         lines = ["", "rows per device type:"]
@@ -363,7 +368,10 @@ class LocalSystem:
             lines.append(f"  {r['name']:<24} {r['type']:<14} {values}")
         rate = span["n"] / seconds if seconds > 0 else 0.0
         lines += ["", f"readings/s achieved: {rate:.1f} ({span['n']} readings in {seconds:.0f} s)"]
-        lines += ["", "rejects by reason:"] + (
+        lines += ["", "quarantined by reason (sensormine-collector quarantine list):"] + (
+            [f"  {r['reason']:<24} {r['points']}" for r in held] or ["  (none)"]
+        )
+        lines += ["", "refused by reason:"] + (
             [f"  {r['reason']:<24} {r['points']}" for r in rejects] or ["  (none)"]
         )
         lines += ["", "More queries to try: docs/data-model.md (psql " + self.timeseries_dsn + ")"]
@@ -420,7 +428,9 @@ def main() -> int:
         and not any(codes.values())
     )
     print(
-        f"demo: produced={produced} stored={counts['stored']} rejected={counts['rejected']} duplicates={counts['duplicates']}"
+        f"demo: produced={produced} stored={counts['stored']}"
+        f" quarantined={counts['quarantined']} rejected={counts['rejected']}"
+        f" duplicates={counts['duplicates']}"
     )
     return 0 if ok else 1
 

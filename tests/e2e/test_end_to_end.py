@@ -110,10 +110,13 @@ def test_demo_command(tmp_path: Path) -> None:
         for db in (name, f"{name}_ts"):
             asyncio.run(drop_database(SYSTEM_PG_DSN, SYSTEM_PG_DSN.rpartition("/")[0] + "/" + db))
     last = result.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"demo: produced=(\d+) stored=(\d+) rejected=(\d+) duplicates=(\d+)", last)
+    match = re.fullmatch(
+        r"demo: produced=(\d+) stored=(\d+) quarantined=(\d+) rejected=(\d+) duplicates=(\d+)",
+        last,
+    )
     assert match, result.stdout + result.stderr
-    produced, stored, rejected, duplicates = (int(g) for g in match.groups())
+    produced, stored, quarantined, rejected, duplicates = (int(g) for g in match.groups())
     assert produced > 0
-    assert (produced, 0, 0) == (stored, rejected, duplicates)
+    assert (produced, 0, 0, 0) == (stored, quarantined, rejected, duplicates)
     assert 0 == result.returncode
     assert "rows per device type:" in result.stdout
