@@ -194,6 +194,8 @@ class Registry:
         # Changes made while nobody listened would otherwise stay invisible.
         self.clear()
         log.info("registry.listening")
+        for on_change in self.on_change:
+            on_change("*", None)
 
     async def _maintain(self) -> None:
         next_refresh = time.monotonic() + self._refresh_interval

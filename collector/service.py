@@ -162,6 +162,10 @@ class Collector:
             negative_ttl=s.registry.negative_ttl,
             allow_non_finite=s.validation.allow_non_finite,
         )
+        if s.quarantine.auto_replay:
+            # Before the first connection: what was registered while no collector listened is
+            # replayed at start-up too.
+            registry.on_change.append(self._registry_changed)
         await self._retry("metadata", stop, registry.start)
         if stop.is_set():
             await registry.close()
@@ -215,8 +219,6 @@ class Collector:
         pump_task = asyncio.create_task(self._pump(queue, pipeline, writer, stop), name="pump")
         watchdog_task = asyncio.create_task(self._watchdog(), name="watchdog")
         replay_task = asyncio.create_task(self._auto_replay(stop), name="replay")
-        if s.quarantine.auto_replay:
-            registry.on_change.append(self._registry_changed)
         consumer.start()
         self.notifier.ready("consuming")
         self.ready.set()
@@ -420,6 +422,7 @@ class Collector:
             reasons = {r.value for r in SCHEMA_REASONS} | {Reason.DEVICE_DISABLED.value}
             self._replay_due.add(Filters(reasons=tuple(sorted(reasons))))
         else:
+            # A tenant changed, or the listener (re)connected and may have missed changes.
             reasons = {r.value for r in REGISTRY_REASONS | SCHEMA_REASONS}
             self._replay_due.add(Filters(reasons=tuple(sorted(reasons))))
         self._replay_wake.set()
@@ -428,6 +431,7 @@ class Collector:
         """Replay what waits for a registry change, shortly after the change (debounced)."""
         s = self.settings
         kwargs = db_kwargs(s, "timeseries", self.environ)
+        await self.ready.wait()
         while not stop.is_set():
             await self._replay_wake.wait()
             await asyncio.sleep(s.quarantine.replay_delay)

@@ -467,3 +467,34 @@ def test_quarantine_commands_explain_bad_input(tmp_path: Path) -> None:
     assert 2 == bad_time.returncode and "--since" in bad_time.stderr
     no_filter = cli("quarantine", "purge", "--yes", "--config", str(config))
     assert 2 == no_filter.returncode and "at least one filter" in no_filter.stderr
+
+
+async def test_what_was_registered_while_no_collector_ran_is_replayed_at_start(
+    dbs: Databases,
+) -> None:
+    """A device registered while every collector was stopped: the next collector to start
+    replays the readings that waited for it."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    newcomer = uuid.uuid4()
+    settings = collector_settings(dbs, *SYSTEM_MQTT, p, quarantine={"replay_delay": "100ms"})
+    async with running(settings):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(make_batch(fleet, 1, uuid.uuid4(), device=newcomer))
+            (ack,) = await asyncio.to_thread(gw.wait_acks, 1)
+    assert AckResult.QUARANTINED == ack.result
+    await dbs.meta(
+        "INSERT INTO devices (id, tenant_id, device_type_id, gateway_id, name) VALUES ($1, $2, $3, $4, 'n')",
+        newcomer,
+        fleet.tenant,
+        fleet.device_type,
+        fleet.gateway,
+    )
+    async with running(settings):
+        for _ in range(100):
+            if await count(dbs, "SELECT count(*) FROM quarantine") == 0:
+                break
+            await asyncio.sleep(0.1)
+    assert 0 == await count(dbs, "SELECT count(*) FROM quarantine")
+    assert 10 == await count(dbs, "SELECT count(*) FROM telemetry WHERE device_id = $1", newcomer)
