@@ -10,6 +10,7 @@ stores what now passes, exactly once; ``purge`` deletes rows for good and asks f
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -21,13 +22,11 @@ import asyncpg
 import click
 
 from collector.errors import CollectorError, DatabaseUnavailable
-from collector.pipeline import Pipeline
 from collector.quarantine import Filters, payload_preview, purge, replay, rows, summary
-from collector.registry import Registry
-from collector.service import db_kwargs
+from collector.service import build_pipeline, build_registry, db_kwargs
 from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
 from collector.writer import write_items
-from protocol import Limits, Reason
+from protocol import Reason
 
 T = TypeVar("T")
 
@@ -72,19 +71,37 @@ def _filters(
     )
 
 
+_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    envvar="SENSORMINE_COLLECTOR_CONFIG",
+    help="Collector configuration file (TOML).",
+)
+
+
 def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The configuration option and the filters shared by every quarantine command."""
+    """The configuration option and the filters shared by the commands, as one ``filters``."""
+
+    @functools.wraps(fn)
+    def with_filters(
+        tenant: uuid.UUID | None,
+        gateway: uuid.UUID | None,
+        device: uuid.UUID | None,
+        reasons: tuple[str, ...],
+        since: str | None,
+        until: str | None,
+        ids: tuple[int, ...],
+        **rest: Any,
+    ) -> Any:
+        return fn(filters=_filters(tenant, gateway, device, reasons, since, until, ids), **rest)
+
+    decorated: Callable[..., Any] = with_filters
     for option in reversed(
         [
-            click.option(
-                "--config",
-                "config_path",
-                type=click.Path(dir_okay=False, path_type=Path),
-                default=DEFAULT_CONFIG_PATH,
-                show_default=True,
-                envvar="SENSORMINE_COLLECTOR_CONFIG",
-                help="Collector configuration file (TOML).",
-            ),
+            _CONFIG,
             click.option("--tenant", type=click.UUID, help="Only this tenant's rows."),
             click.option("--gateway", type=click.UUID, help="Only this gateway's rows."),
             click.option("--device", type=click.UUID, help="Only this device's rows."),
@@ -101,8 +118,8 @@ def _options(fn: Callable[..., Any]) -> Callable[..., Any]:
             ),
         ]
     ):
-        fn = option(fn)
-    return fn
+        decorated = option(decorated)
+    return decorated
 
 
 def _load(config_path: Path) -> Settings:
@@ -150,21 +167,8 @@ def quarantine() -> None:
 @click.option("--rows", "as_rows", is_flag=True, help="One line per row instead of a summary.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(
-    config_path: Path,
-    tenant: uuid.UUID | None,
-    gateway: uuid.UUID | None,
-    device: uuid.UUID | None,
-    reasons: tuple[str, ...],
-    since: str | None,
-    until: str | None,
-    ids: tuple[int, ...],
-    as_rows: bool,
-    limit: int,
-    as_json: bool,
-) -> None:
+def list_(config_path: Path, filters: Filters, as_rows: bool, limit: int, as_json: bool) -> None:
     """What waits in quarantine, grouped by tenant, gateway, device and reason."""
-    filters = _filters(tenant, gateway, device, reasons, since, until, ids)
     settings = _load(config_path)
     if as_rows:
         found = _run(settings, lambda conn: rows(conn, filters, limit))
@@ -194,15 +198,7 @@ def list_(
 
 @quarantine.command()
 @click.argument("row_id", type=int)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML).",
-)
+@_CONFIG
 @click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
 def show(row_id: int, config_path: Path, limit: int) -> None:
     """One row with its reason, message and (up to --limit of) its readings or entries."""
@@ -230,47 +226,19 @@ def show(row_id: int, config_path: Path, limit: int) -> None:
     help="Accept readings outside validation.max_age/max_skew (only once their times are known to be right).",
 )
 @click.option("--max-rows", type=click.IntRange(1), help="Stop after examining this many rows.")
-def replay_(
-    config_path: Path,
-    tenant: uuid.UUID | None,
-    gateway: uuid.UUID | None,
-    device: uuid.UUID | None,
-    reasons: tuple[str, ...],
-    since: str | None,
-    until: str | None,
-    ids: tuple[int, ...],
-    any_time: bool,
-    max_rows: int | None,
-) -> None:
+def replay_(config_path: Path, filters: Filters, any_time: bool, max_rows: int | None) -> None:
     """Store what now passes the registry and schemas, exactly once; leave the rest."""
-    filters = _filters(tenant, gateway, device, reasons, since, until, ids)
     settings = _load(config_path)
     s = settings
 
     async def work(conn: asyncpg.Connection) -> Any:
-        registry = Registry(
-            db_kwargs(s, "metadata"),
-            refresh_interval=s.registry.refresh_interval,
-            negative_ttl=s.registry.negative_ttl,
-            allow_non_finite=s.validation.allow_non_finite,
-        )
+        registry = build_registry(s)
         try:
             await registry.start()
         except DatabaseUnavailable as exc:
             raise click.ClickException(str(exc)) from None
         try:
-            pipeline = Pipeline(
-                registry,
-                prefix=s.mqtt.prefix,
-                limits=Limits(
-                    max_frame_bytes=s.validation.max_frame_bytes,
-                    max_points=s.validation.max_points,
-                ),
-                max_age=s.validation.max_age,
-                max_skew=s.validation.max_skew,
-                allow_non_finite=s.validation.allow_non_finite,
-                reject_sample=s.validation.reject_sample,
-            )
+            pipeline = build_pipeline(s, registry)
             return await replay(
                 conn, pipeline, write_items, filters, check_time=not any_time, max_rows=max_rows
             )
@@ -290,19 +258,8 @@ def replay_(
 @quarantine.command("purge")
 @_options
 @click.option("--yes", is_flag=True, help="Really delete: purged data cannot be replayed.")
-def purge_(
-    config_path: Path,
-    tenant: uuid.UUID | None,
-    gateway: uuid.UUID | None,
-    device: uuid.UUID | None,
-    reasons: tuple[str, ...],
-    since: str | None,
-    until: str | None,
-    ids: tuple[int, ...],
-    yes: bool,
-) -> None:
+def purge_(config_path: Path, filters: Filters, yes: bool) -> None:
     """Delete matching rows for good (needs at least one filter and --yes)."""
-    filters = _filters(tenant, gateway, device, reasons, since, until, ids)
     if filters == Filters():
         raise click.UsageError("purge needs at least one filter (use --since 1970-01-01 for all)")
     if not yes:

@@ -54,6 +54,30 @@ def db_kwargs(
     return kwargs
 
 
+def build_registry(settings: Settings, environ: dict[str, str] | None = None) -> Registry:
+    """The registry cache of the metadata database, as configured."""
+    return Registry(
+        db_kwargs(settings, "metadata", environ),
+        refresh_interval=settings.registry.refresh_interval,
+        negative_ttl=settings.registry.negative_ttl,
+        allow_non_finite=settings.validation.allow_non_finite,
+    )
+
+
+def build_pipeline(settings: Settings, registry: Registry) -> Pipeline:
+    """The pipeline as configured: the same checks for ingest and for quarantine replay."""
+    v = settings.validation
+    return Pipeline(
+        registry,
+        prefix=settings.mqtt.prefix,
+        limits=Limits(max_frame_bytes=v.max_frame_bytes, max_points=v.max_points),
+        max_age=v.max_age,
+        max_skew=v.max_skew,
+        allow_non_finite=v.allow_non_finite,
+        reject_sample=v.reject_sample,
+    )
+
+
 async def migrate_all(
     settings: Settings, environ: dict[str, str] | None = None
 ) -> dict[str, list[int]]:
@@ -156,12 +180,7 @@ class Collector:
             self._metrics_server = self.metrics.serve(s.metrics.listen)
         except OSError as exc:
             raise CollectorError(f"metrics.listen {s.metrics.listen}: {exc.strerror}") from None
-        registry = Registry(
-            db_kwargs(s, "metadata", self.environ),
-            refresh_interval=s.registry.refresh_interval,
-            negative_ttl=s.registry.negative_ttl,
-            allow_non_finite=s.validation.allow_non_finite,
-        )
+        registry = build_registry(s, self.environ)
         if s.quarantine.auto_replay:
             # Before the first connection: what was registered while no collector listened is
             # replayed at start-up too.
@@ -171,17 +190,7 @@ class Collector:
             await registry.close()
             return
         self.registry = registry
-        pipeline = Pipeline(
-            registry,
-            prefix=s.mqtt.prefix,
-            limits=Limits(
-                max_frame_bytes=s.validation.max_frame_bytes, max_points=s.validation.max_points
-            ),
-            max_age=s.validation.max_age,
-            max_skew=s.validation.max_skew,
-            allow_non_finite=s.validation.allow_non_finite,
-            reject_sample=s.validation.reject_sample,
-        )
+        pipeline = build_pipeline(s, registry)
         self.pipeline = pipeline
         queue: asyncio.Queue[Incoming] = asyncio.Queue()
         consumer = Consumer(
