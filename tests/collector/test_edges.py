@@ -498,3 +498,64 @@ async def test_what_was_registered_while_no_collector_ran_is_replayed_at_start(
             await asyncio.sleep(0.1)
     assert 0 == await count(dbs, "SELECT count(*) FROM quarantine")
     assert 10 == await count(dbs, "SELECT count(*) FROM telemetry WHERE device_id = $1", newcomer)
+
+
+async def test_disabled_gateway_moved_device_missing_schema_and_bad_topic(
+    dbs: Databases,
+) -> None:
+    """gateway_disabled, device_gateway_mismatch and no_schema are quarantined (enabling the
+    gateway replays its frame); a topic whose ids are not UUIDs is refused as bad_topic."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    moved = fleet.devices[2]
+    await dbs.meta("UPDATE devices SET gateway_id = $1 WHERE id = $2", fleet.other_gateway, moved)
+    bare_schema = uuid.uuid4()
+    bare = uuid.uuid4()
+    await dbs.meta(
+        "INSERT INTO schemas (id, tenant_id, name) VALUES ($1, $2, 'bare')",
+        bare_schema,
+        fleet.tenant,
+    )
+    await dbs.meta(
+        "INSERT INTO device_types (tenant_id, name, schema_id) VALUES ($1, 'bare', $2)",
+        fleet.tenant,
+        bare_schema,
+    )
+    await dbs.meta(
+        "INSERT INTO devices (id, tenant_id, device_type_id, gateway_id, name)"
+        " SELECT $1, $2, id, $3, 'b' FROM device_types WHERE name = 'bare'",
+        bare,
+        fleet.tenant,
+        fleet.gateway,
+    )
+    settings = collector_settings(dbs, *SYSTEM_MQTT, p, quarantine={"replay_delay": "100ms"})
+    async with running(settings):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(make_batch(fleet, 1, uuid.uuid4(), device=moved))
+            gw.publish(make_batch(fleet, 2, uuid.uuid4(), device=bare))
+            mismatch, no_schema = await asyncio.to_thread(gw.wait_acks, 2)
+            assert gw.client is not None
+            gw.client.publish(f"{p}/v1/not-a-tenant/{fleet.gateway}/telemetry", b"SM", qos=1)
+            await dbs.meta("UPDATE gateways SET enabled = false WHERE id = $1", fleet.gateway)
+            await asyncio.sleep(0.3)
+            disabled_batch = make_batch(fleet, 3, uuid.uuid4())
+            gw.publish(disabled_batch)
+            (disabled,) = await asyncio.to_thread(gw.wait_acks, 1)
+            await dbs.meta("UPDATE gateways SET enabled = true WHERE id = $1", fleet.gateway)
+            for _ in range(100):
+                if await count(dbs, "SELECT count(*) FROM quarantine WHERE kind = 'frame'") == 0:
+                    break
+                await asyncio.sleep(0.1)
+    assert [
+        (AckResult.QUARANTINED, "device_gateway_mismatch"),
+        (AckResult.QUARANTINED, "no_schema"),
+        (AckResult.QUARANTINED, "gateway_disabled"),
+    ] == [(a.result, a.reason) for a in (mismatch, no_schema, disabled)]
+    assert 10 == await count(
+        dbs, "SELECT count(*) FROM telemetry WHERE device_id = $1", fleet.devices[0]
+    )
+    held = await dbs.fetch("SELECT reason FROM quarantine ORDER BY reason")
+    assert ["device_gateway_mismatch", "no_schema"] == [r["reason"] for r in held]
+    refused = await dbs.fetch("SELECT reason FROM ingest_rejects")
+    assert ["bad_topic"] == [r["reason"] for r in refused]
