@@ -184,12 +184,13 @@ class MqttSettings(_Section):
     prefix: str = DEFAULT_PREFIX
     group: str = Field(default="sensormine-collectors", min_length=1)
     keepalive: Duration = 30.0
-    # Short on purpose: Mosquitto keeps handing an absent member its share of the group's
-    # messages until its session expires, then drops them; agents resend after ack_timeout.
+    # Short on purpose: Mosquitto hands an absent member its share of the group's messages
+    # until its session expires, then drops them; the agents resend after their ack_timeout.
     session_expiry: Duration = Field(
         default=10.0,
-        description="How long the broker keeps this collector's session (and its share of the"
-        " group's messages) while it is away; longer only delays the other members taking over.",
+        description="How long the broker keeps this collector's session, and queues its share"
+        " of the group's messages, while it is away; back within it, the collector gets its"
+        " unacknowledged messages again, and until it ends the other members do not get them.",
     )
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
     reconnect_min: Duration = 1.0

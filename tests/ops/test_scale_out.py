@@ -21,16 +21,13 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from collector import migrations
 from protocol import (
     AckResult,
     Batch,
@@ -41,9 +38,9 @@ from protocol import (
     decode_ack,
     encode_frame,
 )
-from tests.conftest import create_database, drop_database
+from tests.ops.conftest import Databases
 from tests.ops.units import REPO
-from tests.services import SYSTEM_PG_DSN, MosquittoBroker, free_port
+from tests.services import MosquittoBroker, free_port
 
 GATEWAYS = 20
 DEVICES_PER_GATEWAY = 5
@@ -73,39 +70,6 @@ class Site:
 
     tenant: uuid.UUID
     devices: dict[uuid.UUID, list[uuid.UUID]]
-
-
-@dataclass
-class Databases:
-    """The run's migrated metadata and time-series databases."""
-
-    metadata: str
-    timeseries: str
-
-
-@pytest.fixture
-async def databases() -> AsyncIterator[Databases]:
-    """Fresh, migrated metadata and time-series databases on the machine's PostgreSQL."""
-    meta = await create_database(SYSTEM_PG_DSN, "smscalemeta", timescale=False)
-    ts = await create_database(SYSTEM_PG_DSN, "smscalets", timescale=True)
-    try:
-        await migrations.apply(meta, "metadata")
-        await migrations.apply(ts, "timeseries")
-        yield Databases(meta, ts)
-    finally:
-        await drop_database(SYSTEM_PG_DSN, meta)
-        await drop_database(SYSTEM_PG_DSN, ts)
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Child processes of the test; any still alive at teardown (a timeout) are killed."""
-    spawned: list[subprocess.Popen[bytes]] = []
-    yield spawned
-    for process in spawned:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 async def register_site(metadata: str) -> Site:
