@@ -124,6 +124,49 @@ def _iso(us: int | None) -> str | None:
     return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat(timespec="milliseconds")
 
 
+# What a quarantined reading waits for, by reason code (as docs/protocol.md lists the outcomes;
+# the collector's table is the authority, this is only the technician's hint).
+_WAITS_FOR = {
+    "unknown_gateway": "registration",
+    "gateway_disabled": "registration",
+    "unknown_device": "registration",
+    "device_disabled": "registration",
+    "device_gateway_mismatch": "registration",
+    "no_schema": "a schema fix",
+    "unknown_metric": "a schema fix",
+    "type_mismatch": "a schema fix",
+    "out_of_range": "a schema fix",
+    "not_in_enum": "a schema fix",
+    "non_finite": "a schema fix",
+    "timestamp_out_of_window": "a clock fix",
+    "too_large": "a collector limit",
+    "invalid_field": "a collector limit",
+    "too_many_points": "a collector limit",
+    "internal_error": "a collector fix",
+}
+
+
+def _by_reason(stats: BufferStats, column: int) -> dict[str, int]:
+    return {r: counts[column] for r, counts in stats.by_reason.items() if counts[column]}
+
+
+def _quarantine_line(stats: BufferStats) -> str:
+    """E.g. ``in the cloud: 120 (unknown_device 120) — waiting for registration, not stored``."""
+    reasons = _by_reason(stats, 0)
+    if not stats.quarantined:
+        return "0"
+    detail = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    waits: list[str] = []
+    for reason in sorted(reasons, key=lambda r: -reasons[r]):
+        hint = _WAITS_FOR.get(reason, "the cause to be fixed in the cloud")
+        if hint not in waits:
+            waits.append(hint)
+    return (
+        f"in the cloud: {stats.quarantined} ({detail or 'no reason given'})"
+        f" — waiting for {' or '.join(waits)}, not stored"
+    )
+
+
 def _status_document(stats: BufferStats, backlog_rate: float | None) -> dict[str, Any]:
     now = time.time()
     oldest_age = None if stats.oldest_us is None else max(0.0, now - stats.oldest_us / 1e6)
@@ -138,7 +181,22 @@ def _status_document(stats: BufferStats, backlog_rate: float | None) -> dict[str
         "dropped_by_reason": stats.dropped,
         "produced": stats.produced,
         "delivered": stats.delivered,
+        "stored": stats.stored,
+        "quarantined": stats.quarantined,
+        "quarantined_by_reason": _by_reason(stats, 0),
+        "refused": stats.refused,
+        "refused_by_reason": _by_reason(stats, 1),
         "rejected_batches": stats.rejected_batches,
+        "streams": [
+            {
+                "stream": str(s.stream),
+                "first_seq": s.first_seq,
+                "started_at": _iso(s.started_us),
+                "reason": s.reason,
+            }
+            for s in stats.streams
+        ],
+        "reencoded_batches": stats.reencoded_batches,
         "last_ack_at": _iso(stats.last_ack_us),
         "next_seq": stats.next_seq,
         "estimated_drain_s": None if drain is None else round(drain, 1),
@@ -153,7 +211,9 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
     """Show what the buffer holds; safe while the agent runs.
 
     Readings, batches and bytes buffered, age of the oldest reading, last ack time, dropped and
-    produced counts, and the estimated time to drain the backlog at mqtt.backlog_rate.
+    produced counts, and the estimated time to drain the backlog at mqtt.backlog_rate. Delivered
+    readings are split by what the collector did: stored, quarantined in the cloud (durable,
+    waiting for a registration or schema fix, not stored yet) and refused, with their reasons.
     """
     rate: float | None = None
     if buffer_path is None:
@@ -174,12 +234,23 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(doc))
         return
     click.echo(f"buffer          {buffer_path}")
-    click.echo(f"stream          {doc['stream']}")
+    renewals = len(stats.streams) - 1
+    click.echo(
+        f"stream          {doc['stream']}"
+        + (f" (renewed {renewals}x; last: {stats.streams[-1].reason})" if renewals > 0 else "")
+    )
     click.echo(f"readings        {doc['readings']} ({stats.batches} sealed batches)")
     click.echo(f"bytes           {doc['bytes']}")
     click.echo(f"oldest reading  {doc['oldest_age_s']} s ago")
     click.echo(f"produced        {doc['produced']}")
     click.echo(f"delivered       {doc['delivered']}")
+    click.echo(f"  stored        {doc['stored']}")
+    click.echo(f"  quarantined   {_quarantine_line(stats)}")
+    refused = ", ".join(f"{r} {n}" for r, n in doc["refused_by_reason"].items())
+    click.echo(
+        f"  refused       {doc['refused']}"
+        + (f" ({refused}) — refused by the collector for good" if doc["refused"] else "")
+    )
     reasons = ", ".join(f"{k} {v}" for k, v in stats.dropped.items())
     click.echo(f"dropped         {doc['dropped']} ({reasons})")
     click.echo(f"last ack        {doc['last_ack_at']}")
@@ -287,7 +358,10 @@ def buffer_verify(config_path: Path, buffer_path: Path | None) -> None:
         if result != "ok":
             problems.append(f"integrity_check: {result}")
         batches = 0
-        for seq, frame, count in conn.execute("SELECT seq, frame, readings FROM batches"):
+        stream_column = "NULL" if store.legacy else "stream"
+        for seq, frame, count, stream in conn.execute(
+            f"SELECT seq, frame, readings, {stream_column} FROM batches"
+        ):
             batches += 1
             try:
                 batch: Batch = decode_batch(bytes(frame))
@@ -296,8 +370,13 @@ def buffer_verify(config_path: Path, buffer_path: Path | None) -> None:
                 continue
             if batch.seq != seq:
                 problems.append(f"batch {seq}: frame carries seq {batch.seq}")
-            if batch.stream != store.stream:
-                problems.append(f"batch {seq}: frame carries stream {batch.stream}")
+            expected = uuid.UUID(stream) if stream else store.stream
+            if batch.stream != expected:
+                problems.append(
+                    f"batch {seq}: frame carries stream {batch.stream}, the table says {expected}"
+                )
+            if not store.knows_stream(batch.stream):
+                problems.append(f"batch {seq}: stream {batch.stream} is not one of the file's")
             if batch.point_count != count:
                 problems.append(f"batch {seq}: {batch.point_count} readings, table says {count}")
         if batches and store.counters["next_seq"] <= int(

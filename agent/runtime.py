@@ -170,6 +170,8 @@ class Runtime:
             max_points=settings.batch.max_points,
             max_frame_bytes=settings.batch.max_frame_bytes,
             max_page_count=max_page_count,
+            reserve_bytes=b.reserve_bytes,
+            hold_readings=b.hold_readings,
         )
         self.shipper = Shipper(settings.mqtt, settings.gateway, self.buffer, version=__version__)
         self.staging = Staging()
@@ -205,6 +207,7 @@ class Runtime:
         dropped = sum(store.counters[f"dropped_{r}"] for r in DROP_REASONS)
         return {
             "buffer_readings": float(store.unsealed + store.batched_readings),
+            "buffer_held_readings": float(len(store.held)),
             "buffer_batches": float(store.batch_count),
             "buffer_bytes": float(store.bytes),
             "dropped": float(dropped + sum(store.unpersisted.values())),
@@ -297,7 +300,16 @@ class Runtime:
         interval = self.settings.buffer.commit_interval
         while True:
             await asyncio.sleep(interval)
-            await self._commit(final=False)
+            # Once _commit has taken the staged rows it must finish: cancelled halfway (SIGTERM
+            # while it awaits the notes write), the rows would be in neither staging nor buffer.
+            commit = asyncio.ensure_future(self._commit(final=False))
+            try:
+                await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                while not commit.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(commit)
+                raise
 
     async def _commit(self, final: bool) -> None:
         rows, notes = self.staging.take()
@@ -310,6 +322,8 @@ class Runtime:
             await self.buffer.add_notes(notes)
         if rows:
             await self.buffer.append(rows)
+        # Deletes and re-encodings a full disk deferred, the reserve file, the disk-full state.
+        await self.buffer.maintain()
         now = time.monotonic()
         if self.buffer.has_unsealed():
             if self._unsealed_since is None:
@@ -327,11 +341,19 @@ class Runtime:
 
     def _status_line(self) -> str:
         s = self.buffer.store
-        return (
+        line = (
             f"link {self.shipper.state}; buffered {s.unsealed + s.batched_readings} readings"
             f" in {s.batch_count} batches + unsealed,"
             f" {s.bytes} bytes; in flight {len(self.shipper.in_flight)}"
         )
+        if s.counters["quarantined"]:
+            line += f"; quarantined in the cloud {s.counters['quarantined']}"
+        if s.space.full or s.held or s.pending_deletes:
+            line += (
+                f"; DISK FULL: {len(s.held)} readings held in memory,"
+                f" {len(s.pending_deletes)} acked batches to delete"
+            )
+        return line
 
     async def _heartbeat(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -346,13 +368,21 @@ class Runtime:
             if now - last_status >= status_every:
                 fields.append(f"STATUS={self._status_line()}")
                 last_status = now
+                store = self.buffer.store
                 log.info(
                     "agent.status",
                     link=self.shipper.state,
-                    readings=self.buffer.unsealed + self.buffer.store.batched_readings,
+                    readings=self.buffer.unsealed + store.batched_readings,
                     batches=self.buffer.batch_count,
                     bytes=self.buffer.size_bytes,
                     in_flight=len(self.shipper.in_flight),
+                    stored=store.counters["stored"],
+                    quarantined=store.counters["quarantined"],
+                    refused=store.counters["refused"],
+                    stream=str(store.stream),
+                    disk_full=store.space.full,
+                    held=len(store.held),
+                    pending_deletes=len(store.pending_deletes),
                     rss_bytes=rss_bytes(),
                 )
             if fields:

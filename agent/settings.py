@@ -100,6 +100,7 @@ def format_duration(seconds: float) -> str:
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
+SizeOrZero = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -122,6 +123,10 @@ class BufferSettings(_Section):
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     journal_size_limit: Size = 64 * 2**20
     commit_interval: PositiveDuration = 0.1
+    reserve_bytes: SizeOrZero = 4 * 2**20
+    """Room kept in ``<path>.reserve`` and given back to SQLite when the file system is full."""
+    hold_readings: int = Field(default=100_000, ge=0, le=10_000_000)
+    """Readings kept in memory while the disk is full; only what exceeds it is dropped."""
 
     @field_validator("synchronous", mode="before")
     @classmethod
@@ -348,6 +353,7 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     data["buffer"]["max_bytes"] = format_size(settings.buffer.max_bytes)
     data["buffer"]["journal_size_limit"] = format_size(settings.buffer.journal_size_limit)
+    data["buffer"]["reserve_bytes"] = format_size(settings.buffer.reserve_bytes)
     data["batch"]["max_frame_bytes"] = format_size(settings.batch.max_frame_bytes)
     password = mqtt_password(settings.mqtt)
     data["mqtt"]["password"] = "********" if password else None

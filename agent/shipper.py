@@ -5,10 +5,17 @@ asyncio only through ``call_soon_threadsafe``. The reconnect loop is ours (paho'
 reconnect is off) so that the delay is capped exponential backoff with jitter.
 
 Delivery: a window of up to ``window`` batches is in flight; each waits for the collector's ack
-frame on the gateway's ack topic. ``ok``, ``duplicate`` and ``partial`` delete the batch,
-``rejected`` deletes it and records a ``batch.rejected`` event; a batch without an ack after
-``ack_timeout`` is sent again (the stored frame, byte for byte), and after a reconnect everything
-not acked is sent again.
+frame on the gateway's ack topic, matched by (stream, seq): acks for any stream that still has
+batches in the buffer count, not only the current one. Every result but ``conflict`` is final
+and deletes the batch: ``ok``, ``duplicate``, ``partial`` and ``quarantined`` (what the collector
+quarantined is durable in the cloud and replayable there), ``rejected`` also records a
+``batch.rejected`` event. Quarantined and refused readings are logged as ``batch.quarantined``
+and ``batch.refused`` warnings, at most once per reason per minute with the counts since the
+last line. ``conflict`` (the collector holds this key with other content: the buffer was rolled
+back) makes the buffer start a new stream and re-encode that batch, which then goes out as a new
+batch. A batch without an ack after ``ack_timeout`` is sent again (the stored frame, byte for
+byte), and after a reconnect everything not acked is sent again. An ack whose delete a full disk
+prevents is final all the same: the batch is never sent again, its delete is retried.
 
 Two lanes share the window. On connect, the highest seq in the buffer marks the end of the
 *backlog*; batches sealed after that are *live*. Live batches go out as soon as they are sealed;
@@ -24,14 +31,16 @@ import contextlib
 import random
 import ssl
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.buffer import Buffer, SealedBatch, now_us
+from agent.buffer import AckOutcome, Buffer, SealedBatch, now_us
 from agent.settings import GatewaySettings, MqttSettings, mqtt_password, mqtt_username
 from protocol import (
     Ack,
@@ -48,6 +57,7 @@ log = structlog.get_logger("agent.shipper")
 
 LinkState = Literal["connecting", "connected", "disconnected"]
 CONNACK_TIMEOUT = 15.0
+OUTCOME_LOG_INTERVAL = 60.0
 
 
 class LinkDown(Exception):
@@ -64,6 +74,55 @@ class InFlight:
     sent_at: float
     live: bool
     sends: int = 1
+    stream: uuid.UUID = field(default_factory=lambda: uuid.UUID(int=0))
+
+
+class OutcomeLog:
+    """Warnings about readings the collector did not store: one line per kind and reason at most
+    every ``interval`` seconds, carrying the counts since the previous line."""
+
+    def __init__(
+        self,
+        interval: float = OUTCOME_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        logger: Any = log,
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.log = logger
+        self._counts: dict[tuple[str, str], list[int]] = {}
+        self._last: dict[tuple[str, str], float] = {}
+
+    def add(self, outcome: AckOutcome) -> None:
+        """Count the quarantined and refused readings of one settled batch, per reason."""
+        for reason, (quarantined, refused) in outcome.reasons.items():
+            for kind, n in (("quarantined", quarantined), ("refused", refused)):
+                if n:
+                    counts = self._counts.setdefault((kind, reason), [0, 0])
+                    counts[0] += n
+                    counts[1] += 1
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        """Log what is due (everything with ``force``)."""
+        now = self.clock()
+        for key in list(self._counts):
+            last = self._last.get(key)
+            if not force and last is not None and now - last < self.interval:
+                continue
+            readings, batches = self._counts.pop(key)
+            self._last[key] = now
+            kind, reason = key
+            self.log.warning(
+                f"batch.{kind}",
+                reason=reason,
+                readings=readings,
+                batches=batches,
+                since_s=None if last is None else round(now - last, 1),
+                hint="kept in the collector's quarantine, replayable; not stored yet"
+                if kind == "quarantined"
+                else "refused by the collector for good",
+            )
 
 
 def backoff_delay(attempt: int, minimum: float, maximum: float) -> float:
@@ -111,6 +170,7 @@ class Shipper:
         self._tokens_at = time.monotonic()
         self._live_floor = -1
         self.drained = asyncio.Event()
+        self.outcomes = OutcomeLog()
 
     # --- called by the runtime ------------------------------------------------------------
 
@@ -303,6 +363,7 @@ class Shipper:
                     while not self._stopping:
                         await self._lost.wait()
                         self._lost.clear()
+        self.outcomes.flush(force=True)
         self.drained.set()
 
     async def _session(self) -> None:
@@ -315,6 +376,7 @@ class Shipper:
         while not self._stopping and self.state == "connected":
             self._wake.clear()
             await self._take_acks()
+            self.outcomes.flush()
             self._expire()
             if self.state != "connected":
                 break
@@ -349,18 +411,16 @@ class Shipper:
     async def _take_acks(self) -> None:
         while not self._acks.empty():
             ack = self._acks.get_nowait()
-            if ack.stream != self.buffer.stream:
-                log.warning("ack.foreign_stream", stream=str(ack.stream), seq=ack.seq)
+            if ack.result == AckResult.CONFLICT:
+                await self._conflict(ack)
                 continue
-            rejected = ack.result == AckResult.REJECTED
-            outcome = await self.buffer.acknowledge(ack.seq, rejected, ack.reason)
-            entry = self.in_flight.pop(ack.seq, None)
-            self.buffer.protected.discard(ack.seq)
+            outcome = await self.buffer.settle(ack)
             if outcome is None:
-                log.debug("ack.unknown_batch", seq=ack.seq, result=ack.result.value)
+                self._unmatched(ack)
                 continue
+            entry = self._forget(ack.stream, ack.seq)
             self.acked += 1
-            if rejected:
+            if outcome.rejected:
                 log.error(
                     "batch.rejected", seq=ack.seq, reason=ack.reason, readings=outcome.readings
                 )
@@ -371,7 +431,40 @@ class Shipper:
                     result=ack.result.value,
                     readings=outcome.readings,
                     sends=entry.sends if entry else None,
+                    delete_pending=outcome.pending or None,
                 )
+            self.outcomes.add(outcome)
+
+    async def _conflict(self, ack: Ack) -> None:
+        """The collector holds this key with other content: the batch goes again, re-encoded."""
+        reencoded = await self.buffer.conflict(ack.stream, ack.seq)
+        if reencoded is None:
+            self._unmatched(ack)
+            return
+        self._forget(ack.stream, ack.seq)
+        log.warning(
+            "batch.conflict",
+            stream=str(ack.stream),
+            seq=ack.seq,
+            reencoded_as=[f"{r.stream}/{r.seq}" for r in reencoded] or None,
+        )
+        self._wake.set()
+
+    def _forget(self, stream: uuid.UUID, seq: int) -> InFlight | None:
+        entry = self.in_flight.get(seq)
+        if entry is None or entry.stream != stream:
+            return None
+        del self.in_flight[seq]
+        self.buffer.protected.discard(seq)
+        return entry
+
+    def _unmatched(self, ack: Ack) -> None:
+        if not self.buffer.knows_stream(ack.stream):
+            log.warning("ack.foreign_stream", stream=str(ack.stream), seq=ack.seq)
+        else:
+            log.debug(
+                "ack.unknown_batch", stream=str(ack.stream), seq=ack.seq, result=ack.result.value
+            )
 
     def _expire(self) -> None:
         deadline = time.monotonic() - self.settings.ack_timeout
@@ -415,7 +508,15 @@ class Shipper:
             self._send(batch, live=False)
 
     def _send(self, batch: SealedBatch, live: bool) -> None:
-        entry = InFlight(batch.seq, batch.frame, batch.readings, time.monotonic(), live, sends=0)
+        entry = InFlight(
+            batch.seq,
+            batch.frame,
+            batch.readings,
+            time.monotonic(),
+            live,
+            sends=0,
+            stream=batch.stream,
+        )
         self.in_flight[batch.seq] = entry
         self.buffer.protected.add(batch.seq)
         self._publish(entry, resend=False)
@@ -436,6 +537,7 @@ class Shipper:
             return
         log.debug(
             "batch.sent",
+            stream=str(entry.stream),
             seq=entry.seq,
             bytes=len(entry.frame),
             readings=entry.readings,

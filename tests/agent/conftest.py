@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -33,13 +34,69 @@ from protocol import (
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-m", "agent"]
 
-# Decides what to answer to a batch: (batch, how many times this seq arrived) -> result or None.
-Policy = Callable[[Batch, int], AckResult | None]
+# Decides what to answer to a batch: (batch, how many times this key arrived) -> a result (the
+# acknowledger fills in the counts), a whole ack frame, or None (no answer).
+Policy = Callable[[Batch, int], AckResult | Ack | None]
+Key = tuple[uuid.UUID, int]
+"""A batch's key in the collector's ledger (besides the gateway): (stream, seq)."""
 
 
-def ack_everything(batch: Batch, seen: int) -> AckResult | None:
+def ack_everything(batch: Batch, seen: int) -> AckResult | Ack | None:
     """Answer every batch with ``ok``."""
     return AckResult.OK
+
+
+def content_digest(batch: Batch) -> str:
+    """What a ledger keeps of a batch's content (everything but its key)."""
+    content = (
+        batch.created,
+        [(s.device_id, s.metric, s.timestamps, s.values) for s in batch.series],
+        [(e.time, e.device_id, e.kind, e.message) for e in batch.events],
+        [(d.time, d.device_id, d.status, d.reason) for d in batch.status],
+    )
+    return hashlib.sha256(repr(content).encode()).hexdigest()
+
+
+@dataclass
+class Ledger:
+    """A policy that plays the collector's ingest ledger: a digest of the content per key.
+
+    A new key is committed (``ok``); the same key with the same content is a ``duplicate``; the
+    same key with other content is a ``conflict`` (never a duplicate). ``conflict_keys`` are
+    answered ``conflict`` however they look (as if a rolled-back buffer had reused them), and
+    ``silent`` keys get no answer while they are in that set.
+    """
+
+    committed: dict[Key, str] = field(default_factory=dict)
+    batches: dict[Key, Batch] = field(default_factory=dict)
+    answers: list[tuple[Key, AckResult]] = field(default_factory=list)
+    conflict_keys: set[Key] = field(default_factory=set)
+    silent: set[Key] = field(default_factory=set)
+    offered: dict[str, Batch] = field(default_factory=dict)
+
+    def __call__(self, batch: Batch, seen: int) -> AckResult | None:
+        """Answer as the ledger would."""
+        key = (batch.stream, batch.seq)
+        digest = content_digest(batch)
+        self.offered[digest] = batch
+        if key in self.silent:
+            return None
+        if key in self.conflict_keys:
+            result = AckResult.CONFLICT
+        elif key not in self.committed:
+            self.committed[key] = digest
+            self.batches[key] = batch
+            result = AckResult.OK
+        elif self.committed[key] == digest:
+            result = AckResult.DUPLICATE
+        else:
+            result = AckResult.CONFLICT
+        self.answers.append((key, result))
+        return result
+
+    def committed_readings(self) -> int:
+        """Readings in committed batches."""
+        return sum(b.point_count for b in self.batches.values())
 
 
 @dataclass
@@ -56,6 +113,9 @@ class Acknowledger:
     policy: Policy = ack_everything
     frames: dict[int, list[bytes]] = field(default_factory=dict)
     acked: dict[int, AckResult] = field(default_factory=dict)
+    by_key: dict[Key, list[bytes]] = field(default_factory=dict)
+    received: list[tuple[float, Key]] = field(default_factory=list)
+    answered: list[tuple[float, Key, AckResult]] = field(default_factory=list)
     statuses: list[bytes] = field(default_factory=list)
     hold: list[tuple[str, Ack]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -100,23 +160,32 @@ class Acknowledger:
                 self.statuses.append(payload)
             return
         batch = decode_batch(payload)
+        key = (batch.stream, batch.seq)
         with self._lock:
             self.frames.setdefault(batch.seq, []).append(payload)
-            seen = len(self.frames[batch.seq])
-        result = self.policy(batch, seen)
-        if result is None:
+            self.by_key.setdefault(key, []).append(payload)
+            self.received.append((time.monotonic(), key))
+            seen = len(self.by_key[key])
+            answer = self.policy(batch, seen)
+        if answer is None:
             return
-        ack = Ack(
-            stream=batch.stream,
-            seq=batch.seq,
-            result=result,
-            accepted=0 if result == AckResult.REJECTED else batch.point_count,
-            rejected=batch.point_count if result == AckResult.REJECTED else 0,
-            reason="unknown_gateway" if result == AckResult.REJECTED else "",
-        )
+        if isinstance(answer, Ack):
+            ack = answer
+        else:
+            refused = answer == AckResult.REJECTED
+            stored = answer in (AckResult.OK, AckResult.DUPLICATE)
+            ack = Ack(
+                stream=batch.stream,
+                seq=batch.seq,
+                result=answer,
+                accepted=batch.point_count if stored else 0,
+                rejected=batch.point_count if refused else 0,
+                reason="unknown_gateway" if refused else "",
+            )
         topic = build_topic(self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK)
         with self._lock:
-            self.acked[batch.seq] = result
+            self.acked[batch.seq] = ack.result
+            self.answered.append((time.monotonic(), key, ack.result))
         client.publish(topic, encode_frame(ack), qos=1)
 
     def send_ack(self, tenant: uuid.UUID, gateway: uuid.UUID, ack: Ack) -> None:

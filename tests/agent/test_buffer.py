@@ -155,27 +155,35 @@ async def test_drop_newest_refuses_what_does_not_fit(tmp_path: Path) -> None:
 
 
 async def test_full_disk_is_counted_and_writing_resumes(tmp_path: Path) -> None:
-    """SQLITE_FULL (a real one, from max_page_count) drops and counts; writing resumes after."""
+    """SQLITE_FULL (a real one, from max_page_count): readings wait in memory up to the hold
+    bound (the newest kept), only the excess is counted as dropped; writing resumes after."""
     path = tmp_path / "b.db"
-    async with Buffer(path, gateway_id=GATEWAY, max_points=100_000) as buffer:
+    async with Buffer(path, gateway_id=GATEWAY, max_points=100_000, hold_readings=5000) as buffer:
         await buffer.append(rows(0, 10))
         pages = int((await buffer.query("PRAGMA page_count"))[0][0])
         await buffer.set_max_page_count(pages + 2)
-        stored = dropped = 0
+        stored = dropped = held = 0
         for i in range(1, 40):
             result = await buffer.append(rows(i * 1000, 1000))
             stored += result.stored
             dropped += result.dropped
+            held = result.held
         assert dropped > 0, "the page cap never filled the file"
+        assert 5000 == held
         # Sealing and acking while full must not crash either.
         await buffer.seal(force=True)
         await buffer.set_max_page_count(1_000_000)
         after = await buffer.append(rows(10_000_000, 100))
-        assert (100, 0) == (after.stored, after.dropped)
+        assert (5100, 0, 0) == (after.stored, after.dropped, after.held)
         stats = await buffer.stats()
         assert dropped == stats.dropped["disk_full"]
         assert 10 + 39_000 + 100 == stats.produced
         assert stats.produced == stats.readings + sum(stats.dropped.values())
+        present = {int(v) for (v,) in await buffer.query("SELECT value FROM readings")}
+        batched = [b.frame for b in await buffer.batches(limit=1000)]
+        present.update(values_in(batched))
+        # drop_oldest: the held readings that survived are the newest ones.
+        assert set(range(35_000, 40_000)) <= present
     conn = sqlite3.connect(path)
     try:
         assert "ok" == integrity(conn)

@@ -97,10 +97,12 @@ async def test_a_crashing_input_never_stops_another(tmp_path: Path, prefix: str)
 
 
 async def test_agent_survives_a_full_disk_and_resumes(tmp_path: Path, prefix: str) -> None:
-    """SQLITE_FULL in the running agent: readings are counted as dropped, then writing resumes."""
+    """SQLITE_FULL in the running agent: readings wait in memory up to buffer.hold_readings,
+    beyond that they are counted as dropped; writing resumes and the held readings land."""
     data = make_settings(tmp_path, prefix)
     data["inputs"] = data["inputs"][:1]  # type: ignore[index]
     data["inputs"][0]["interval"] = "10ms"  # type: ignore[index]
+    data["buffer"]["hold_readings"] = 500  # type: ignore[index]
     runtime = Runtime(settings_from_dict(data))
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.run(stop))
@@ -115,6 +117,7 @@ async def test_agent_survives_a_full_disk_and_resumes(tmp_path: Path, prefix: st
     await asyncio.sleep(0.3)
     full = await buffer.stats()
     assert full.dropped["disk_full"] > 100
+    assert 0 < full.held_readings <= 500
     assert not task.done()
     await buffer.set_max_page_count(1_000_000)
     before = full.produced
@@ -123,6 +126,7 @@ async def test_agent_survives_a_full_disk_and_resumes(tmp_path: Path, prefix: st
     stop.set()
     await asyncio.wait_for(task, 15)
     assert resumed.produced - before >= 8 * 20  # 2 devices x 4 metrics, ~100 ticks
+    assert 0 == resumed.held_readings
     assert resumed.dropped["disk_full"] >= full.dropped["disk_full"]
     assert resumed.produced == resumed.readings + resumed.delivered + sum(resumed.dropped.values())
 
@@ -144,3 +148,48 @@ def test_invalid_readings_are_refused_with_one_event_each() -> None:
     assert [(device.bytes, "ok", 1.5)] == [(r[0], r[1], r[3]) for r in rows]
     assert 5 == emit.invalid
     assert 4 == len(notes)  # one event per device and metric, not one per reading
+
+
+async def test_cancelled_commit_keeps_every_staged_reading(tmp_path: Path, prefix: str) -> None:
+    """SIGTERM cancels the committer while its commit awaits the notes write (issue 11, defect
+    6): the readings it took from staging still reach the buffer, none is lost or uncounted."""
+    import threading
+
+    from agent.runtime import InputEmitter
+
+    data = make_settings(tmp_path, prefix)
+    data["inputs"] = []
+    data["buffer"]["commit_interval"] = "10ms"  # type: ignore[index]
+    runtime = Runtime(settings_from_dict(data))
+    buffer = runtime.buffer
+    await buffer.open()
+    try:
+        # Keep the buffer's SQLite thread busy: the commit's notes write has to wait behind it.
+        gate = threading.Event()
+        blocker = asyncio.create_task(buffer._run(gate.wait, 30))
+        emit = InputEmitter("sensor", runtime.staging, {})
+        device = uuid.UUID(int=7)
+        for v in range(500):
+            emit.reading(device, "m", v, time_us=1_700_000_000_000_000 + v)
+        emit.event("test.event", "staged with the readings")
+        committer = asyncio.create_task(runtime._commit_loop())
+        for _ in range(1000):
+            if not runtime.staging.rows:
+                break
+            await asyncio.sleep(0.005)
+        assert [] == runtime.staging.rows, "the commit never took the staged rows"
+        await asyncio.sleep(0.05)
+        committer.cancel()  # what Runtime.run does on SIGTERM
+        gate.set()
+        await asyncio.gather(committer, return_exceptions=True)
+        await blocker
+        await runtime._commit(final=True)
+        stats = await buffer.stats()
+        frames = [b.frame for b in await buffer.batches(limit=100)]
+    finally:
+        await buffer.close()
+    values = sorted(int(v) for f in frames for s in decode_batch(f).series for v in s.values)  # type: ignore[call-overload]
+    assert (500, 500, 0) == (stats.produced, stats.readings, sum(stats.dropped.values()))
+    assert list(range(500)) == values
+    kinds = [e.kind for f in frames for e in decode_batch(f).events]
+    assert ["test.event"] == kinds
