@@ -190,6 +190,7 @@ class Buffer:
         """Cap the file at ``pages`` pages (SQLite then reports ``SQLITE_FULL``, as a full disk)."""
         store = self.store
         store.page_cap = int(pages)
+        store.retry_at = 0.0
         return int(
             await self._run(
                 lambda: store.conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()[0]

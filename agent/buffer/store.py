@@ -158,6 +158,7 @@ class Store:
         self.held: list[ReadingRow] = []
         self.held_notes: list[Note] = []
         self.retry_at = 0.0
+        self.hold_fault: DropReason = "disk_full"
         self.page_cap: int | None = None
         """``max_page_count`` asked for by the owner (tests); the disk-full cap never exceeds it."""
         self._restore_cap = 0
@@ -390,8 +391,9 @@ class Store:
         only what exceeds that is counted as dropped.
         """
         if self.held:
-            if self.space.full and time.monotonic() < self.retry_at:
-                return self._hold([*self.held, *rows], "disk_full")
+            if time.monotonic() < self.retry_at:
+                # Not yet: offering everything held to a failing disk every commit costs CPU.
+                return self._hold([*self.held, *rows], self.hold_fault)
             rows = [*self.held, *rows]
             self.held = []
         if not rows:
@@ -406,6 +408,7 @@ class Store:
                 return result
             fault, exc = result
         self.retry_at = time.monotonic() + HOLD_RETRY
+        self.hold_fault = fault
         return self._hold(list(rows), fault)
 
     def _hold(self, rows: list[ReadingRow], fault: DropReason) -> AppendResult:
@@ -649,10 +652,14 @@ class Store:
         for attempt in (0, 1):
             counters = self.counters_with_unpersisted()
             notes = 0
+            gone: list[Settlement] = []
             try:
                 with self.transaction():
                     for s in pending:
-                        self.conn.execute("DELETE FROM batches WHERE seq = ?", (s.seq,))
+                        deleted = self.conn.execute("DELETE FROM batches WHERE seq = ?", (s.seq,))
+                        if deleted.rowcount == 0:
+                            gone.append(s)  # not there any more: nothing to count
+                            continue
                         counters["delivered"] += s.readings
                         counters["stored"] += s.stored
                         counters["quarantined"] += s.quarantined
@@ -694,7 +701,11 @@ class Store:
                 return False
             break
         self.committed(counters)
+        for s in gone:
+            del self.pending_deletes[s.seq]
         for s in pending:
+            if s in gone:
+                continue
             del self.pending_deletes[s.seq]
             self.batch_count -= 1
             self.batched_readings -= s.readings

@@ -92,6 +92,7 @@ def test_full_file_system_no_resend_storm_readings_kept_and_recovery(
     mqtt_address: tuple[str, int],
     prefix: str,
     acknowledger_factory: Callable[..., Acknowledger],
+    record_property: Callable[[str, object], None],
 ) -> None:
     """The file system fills up while the collector is away: the agent releases its reserve,
     holds new readings in memory, and once acks come again deletes the acknowledged batches
@@ -138,6 +139,8 @@ def test_full_file_system_no_resend_storm_readings_kept_and_recovery(
         assert reserve.stat().st_blocks * 512 >= RESERVE
         # The collector goes quiet and the file system fills up: the buffer must grow, and can't.
         answering[0] = False
+        sent = len(ack.received)
+        wait_for(lambda: len(ack.received) >= sent + 3, what="batches waiting for their ack")
         filler = small_fs / "filler"
         filled = fill(filler)
         assert filled > 0
@@ -151,6 +154,7 @@ def test_full_file_system_no_resend_storm_readings_kept_and_recovery(
         with_acks = Counter(k for t, k in ack.received if t >= since)
         assert with_acks, "nothing was sent while the disk was full"
         storm = max(with_acks.values())
+        record_property("max_sends_of_one_batch_in_4s_on_full_disk", storm)
         assert storm <= 3, f"one batch was sent {storm} times in 4 s (resend storm)"
         full = status_json(config)
         # Acknowledged batches were deleted on the full file system (the reserve made room).
@@ -170,6 +174,8 @@ def test_full_file_system_no_resend_storm_readings_kept_and_recovery(
             agent.kill()
             agent.wait(10)
     status = status_json(config)
+    record_property("produced", status["produced"])
+    record_property("dropped", status["dropped"])
     assert 0 == status["dropped"], status["dropped_by_reason"]
     assert (0, status["produced"]) == (status["readings"], status["delivered"])
     batches = ack.batches()

@@ -267,6 +267,7 @@ def test_a_restored_backup_never_loses_new_readings_as_duplicates(
     mqtt_address: tuple[str, int],
     prefix: str,
     acknowledger_factory: Callable[..., Acknowledger],
+    record_property: Callable[[str, object], None],
 ) -> None:
     """Back up the buffer, let more batches be acked, restore the backup and keep producing:
     the restored agent reissues committed seqs with new content, the ledger answers
@@ -321,6 +322,8 @@ def test_a_restored_backup_never_loses_new_readings_as_duplicates(
     offered: set[tuple[uuid.UUID, str, int]] = set()
     for batch in ledger.offered.values():
         offered |= readings_of(batch)
+    record_property("conflicts", sum(1 for _, r in ledger.answers if r.value == "conflict"))
+    record_property("offered_readings_not_committed", len(offered - committed))
     assert set() == offered - committed
     assert 2 == len(status["streams"])
     assert '"stream.renewed"' in (tmp_path / "run2.log").read_text()
