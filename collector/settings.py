@@ -183,7 +183,9 @@ class MqttSettings(_Section):
     password_file: Path | None = None
     prefix: str = DEFAULT_PREFIX
     group: str = Field(default="sensormine-collectors", min_length=1)
-    keepalive: Duration = 30.0
+    # 1.5 x keepalive is how long the broker takes to notice a collector whose host or network
+    # went away: short, so that its share of the group moves on within a minute.
+    keepalive: Duration = 10.0
     # Short on purpose: Mosquitto hands an absent member its share of the group's messages
     # until its session expires, then drops them; the agents resend after their ack_timeout.
     session_expiry: Duration = Field(
