@@ -17,6 +17,14 @@ batch. A batch without an ack after ``ack_timeout`` is sent again (the stored fr
 byte), and after a reconnect everything not acked is sent again. An ack whose delete a full disk
 prevents is final all the same: the batch is never sent again, its delete is retried.
 
+When the broker answers a publish with MQTT 5's "no matching subscribers" (0x10), no collector
+is subscribed: the batch reached nobody, and waiting a whole ``ack_timeout`` for an ack that
+cannot come would stall the gateway. That happens after a broker restart, which keeps sessions
+but not shared subscriptions until each collector subscribes again, typically a few seconds
+after the agents are back. Such a batch is sent again after ``NO_SUBSCRIBER_RETRY`` seconds,
+doubling up to ``ack_timeout`` while the broker keeps saying so (``link.no_collector`` is logged
+once per stretch).
+
 Two lanes share the window. On connect, the highest seq in the buffer marks the end of the
 *backlog*; batches sealed after that are *live*. Live batches go out as soon as they are sealed;
 backlog batches go out oldest first, at most ``backlog_rate`` per second and never in the last
@@ -56,6 +64,9 @@ from protocol import (
 log = structlog.get_logger("agent.shipper")
 
 LinkState = Literal["connecting", "connected", "disconnected"]
+NO_SUBSCRIBER_RETRY = 0.5
+"""Seconds before a batch the broker delivered to nobody is sent again (doubling)."""
+_NO_MATCHING_SUBSCRIBERS = 0x10
 CONNACK_TIMEOUT = 15.0
 OUTCOME_LOG_INTERVAL = 60.0
 
@@ -75,6 +86,9 @@ class InFlight:
     live: bool
     sends: int = 1
     stream: uuid.UUID = field(default_factory=lambda: uuid.UUID(int=0))
+    # Set when the broker said nobody subscribes: send again at this time (monotonic).
+    resend_at: float | None = None
+    unheard: int = 0
 
 
 class OutcomeLog:
@@ -154,6 +168,9 @@ class Shipper:
         self.ack_topic = build_topic(prefix, gateway.tenant_id, gateway.id, TopicKind.ACK)
         self.state: LinkState = "disconnected"
         self.in_flight: dict[int, InFlight] = {}
+        # Publishes waiting for their PUBACK: mid -> (stream, seq, sends) of the batch sent.
+        self._mids: dict[int, tuple[uuid.UUID, int, int]] = {}
+        self._unheard_logged = False
         self.sent = 0
         self.resent = 0
         self.acked = 0
@@ -210,6 +227,13 @@ class Shipper:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._link_lost, str(reason))
 
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        code = getattr(reason, "value", 0)
+        if code == _NO_MATCHING_SUBSCRIBERS and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._unheard, mid)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             ack = decode_ack(bytes(message.payload))
@@ -264,6 +288,7 @@ class Shipper:
         client.will_set(self.status_topic, offline, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
 
@@ -369,6 +394,7 @@ class Shipper:
     async def _session(self) -> None:
         """Send and collect acks while the link is up."""
         self.in_flight.clear()
+        self._mids.clear()
         self.buffer.protected.clear()
         # What is buffered right now is backlog; what gets sealed from here on is live.
         self._live_floor = await self.buffer.last_seq()
@@ -400,8 +426,15 @@ class Shipper:
     async def _sleep(self) -> None:
         timeout = 1.0
         if self.in_flight:
+            now = time.monotonic()
             oldest = min(f.sent_at for f in self.in_flight.values())
-            timeout = min(timeout, max(0.01, oldest + self.settings.ack_timeout - time.monotonic()))
+            timeout = min(timeout, max(0.01, oldest + self.settings.ack_timeout - now))
+            soonest = min(
+                (f.resend_at for f in self.in_flight.values() if f.resend_at is not None),
+                default=None,
+            )
+            if soonest is not None:
+                timeout = min(timeout, max(0.01, soonest - now))
         if self._tokens < 1.0:
             timeout = min(timeout, (1.0 - self._tokens) / self.settings.backlog_rate)
         with contextlib.suppress(TimeoutError):
@@ -420,6 +453,7 @@ class Shipper:
                 continue
             entry = self._forget(ack.stream, ack.seq)
             self.acked += 1
+            self._unheard_logged = False
             if outcome.rejected:
                 log.error(
                     "batch.rejected", seq=ack.seq, reason=ack.reason, readings=outcome.readings
@@ -466,10 +500,36 @@ class Shipper:
                 "ack.unknown_batch", stream=str(ack.stream), seq=ack.seq, result=ack.result.value
             )
 
+    def _unheard(self, mid: int) -> None:
+        """The broker delivered publish ``mid`` to no subscriber: send it again soon."""
+        sent = self._mids.pop(mid, None)
+        if sent is None:
+            return
+        stream, seq, sends = sent
+        entry = self.in_flight.get(seq)
+        if entry is None or entry.stream != stream or entry.sends != sends:
+            return  # acked meanwhile, or already sent again
+        if not self._unheard_logged:
+            log.warning(
+                "link.no_collector",
+                topic=self.telemetry_topic,
+                hint="the broker has no collector subscribed to this gateway's telemetry; sending"
+                " again soon (after a broker restart collectors resubscribe within seconds)",
+            )
+            self._unheard_logged = True
+        delay = min(self.settings.ack_timeout, NO_SUBSCRIBER_RETRY * 2**entry.unheard)
+        entry.unheard += 1
+        entry.resend_at = time.monotonic() + delay
+        self._wake.set()
+
     def _expire(self) -> None:
-        deadline = time.monotonic() - self.settings.ack_timeout
+        now = time.monotonic()
+        deadline = now - self.settings.ack_timeout
         for seq, entry in list(self.in_flight.items()):
-            if entry.sent_at <= deadline:
+            if entry.resend_at is not None and entry.resend_at <= now:
+                log.debug("batch.resend_unheard", seq=seq, sends=entry.sends)
+                self._publish(entry, resend=True)
+            elif entry.sent_at <= deadline:
                 log.info("batch.ack_timeout", seq=seq, sends=entry.sends)
                 self._publish(entry, resend=True)
 
@@ -528,6 +588,12 @@ class Shipper:
         info = client.publish(self.telemetry_topic, entry.frame, qos=1)
         entry.sent_at = time.monotonic()
         entry.sends += 1
+        entry.resend_at = None
+        self._mids[info.mid] = (entry.stream, entry.seq, entry.sends)
+        if len(self._mids) > 4 * max(64, self.settings.window):
+            # PUBACKs that never came (a lost link): forget the oldest.
+            for old in list(self._mids)[: len(self._mids) // 2]:
+                del self._mids[old]
         if resend:
             self.resent += 1
         else:

@@ -187,3 +187,34 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
     assert delays[-1] >= 30.0
     spread = {round(backoff_delay(10, 0.5, 60.0), 3) for _ in range(20)}
     assert len(spread) > 1
+
+
+async def test_a_batch_no_collector_heard_is_sent_again_soon_not_after_the_ack_timeout(
+    tmp_path: Path,
+    mqtt_address: tuple[str, int],
+    prefix: str,
+    acknowledger_factory: Callable[..., Acknowledger],
+) -> None:
+    """While no collector subscribes (as right after a broker restart, before the collectors
+    resubscribe), the broker answers "no matching subscribers"; the batch goes again within
+    seconds of a collector subscribing, not one whole ack_timeout later."""
+    gateway = GatewaySettings(id=uuid.uuid4(), tenant_id=uuid.uuid4())
+    async with Buffer(tmp_path / "b.db", gateway_id=gateway.id, max_points=10) as buffer:
+        await buffer.append(rows(0, 10))
+        [seq] = await buffer.seal()
+        shipper = Shipper(settings(mqtt_address[1], prefix, ack_timeout=60.0), gateway, buffer)
+        task = asyncio.create_task(shipper.run())
+        try:
+            await wait_until(lambda: shipper.sent >= 1)
+            await asyncio.sleep(2.0)
+            assert shipper.resent >= 1  # sent again while nobody listened, well before 60 s
+            ack = acknowledger_factory(*mqtt_address, prefix)
+            subscribed = time.monotonic()
+            await wait_until(lambda: seq in ack.acked, seconds=10)
+            await wait_until(lambda: buffer.batch_count == 0, seconds=5)
+            took = time.monotonic() - subscribed
+        finally:
+            shipper.stop()
+            await task
+    assert took < 10.0
+    assert {ack.frames[seq][0]} == set(ack.frames[seq])
