@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.ops.conftest import Databases
+from tests.ops.conftest import Databases, Site, register_site
 from tests.ops.test_scale_out import CollectorProcess, start_collector
 from tests.ops.units import REPO
 from tests.services import MosquittoBroker
@@ -52,54 +52,6 @@ SCHEMA = {
     "additionalProperties": False,
     "properties": {m: {"type": "number"} for m in METRICS},
 }
-
-
-@dataclass
-class Site:
-    """One tenant and its gateways, each with its devices."""
-
-    tenant: uuid.UUID
-    devices: dict[uuid.UUID, list[uuid.UUID]]
-
-
-async def register_site(metadata: str) -> Site:
-    """A tenant with GATEWAYS gateways of DEVICES devices each, of one device type."""
-    conn = await asyncpg.connect(metadata)
-    try:
-        tenant = await conn.fetchval("INSERT INTO tenants (name) VALUES ('failover') RETURNING id")
-        schema = await conn.fetchval(
-            "INSERT INTO schemas (tenant_id, name) VALUES ($1, 'sim') RETURNING id", tenant
-        )
-        await conn.execute(
-            "INSERT INTO schema_versions (schema_id, version, json_schema) VALUES ($1, 1, $2::jsonb)",
-            schema,
-            json.dumps(SCHEMA),
-        )
-        dtype = await conn.fetchval(
-            "INSERT INTO device_types (tenant_id, name, schema_id) VALUES ($1, 'sim', $2) RETURNING id",
-            tenant,
-            schema,
-        )
-        devices: dict[uuid.UUID, list[uuid.UUID]] = {}
-        for g in range(GATEWAYS):
-            gateway = await conn.fetchval(
-                "INSERT INTO gateways (tenant_id, name) VALUES ($1, $2) RETURNING id",
-                tenant,
-                f"gw{g}",
-            )
-            devices[gateway] = [
-                await conn.fetchval(
-                    "INSERT INTO devices (tenant_id, device_type_id, gateway_id, name) VALUES ($1, $2, $3, $4) RETURNING id",
-                    tenant,
-                    dtype,
-                    gateway,
-                    f"gw{g}-dev{d}",
-                )
-                for d in range(DEVICES)
-            ]
-    finally:
-        await conn.close()
-    return Site(tenant, devices)
 
 
 @dataclass
@@ -359,7 +311,9 @@ async def running_system(
     dbs: Databases, workdir: Path, children: list[subprocess.Popen[bytes]], ack_timeout: str
 ) -> AsyncIterator[System]:
     """Start a System and warm it up for WARM_UP_S; on the way out kill what still runs."""
-    site = await register_site(dbs.metadata)
+    site = await register_site(
+        dbs.metadata, name="failover", schema=SCHEMA, gateways=GATEWAYS, devices=DEVICES
+    )
     broker = MosquittoBroker(workdir / "broker")
     broker.start()
     assert broker.process is not None

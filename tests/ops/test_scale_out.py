@@ -10,7 +10,6 @@ would measure this machine's two cores rather than the collectors."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -38,7 +37,7 @@ from protocol import (
     decode_ack,
     encode_frame,
 )
-from tests.ops.conftest import Databases
+from tests.ops.conftest import Databases, register_site
 from tests.ops.units import REPO
 from tests.services import MosquittoBroker, free_port
 
@@ -62,54 +61,6 @@ SCHEMA = {
         "humidity": {"type": "number", "minimum": 0, "maximum": 100},
     },
 }
-
-
-@dataclass
-class Site:
-    """The registry of the run: one tenant, its gateways and each gateway's devices."""
-
-    tenant: uuid.UUID
-    devices: dict[uuid.UUID, list[uuid.UUID]]
-
-
-async def register_site(metadata: str) -> Site:
-    """A tenant with GATEWAYS gateways of DEVICES_PER_GATEWAY devices each, one device type."""
-    conn = await asyncpg.connect(metadata)
-    try:
-        tenant = await conn.fetchval("INSERT INTO tenants (name) VALUES ('scale') RETURNING id")
-        schema = await conn.fetchval(
-            "INSERT INTO schemas (tenant_id, name) VALUES ($1, 'env') RETURNING id", tenant
-        )
-        await conn.execute(
-            "INSERT INTO schema_versions (schema_id, version, json_schema) VALUES ($1, 1, $2::jsonb)",
-            schema,
-            json.dumps(SCHEMA),
-        )
-        dtype = await conn.fetchval(
-            "INSERT INTO device_types (tenant_id, name, schema_id) VALUES ($1, 'env', $2) RETURNING id",
-            tenant,
-            schema,
-        )
-        devices: dict[uuid.UUID, list[uuid.UUID]] = {}
-        for g in range(GATEWAYS):
-            gateway = await conn.fetchval(
-                "INSERT INTO gateways (tenant_id, name) VALUES ($1, $2) RETURNING id",
-                tenant,
-                f"gw{g}",
-            )
-            devices[gateway] = [
-                await conn.fetchval(
-                    "INSERT INTO devices (tenant_id, device_type_id, gateway_id, name) VALUES ($1, $2, $3, $4) RETURNING id",
-                    tenant,
-                    dtype,
-                    gateway,
-                    f"gw{g}-dev{d}",
-                )
-                for d in range(DEVICES_PER_GATEWAY)
-            ]
-    finally:
-        await conn.close()
-    return Site(tenant, devices)
 
 
 @dataclass
@@ -285,7 +236,13 @@ async def test_three_collectors_store_a_million_readings_exactly_despite_a_sigki
 ) -> None:
     """20 gateways, 1,000,000 readings, 3 collectors in one group, one killed mid-run: every
     reading stored exactly once, every batch acked, every collector took a share."""
-    site = await register_site(databases.metadata)
+    site = await register_site(
+        databases.metadata,
+        name="scale",
+        schema=SCHEMA,
+        gateways=GATEWAYS,
+        devices=DEVICES_PER_GATEWAY,
+    )
     broker = MosquittoBroker(tmp_path / "broker", extra_config="max_inflight_messages 100\n")
     broker.start()
     assert broker.process is not None
