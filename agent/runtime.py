@@ -176,9 +176,20 @@ class Runtime:
         self.shipper = Shipper(settings.mqtt, settings.gateway, self.buffer, version=__version__)
         self.staging = Staging()
         self.statuses: dict[uuid.UUID, Any] = {}
+        self.shipper.on_connected = self.restate_statuses
         self.notifier = Notifier()
         self.inputs: list[Input] = self.build_inputs()
         self._unsealed_since: float | None = None
+
+    def restate_statuses(self) -> None:
+        """State every device's current status again (called on each connect to the broker).
+
+        Only changes travel otherwise, and the collector marks a gateway's devices ``offline``
+        while the gateway is; restating after the gateway's ``online`` frame makes each device's
+        latest status its own (an input that failed at start stays ``error``).
+        """
+        for device_id, (status, reason) in self.statuses.items():
+            self.staging.notes.append(status_note(device_id, status, reason))
 
     def context(self) -> InputContext:
         """What inputs are told about this agent."""

@@ -25,6 +25,19 @@ after the agents are back. Such a batch is sent again after ``NO_SUBSCRIBER_RETR
 doubling up to ``ack_timeout`` while the broker keeps saying so (``link.no_collector`` is logged
 once per stretch).
 
+A broker that sees this gateway's client id connect again drops the older connection (MQTT 5
+reason 0x8E, "session taken over", where the broker says so; Mosquitto before 2.0.15 only closes
+the socket). Two agents with one gateway id (a cloned SD card or configuration) would otherwise
+knock each other off every second and ship two buffers under one id. The shipper treats 0x8E,
+or ``TAKEOVER_SESSIONS`` sessions in a row that the broker ended within
+``SHORT_SESSION`` seconds, as a takeover: it logs ``link.taken_over`` with what to check and
+waits ``TAKEOVER_BACKOFF`` seconds (doubling up to ``TAKEOVER_BACKOFF_MAX``) before the next
+attempt instead of fighting.
+
+After ``NO_ACK_HINT_AFTER`` ack timeouts in a row on a connected link with no ack in between,
+``link.no_acks`` says that no collector acknowledges on this topic prefix and what to check
+(collector running, same ``topic_prefix``, gateway registered, broker ACL).
+
 Two lanes share the window. On connect, the highest seq in the buffer marks the end of the
 *backlog*; batches sealed after that are *live*. Live batches go out as soon as they are sealed;
 backlog batches go out oldest first, at most ``backlog_rate`` per second and never in the last
@@ -69,10 +82,48 @@ NO_SUBSCRIBER_RETRY = 0.5
 _NO_MATCHING_SUBSCRIBERS = 0x10
 CONNACK_TIMEOUT = 15.0
 OUTCOME_LOG_INTERVAL = 60.0
+_SESSION_TAKEN_OVER = 0x8E
+SHORT_SESSION = 10.0
+"""Seconds: a session the broker ends sooner than this counts towards a suspected takeover."""
+TAKEOVER_SESSIONS = 3
+"""Short sessions in a row that count as a takeover where the broker does not say 0x8E."""
+TAKEOVER_BACKOFF = 30.0
+TAKEOVER_BACKOFF_MAX = 600.0
+NO_ACK_HINT_AFTER = 3
+"""Ack timeouts in a row (no ack in between) before ``link.no_acks`` explains what to check."""
 
 
 class LinkDown(Exception):
     """The connection to the broker failed or was lost."""
+
+
+@dataclass(slots=True)
+class TakeoverWatch:
+    """Tells a session taken over by another client with this gateway's id from a lost link."""
+
+    short_sessions: int = 0
+    takeovers: int = 0
+
+    def session_ended(self, lasted: float, taken_over: bool) -> bool:
+        """Record how a session ended; ``True`` when it looks taken over (back off now)."""
+        if taken_over:
+            self.short_sessions = 0
+            return True
+        if lasted >= SHORT_SESSION:
+            self.short_sessions = 0
+            self.takeovers = 0
+            return False
+        self.short_sessions += 1
+        if self.short_sessions >= TAKEOVER_SESSIONS:
+            self.short_sessions = 0
+            return True
+        return False
+
+    def backoff(self) -> float:
+        """Seconds to wait after a takeover: doubling with each one in a row, with jitter."""
+        ceiling = min(TAKEOVER_BACKOFF_MAX, TAKEOVER_BACKOFF * 2 ** min(self.takeovers, 16))
+        self.takeovers += 1
+        return random.uniform(ceiling * 0.75, ceiling)
 
 
 @dataclass(slots=True)
@@ -188,6 +239,12 @@ class Shipper:
         self._live_floor = -1
         self.drained = asyncio.Event()
         self.outcomes = OutcomeLog()
+        self.takeover = TakeoverWatch()
+        self._taken_over = False
+        self._connected_at = 0.0
+        self._ack_timeouts = 0
+        self._no_ack_logged = False
+        self.on_connected: Callable[[], None] | None = None
 
     # --- called by the runtime ------------------------------------------------------------
 
@@ -225,7 +282,8 @@ class Shipper:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._link_lost, str(reason))
+            taken_over = getattr(reason, "value", None) == _SESSION_TAKEN_OVER
+            self._loop.call_soon_threadsafe(self._link_lost, str(reason), taken_over)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
@@ -245,9 +303,10 @@ class Shipper:
 
     # --- asyncio side ---------------------------------------------------------------------
 
-    def _link_lost(self, reason: str) -> None:
+    def _link_lost(self, reason: str, taken_over: bool = False) -> None:
         if self.state == "connected" and not self._stopping:
             log.warning("link.lost", reason=reason)
+            self._taken_over = self._taken_over or taken_over
         self.state = "disconnected"
         self._lost.set()
         self._wake.set()
@@ -334,6 +393,11 @@ class Shipper:
         )
         client.publish(self.status_topic, online, qos=1, retain=True)
         self.state = "connected"
+        self._connected_at = time.monotonic()
+        self._taken_over = False
+        self._ack_timeouts = 0
+        if self.on_connected is not None:
+            self.on_connected()
         return client
 
     async def _close(self, graceful: bool) -> None:
@@ -361,8 +425,10 @@ class Shipper:
         """Connect, send and reconnect until :meth:`stop`; then say ``offline`` and leave."""
         attempt = 0
         while not self._stopping:
+            connected = False
             try:
                 await self._connect()
+                connected = True
                 log.info(
                     "link.connected",
                     host=self.settings.host,
@@ -381,6 +447,23 @@ class Shipper:
                 break
             delay = backoff_delay(attempt, self.settings.reconnect_min, self.settings.reconnect_max)
             attempt += 1
+            if connected and self.takeover.session_ended(
+                time.monotonic() - self._connected_at, self._taken_over
+            ):
+                delay = self.takeover.backoff()
+                log.error(
+                    "link.taken_over",
+                    client_id=str(self.gateway.id),
+                    broker_said="session taken over (0x8E)"
+                    if self._taken_over
+                    else f"closed {TAKEOVER_SESSIONS} sessions in a row within"
+                    f" {SHORT_SESSION:g} s of connecting",
+                    retry_in_s=round(delay),
+                    hint="another client connects with this gateway's id: is a second agent"
+                    " running with the same gateway.id (a cloned SD card or agent.toml)? Give"
+                    " each gateway its own id (sensormine-collector gateways provision); this"
+                    " agent backs off instead of fighting for the connection",
+                )
             log.info("link.reconnect_wait", seconds=round(delay, 2))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -454,6 +537,10 @@ class Shipper:
             entry = self._forget(ack.stream, ack.seq)
             self.acked += 1
             self._unheard_logged = False
+            self._ack_timeouts = 0
+            if self._no_ack_logged:
+                log.info("link.acks_resumed", seq=ack.seq)
+                self._no_ack_logged = False
             if outcome.rejected:
                 log.error(
                     "batch.rejected", seq=ack.seq, reason=ack.reason, readings=outcome.readings
@@ -531,6 +618,21 @@ class Shipper:
                 self._publish(entry, resend=True)
             elif entry.sent_at <= deadline:
                 log.info("batch.ack_timeout", seq=seq, sends=entry.sends)
+                self._ack_timeouts += 1
+                if self._ack_timeouts >= NO_ACK_HINT_AFTER and not self._no_ack_logged:
+                    self._no_ack_logged = True
+                    log.warning(
+                        "link.no_acks",
+                        ack_timeouts=self._ack_timeouts,
+                        topic=self.telemetry_topic,
+                        ack_topic=self.ack_topic,
+                        hint="connected to the broker, but no collector acknowledges on this"
+                        " topic prefix: check that a collector is running and connected to this"
+                        " broker, that its mqtt.topic_prefix equals this agent's"
+                        f" ({self.settings.topic_prefix!r}), that this gateway is registered"
+                        " (sensormine-collector gateways show), and that the broker's ACL lets"
+                        " the collector publish on the ack topic; the buffer keeps every batch",
+                    )
                 self._publish(entry, resend=True)
 
     def _refill(self) -> None:

@@ -2,9 +2,12 @@
 
 When a gateway's status frame says ``offline`` (its MQTT will, or a clean goodbye), every device
 registered behind it (``devices.gateway_id`` in the metadata database) gets an ``offline`` row
-with reason ``gateway_offline``; when the gateway says ``online`` again, each gets an ``online``
-row with reason ``gateway_online``. The rows carry the frame's own time, so history is in the
-gateway's order even when frames arrive late.
+with reason ``gateway_offline``. When the gateway says ``online`` again, each device gets back
+its own latest status from before (an ``error`` stays ``error``, with its reason); a device that
+never reported a status of its own gets ``online`` with reason ``gateway_online``. The agent then
+states every device's current status again in its next batch, so a device's latest status is
+always its own. The rows carry the frame's own time, so history is in the gateway's order even
+when frames arrive late.
 """
 
 from __future__ import annotations
@@ -28,9 +31,19 @@ GatewayDevicesLookup = Callable[[uuid.UUID, uuid.UUID, str, datetime], Awaitable
 
 _DEVICES_SQL = "SELECT id, tenant_id FROM devices WHERE gateway_id = $1 ORDER BY id"
 
+# A gateway_online row takes the device's own latest status before it, where there is one.
 _INSERT_SQL = """
 INSERT INTO device_status_history (time, tenant_id, gateway_id, device_id, status, reason)
-SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[])
+SELECT r.time, r.tenant_id, r.gateway_id, r.device_id,
+       coalesce(own.status, r.status), coalesce(own.reason, r.reason)
+FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[])
+     AS r(time, tenant_id, gateway_id, device_id, status, reason)
+LEFT JOIN LATERAL (
+    SELECT h.status, h.reason FROM device_status_history h
+    WHERE r.reason = 'gateway_online' AND h.device_id = r.device_id AND h.time <= r.time
+      AND h.reason NOT IN ('gateway_offline', 'gateway_online')
+    ORDER BY h.time DESC LIMIT 1
+) own ON true
 """
 
 

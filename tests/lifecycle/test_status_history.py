@@ -17,7 +17,7 @@ import pytest
 
 from collector.lifecycle.status import gateway_status_rows, insert_status_rows
 from collector.service import running
-from protocol import TopicKind, build_topic
+from protocol import DeviceStatus, GatewayStatus, TopicKind, build_topic, encode_frame
 from tests.collector.conftest import (
     Databases,
     GatewayClient,
@@ -189,3 +189,63 @@ async def test_the_running_collector_rolls_up_what_it_wrote_including_a_late_bac
     assert [tuple(r) for r in live] == [tuple(r) for r in both if r not in old]
     edition_job = "policies" if LICENSE == "timescale" else "retention"
     assert {"ledger", edition_job, "rollups"} <= {r["job"] for r in jobs}
+
+
+async def test_a_gateway_coming_online_never_overrides_a_devices_own_error(dbs: Databases) -> None:
+    """A device in ``error`` before its gateway went offline is in ``error`` again when the gateway
+    returns (with its own reason), not ``online``; a device without a status of its own gets
+    ``online``/``gateway_online``."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    broken, other = fleet.devices[0], fleet.devices[1]
+    host, port = SYSTEM_MQTT
+    p = f"t{uuid.uuid4().hex[:10]}"
+    settings = collector_settings(dbs, host, port, p)
+    t0 = now_us() - 60_000_000
+    stream = uuid.uuid4()
+
+    def status(state: str, at: int) -> bytes:
+        return encode_frame(
+            GatewayStatus(gateway_id=fleet.gateway, state=state, time=at, version="test")
+        )
+
+    latest_sql = (
+        "SELECT DISTINCT ON (device_id) device_id, status, reason FROM device_status_history"
+        " WHERE device_id IS NOT NULL ORDER BY device_id, time DESC"
+    )
+    async with running(settings):
+        with GatewayClient(host, port, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(status("online", t0), TopicKind.STATUS)
+            batch = make_batch(fleet, 1, stream, points=1, start=t0)
+            batch = batch.model_copy(
+                update={
+                    "status": [
+                        DeviceStatus(
+                            time=t0 + 1000,
+                            device_id=broken,
+                            status="error",
+                            reason="command not found",
+                        )
+                    ]
+                }
+            )
+            gw.publish(batch)
+            await asyncio.to_thread(gw.wait_acks, 1)
+            gw.publish(status("offline", t0 + 2_000_000), TopicKind.STATUS)
+            await _wait_rows(
+                dbs,
+                "SELECT * FROM device_status_history WHERE reason = 'gateway_offline'",
+                len(fleet.devices),
+            )
+            # The collector stamps an offline frame no earlier than its arrival: come back after.
+            await asyncio.sleep(0.1)
+            gw.publish(status("online", now_us()), TopicKind.STATUS)
+            await _wait_rows(
+                dbs,
+                "SELECT * FROM device_status_history WHERE device_id IS NOT NULL AND time >"
+                " (SELECT max(time) FROM device_status_history WHERE reason = 'gateway_offline')",
+                len(fleet.devices),
+            )
+    latest = {r["device_id"]: (r["status"], r["reason"]) for r in await dbs.fetch(latest_sql)}
+    assert ("error", "command not found") == latest[broken]
+    assert ("online", "gateway_online") == latest[other]

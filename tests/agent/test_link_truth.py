@@ -1,0 +1,141 @@
+"""What the agent tells its operator about the link: no collector acking, a gateway id used twice,
+device statuses restated after a reconnect. Real agent processes against a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.agent.conftest import Acknowledger, start_agent, write_config
+from tests.services import SYSTEM_MQTT, MosquittoBroker
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The agent's JSON log lines, parsed (lines that are not JSON are skipped)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``check`` until it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def named(path: Path, event: str) -> list[dict[str, Any]]:
+    """The log lines of ``event``."""
+    return [e for e in log_events(path) if e.get("event") == event]
+
+
+def test_a_connected_agent_that_nobody_acks_says_what_to_check(tmp_path: Path, prefix: str) -> None:
+    """Connected to the broker but no collector on its prefix: after a few ack timeouts the agent
+    logs one ``link.no_acks`` warning naming the prefix and what to check, not only timeouts."""
+    config = write_config(
+        tmp_path / "agent.toml",
+        buffer=tmp_path / "buffer.db",
+        port=SYSTEM_MQTT[1],
+        prefix=prefix,
+        extra_mqtt='ack_timeout = "500ms"',
+    )
+    log = tmp_path / "agent.log"
+    agent = start_agent(config, log)
+    try:
+        wait_for(lambda: bool(named(log, "link.no_acks")), 30)
+        time.sleep(2)
+    finally:
+        agent.terminate()
+        agent.wait(30)
+    hints = named(log, "link.no_acks")
+    assert 1 == len(hints), "said once per stretch without acks, not on every timeout"
+    assert "warning" == hints[0]["level"]
+    assert prefix in hints[0]["hint"] and "collector" in hints[0]["hint"]
+
+
+def test_two_agents_with_one_gateway_id_say_so_and_back_off(
+    tmp_path: Path, private_broker: MosquittoBroker, prefix: str
+) -> None:
+    """Two agents with the same gateway id (a cloned configuration) knock each other off the
+    broker: the first to see it happen three times in a row says ``link.taken_over`` with what to
+    check and backs off instead of fighting (about 20 lost links in 15 s before)."""
+    gateway, tenant = uuid.uuid4(), uuid.uuid4()
+    logs, agents = [], []
+    try:
+        for name in ("a", "b"):
+            config = write_config(
+                tmp_path / f"{name}.toml",
+                buffer=tmp_path / f"{name}.db",
+                port=private_broker.port,
+                prefix=prefix,
+                gateway=gateway,
+                tenant=tenant,
+            )
+            logs.append(tmp_path / f"{name}.log")
+            agents.append(start_agent(config, logs[-1]))
+        time.sleep(15)
+    finally:
+        for agent in agents:
+            agent.terminate()
+        for agent in agents:
+            agent.wait(30)
+    said = [e for p in logs for e in named(p, "link.taken_over")]
+    assert said, "neither agent recognised the takeover"
+    assert {"error"} == {e["level"] for e in said}
+    assert all("same gateway.id" in e["hint"] and e["retry_in_s"] >= 20 for e in said)
+    lost = sum(len(named(p, "link.lost")) for p in logs)
+    assert lost <= 10, f"{lost} lost links in 15 s: the agents kept fighting"
+
+
+def test_every_device_status_is_stated_again_after_a_reconnect(
+    tmp_path: Path,
+    private_broker: MosquittoBroker,
+    prefix: str,
+    acknowledger_factory: Callable[..., Acknowledger],
+) -> None:
+    """A device whose input fails is ``error``; after the link comes back the agent states that
+    error again in a batch (only changes travel otherwise, and the collector marks a gateway's
+    devices offline while it is away)."""
+    broken = uuid.uuid4()
+    config = write_config(
+        tmp_path / "agent.toml",
+        buffer=tmp_path / "buffer.db",
+        port=private_broker.port,
+        prefix=prefix,
+    )
+    with config.open("a") as f:
+        f.write(
+            '\n[[inputs]]\ntype = "command"\nname = "failing"\ncommand = ["/bin/false"]\n'
+            f'interval = "1h"\n\n[[inputs.devices]]\nid = "{broken}"\nname = "broken"\n'
+        )
+    ack = acknowledger_factory(private_broker.host, private_broker.port, prefix)
+
+    def errors() -> list[int]:
+        return sorted(
+            s.time
+            for b in ack.batches().values()
+            for s in b.status
+            if s.device_id == broken and s.status == "error"
+        )
+
+    agent = start_agent(config, tmp_path / "agent.log")
+    try:
+        wait_for(lambda: len(errors()) == 1)
+        private_broker.stop()
+        time.sleep(1)
+        restarted_us = time.time_ns() // 1000
+        private_broker.start()
+        wait_for(lambda: len(errors()) >= 2, 40)
+    finally:
+        agent.terminate()
+        agent.wait(30)
+    assert errors()[-1] > restarted_us, "restated with the time of the reconnect"
