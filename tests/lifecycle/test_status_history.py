@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 import pytest
@@ -204,7 +205,7 @@ async def test_a_gateway_coming_online_never_overrides_a_devices_own_error(dbs: 
     t0 = now_us() - 60_000_000
     stream = uuid.uuid4()
 
-    def status(state: str, at: int) -> bytes:
+    def status(state: Literal["online", "offline"], at: int) -> bytes:
         return encode_frame(
             GatewayStatus(gateway_id=fleet.gateway, state=state, time=at, version="test")
         )
