@@ -10,12 +10,14 @@ import asyncio
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime, tzinfo
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from agent.inputs.base import DeviceState, Emitter
 from agent.settings import parse_duration
@@ -28,6 +30,20 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 # Names that end up as metric names on the wire and in the collector's schema.
 MetricName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-/]+$")]
+
+
+def _check_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f'{name[:64]!r} is not an IANA time zone name (e.g. "Europe/Berlin", "UTC")'
+        ) from None
+    return name
+
+
+# An IANA zone name ("Europe/Berlin"), checked against the system's zone database at load.
+TimeZoneName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_check_zone)]
 
 
 class DeviceConfig(BaseModel):
@@ -121,11 +137,18 @@ async def run_every(interval: float, cycle: Callable[[], Awaitable[None]]) -> No
         await asyncio.sleep(next_at - now)
 
 
-def timestamp_us(value: Any) -> int:
+def zone(name: str | None) -> tzinfo | None:
+    """The zone called ``name`` (validated at configuration load), or ``None``."""
+    return ZoneInfo(name) if name is not None else None
+
+
+def timestamp_us(value: Any, local_zone: tzinfo | None = None) -> int:
     """Microseconds since the epoch from epoch seconds/ms/µs (by magnitude) or ISO 8601 text.
 
     Devices disagree on the unit of an epoch number; the magnitude tells them apart for any
-    date between 1973 and 5138, which is every date a live sensor can report.
+    date between 1973 and 5138, which is every date a live sensor can report. An ISO time
+    without a zone offset is read in ``local_zone``; without one it is refused, because
+    guessing UTC stamps every device east of Greenwich hours in the future.
     """
     if isinstance(value, bool):
         raise ValueError("a timestamp is a number or an ISO 8601 string, not a boolean")
@@ -144,7 +167,70 @@ def timestamp_us(value: Any) -> int:
         except ValueError:
             raise ValueError(f"timestamp {value[:40]!r} is not ISO 8601") from None
         if parsed.tzinfo is None:
-            # A device without a zone in its clock is assumed to run on UTC, as gateways do.
-            parsed = parsed.replace(tzinfo=UTC)
-        return int(parsed.timestamp() * 1_000_000)
+            if local_zone is None:
+                raise ValueError(
+                    f"time {value[:40]!r} has no zone offset; set the input's timezone "
+                    f'(e.g. timezone = "Europe/Berlin") to the zone the device\'s clock runs on'
+                )
+            # fold=0: in the hour a DST change repeats, the first occurrence.
+            parsed = parsed.replace(tzinfo=local_zone)
+        seconds = parsed.timestamp()
+        if seconds <= 0:
+            raise ValueError(f"time {value[:40]!r} is not after 1970")
+        return int(seconds * 1_000_000)
     raise ValueError(f"a timestamp is a number or an ISO 8601 string, not {type(value).__name__}")
+
+
+# Problems of one kind are logged in full LOG_FIRST times, then at most once per LOG_INTERVAL
+# seconds with the count since the last line: a device or program producing garbage at
+# thousands of messages a second must not flood the journal, nor hide that it goes on.
+LOG_FIRST = 5
+LOG_INTERVAL = 60.0
+
+
+class ProblemLog:
+    """Counts an input's problems by kind and logs them rate-limited (one rule for every input).
+
+    ``counts`` holds every problem; the log shows the first ``LOG_FIRST`` of each kind in
+    full, then one line per ``LOG_INTERVAL`` seconds carrying ``total`` and ``suppressed``.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        input_name: str,
+        *,
+        first: int = LOG_FIRST,
+        interval: float = LOG_INTERVAL,
+        counts: Counter[str] | None = None,
+    ) -> None:
+        """Log as ``<prefix>.<kind>`` for the input called ``input_name``."""
+        self._prefix = prefix
+        self._input = input_name
+        self._first = first
+        self._interval = interval
+        self.counts: Counter[str] = counts if counts is not None else Counter()
+        self._suppressed: Counter[str] = Counter()
+        self._next_at: dict[str, float] = {}
+
+    def __call__(self, kind: str, problem: str, **fields: Any) -> None:
+        """Count one problem of ``kind`` and log it if the rate limit allows."""
+        self.counts[kind] += 1
+        total = self.counts[kind]
+        if total > self._first:
+            now = time.monotonic()
+            if now < self._next_at.get(kind, 0.0):
+                self._suppressed[kind] += 1
+                return
+            self._next_at[kind] = now + self._interval
+        elif total == self._first:
+            self._next_at[kind] = time.monotonic() + self._interval
+        suppressed = self._suppressed.pop(kind, 0)
+        log.warning(
+            f"{self._prefix}.{kind}",
+            input=self._input,
+            problem=problem,
+            total=total,
+            suppressed=suppressed,
+            **fields,
+        )

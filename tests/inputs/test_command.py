@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import signal
 import sys
 import time
 import uuid
@@ -128,7 +131,8 @@ print("this is not a reading")
     assert runs == list(range(1, len(runs) + 1))
     assert set(emitter.values(UPS, "volts")) == {13.6}
     assert set(emitter.values(UPS, "charging")) == {True}
-    assert emitter.last_status(UPS) == ("online", "")
+    # With one device every line is its own: the bad line puts it in error, as `inputs test`.
+    assert ("error", "bad line: 'this' is not metric=value") == emitter.last_status(UPS)
     assert command_input.counters.bad_lines >= 3
     assert command_input.counters.failed_exits == 0
     assert len(emitter.durations) >= 3
@@ -278,3 +282,132 @@ async def test_probe(tmp_path: Path, context: InputContext) -> None:
     stream = script(tmp_path, "import time\nprint('level=4', flush=True)\ntime.sleep(600)")
     [result] = await CommandInput(config(stream, mode="stream"), context).probe()
     assert (result.readings, result.error) == ({"level": 4}, None)
+
+
+def test_keyvalue_quoting() -> None:
+    """Double-quoted keyvalue values may hold spaces and escaped quotes; they are always text."""
+    parsed = parse_line('note="two words" q="say \\"hi\\"" n="42" level=3', "auto", "device", None)
+    assert parsed is not None
+    assert {"note": "two words", "q": 'say "hi"', "n": "42", "level": 3} == parsed.readings
+    with pytest.raises(LineError, match="is not metric=value"):
+        parse_line('note="unterminated level=3', "auto", "device", None)
+
+
+async def test_iso_time_without_a_zone_needs_the_input_timezone(
+    tmp_path: Path, context: InputContext
+) -> None:
+    """A zone-less ISO time is a bad line of its device unless `timezone` is set."""
+    argv = script(tmp_path, "print('time=2026-01-02T03:04:05 level=1')")
+    [refused] = await CommandInput(config(argv, time_field="time"), context).probe()
+    assert refused.error is not None
+    assert "bad line: time: time '2026-01-02T03:04:05' has no zone offset" in refused.error
+    emitter = RecordingEmitter()
+    berlin = CommandInput(config(argv, time_field="time", timezone="Europe/Berlin"), context)
+    task = await run_for(berlin, emitter)
+    try:
+        await emitter.wait_for(lambda: bool(emitter.readings))
+    finally:
+        await stop(task)
+    assert 1_767_319_445_000_000 == emitter.readings[0].time_us  # 03:04:05 CET = 02:04:05Z
+    with pytest.raises(ValidationError, match="timezone"):
+        config(argv, timezone="Berlin")
+
+
+# Lines for two devices: tank-2's line is bad, one line names a device nobody configured and
+# one names none. Printed on every run.
+MIXED_LINES = """
+print("device=tank-1 level=1")
+print("device=tank-2 level=2 oops")
+print("device=tank-9 level=3")
+print("level=4")
+"""
+
+
+def agent_config(tmp_path: Path, argv: list[str]) -> Path:
+    """An agent configuration with one command input for tank-1 and tank-2."""
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"""
+[gateway]
+id = "{uuid.uuid4()}"
+tenant_id = "{uuid.uuid4()}"
+
+[buffer]
+path = "{tmp_path / "buffer.db"}"
+
+[mqtt]
+host = "127.0.0.1"
+port = 1
+
+[[inputs]]
+type = "command"
+name = "tanks"
+command = {json.dumps(argv)}
+interval = "100ms"
+
+[[inputs.devices]]
+id = "{TANK1}"
+name = "tank-1"
+
+[[inputs.devices]]
+id = "{TANK2}"
+name = "tank-2"
+"""
+    )
+    return path
+
+
+async def test_inputs_test_and_the_running_agent_attribute_bad_lines_alike(tmp_path: Path) -> None:
+    """One rule: a bad line is its device's error; lines about no device are only logged.
+
+    `inputs test` and a running agent (real processes) agree: tank-1 is fine, tank-2 is in
+    error with its bad line, and ~30 runs with 3 bad lines each log `command.bad_line` only
+    the first 5 times (the rate limit every input uses).
+    """
+    config_path = agent_config(tmp_path, script(tmp_path, MIXED_LINES))
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        "inputs",
+        "test",
+        "--config",
+        str(config_path),
+        "tanks",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _err = await asyncio.wait_for(probe.communicate(), 60)
+    assert 1 == probe.returncode
+    printed = out.decode().splitlines()
+    assert [
+        f"tank-1 ({TANK1})",
+        "  level = 1",
+        f"tank-2 ({TANK2})",
+        "  error: bad line: 'oops' is not metric=value",
+    ] == printed
+
+    running = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        "run",
+        "--config",
+        str(config_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    await asyncio.sleep(4)
+    running.send_signal(signal.SIGTERM)
+    log_text, _ = await asyncio.wait_for(running.communicate(), 60)
+    events = [json.loads(line) for line in log_text.decode().splitlines() if line.startswith("{")]
+    errors = [e for e in events if e["event"] == "input.device_error"]
+    assert [str(TANK2)] == [e["device_id"] for e in errors]
+    assert "bad line: 'oops' is not metric=value" == errors[0]["reason"]
+    bad_lines = [e for e in events if e["event"] == "command.bad_line"]
+    assert 5 == len(bad_lines)
+    assert [
+        "'oops' is not metric=value",
+        "device='tank-9' names no configured device",
+        "no device in the line and several devices configured",
+    ] == [e["problem"] for e in bad_lines[:3]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,11 +11,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
 
 from agent.inputs.base import InputContext
 from agent.inputs.modbus import ModbusConfig, ModbusInput
 from agent.inputs.modbus.config import FieldConfig
 from agent.inputs.modbus.registers import plan_requests
+from agent.runtime import InputEmitter, Staging
+from protocol import Batch, Series, Value, encode_frame
 from tests.inputs.conftest import RecordingEmitter, build_config, load_sample, run_for, stop
 from tests.inputs.modbus_peer import (
     EXPECTED,
@@ -21,8 +27,11 @@ from tests.inputs.modbus_peer import (
     Behaviour,
     ModbusPeer,
     NullModem,
+    free_port,
     start_rtu_server,
+    words,
 )
+from tests.inputs.pymodbustcp_peer import PyModbusTcpPeer
 
 METER = uuid.uuid4()
 PROBE = uuid.uuid4()
@@ -318,3 +327,175 @@ async def test_rtu_device_that_stops_answering_recovers(
     for metric, expected in EXPECTED.items():
         values = emitter.values(METER, metric)
         assert values == pytest.approx([expected] * len(values)), metric
+
+
+def single_unit_config(port: int, fields: list[dict[str, Any]], **extra: Any) -> ModbusConfig:
+    """A TCP input reading ``fields`` from unit 1."""
+    raw: dict[str, Any] = {
+        "type": "modbus",
+        "name": "independent",
+        "host": "127.0.0.1",
+        "port": port,
+        "interval": "200ms",
+        "timeout": "500ms",
+        "retries": 0,
+        "devices": [{"id": str(METER), "name": "meter", "unit": 1, "fields": fields}],
+    }
+    raw.update(extra)
+    config = build_config("modbus", raw)
+    assert isinstance(config, ModbusConfig)
+    return config
+
+
+async def test_uint64_beyond_int64_is_the_device_error_in_probe_and_agent(
+    context: InputContext,
+) -> None:
+    """A uint64 above 2^63 - 1 cannot be carried: `inputs test` and the agent both say so.
+
+    Against pyModbusTCP's server, through the runtime's own emitter: the device is `error`
+    with the reason on every cycle (not online with the reading silently refused), the other
+    fields are still read, and a scaled uint64 is a float.
+    """
+    fields = [
+        {"metric": "energy", "address": 0, "data_type": "uint64"},
+        {"metric": "energy_kwh", "address": 0, "data_type": "uint64", "scale": 0.001},
+        {"metric": "ok", "address": 4},
+    ]
+    reason = (
+        "energy: uint64 value 18446744073709551615 is above 9223372036854775807, the largest "
+        "integer a reading carries (with a scale other than 1 it is read as a float)"
+    )
+    with PyModbusTcpPeer([0xFFFF] * 4 + [7]) as device:
+        config = single_unit_config(device.port, fields)
+        [probed] = await ModbusInput(config, context).probe()
+        statuses: dict[uuid.UUID, Any] = {}
+        staging = Staging()
+        emitter = InputEmitter("independent", staging, statuses)
+        task = asyncio.create_task(ModbusInput(config, context).run(emitter))
+        try:
+            deadline = time.monotonic() + 10
+            while sum(1 for row in staging.rows if row[1] == "ok") < 3:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            await stop(task)
+    assert reason == probed.error
+    assert {"energy_kwh": 18446744073709551.615, "ok": 7} == probed.readings
+    assert ("error", reason) == statuses[METER]
+    assert 0 == emitter.invalid
+    assert {"ok", "energy_kwh"} == {row[1] for row in staging.rows}
+
+
+async def test_scaled_values_are_what_the_device_meant(context: InputContext) -> None:
+    """raw 2315 × 0.01 is 23.15 (not 23.150000000000002), so the wire's decimal codec applies."""
+    fields = [
+        {"metric": "t1", "address": 0, "scale": 0.01},
+        {"metric": "t2", "address": 1, "scale": 0.01},
+        {"metric": "v", "address": 2, "scale": 0.1, "offset": -40},
+        {"metric": "raw_f", "address": 3, "data_type": "float32"},
+        {"metric": "f_2", "address": 3, "data_type": "float32", "decimals": 2},
+    ]
+    with PyModbusTcpPeer([2315, 2316, 655, *words("f", 21.37)]) as device:
+        [probed] = await ModbusInput(single_unit_config(device.port, fields), context).probe()
+    assert None is probed.error
+    assert {"t1": 23.15, "t2": 23.16, "v": 25.5, "f_2": 21.37} == {
+        k: v for k, v in probed.readings.items() if k != "raw_f"
+    }
+    assert 21.37 != probed.readings["raw_f"]  # a float32 keeps its own precision unless told
+    assert abs(21.37 - float(probed.readings["raw_f"])) < 1e-5
+
+    def frame(values: list[Value]) -> bytes:
+        series = Series(device_id=METER, metric="t", timestamps=[1, 2], values=values)
+        batch = Batch(gateway_id=METER, stream=METER, seq=0, created=1, series=[series])
+        return encode_frame(batch, compress=False)
+
+    meant = frame([23.15, 23.16])
+    assert meant == frame([probed.readings["t1"], probed.readings["t2"]])
+    assert len(meant) < len(frame([2315 * 0.01, 2316 * 0.01]))
+
+
+async def test_slow_device_keeps_one_reason(context: InputContext) -> None:
+    """A device answering after the timeout is `no answer within`, never `connection lost`.
+
+    pymodbus closes the link itself after a few unanswered requests in a row; that used to
+    turn the reason into "connection ... lost" and back on every reconnect.
+    """
+    emitter = RecordingEmitter()
+    with PyModbusTcpPeer([2315]) as device:
+        device.bank.delay = 0.6
+        config = single_unit_config(
+            device.port,
+            [{"metric": "t", "address": 0}],
+            interval="100ms",
+            timeout="300ms",
+            retries=1,
+        )
+        task = await run_for(ModbusInput(config, context), emitter)
+        try:
+            await asyncio.sleep(6)
+        finally:
+            await stop(task)
+    assert [("error", "no answer within 0.3s reading holding 0..0")] == [
+        (s, r) for d, s, r in emitter.statuses if d == METER
+    ]
+
+
+async def test_units_behind_one_tcp_gateway(
+    context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """Each device's requests carry its unit id; a unit the gateway does not serve is an error.
+
+    pymodbus's server honours unit ids (pyModbusTCP's answers any), so it stands in for a
+    TCP-to-RTU gateway with three slaves.
+    """
+    units = (1, 2, 3)
+    server = ModbusTcpServer(
+        [
+            SimDevice(
+                id=unit,
+                simdata=([SimData(0, values=[unit * 100 + 1], datatype=DataType.REGISTERS)]),
+            )
+            for unit in units
+        ],
+        address=("127.0.0.1", port := free_port()),
+    )
+    await server.serve_forever(background=True)
+    ids = {unit: uuid.uuid4() for unit in (*units, 9)}
+    config = build_config(
+        "modbus",
+        {
+            "type": "modbus",
+            "name": "gateway",
+            "host": "127.0.0.1",
+            "port": port,
+            "interval": "200ms",
+            "timeout": "300ms",
+            "retries": 0,
+            "devices": [
+                {
+                    "id": str(ids[u]),
+                    "name": f"unit-{u}",
+                    "unit": u,
+                    "fields": [{"metric": "v", "address": 0}],
+                }
+                for u in (*units, 9)
+            ],
+        },
+    )
+    task = await run_for(ModbusInput(config, context), emitter)  # type: ignore[arg-type]
+    try:
+        await emitter.wait_for(
+            lambda: (
+                all(len(emitter.values(ids[u], "v")) >= 2 for u in units)
+                and emitter.last_status(ids[9]) is not None
+            )
+        )
+    finally:
+        await stop(task)
+        await server.shutdown()  # type: ignore[no-untyped-call]
+    for unit in units:
+        assert {unit * 100 + 1} == set(emitter.values(ids[unit], "v"))
+        assert ("online", "") == emitter.last_status(ids[unit])
+    assert [] == emitter.values(ids[9], "v")
+    status = emitter.last_status(ids[9])
+    assert status is not None and "error" == status[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 from typing import Any
 
@@ -172,7 +173,7 @@ async def test_messages_become_readings(
     mqtt_address: tuple[str, int], prefix: str, context: InputContext, emitter: RecordingEmitter
 ) -> None:
     """Tasmota JSON, ESPHome plain values and Zigbee2MQTT objects map to their devices."""
-    mqtt_input = MqttInput(config_for(mqtt_address, prefix), context)
+    mqtt_input = MqttInput(config_for(mqtt_address, prefix, timezone="UTC"), context)
     task = await run_for(mqtt_input, emitter)
     try:
         await until_subscribed(mqtt_address, prefix, emitter)
@@ -343,3 +344,109 @@ async def test_probe_beside_the_running_input_does_not_take_its_session(
     finally:
         await stop(task)
     assert [s for _, s, _ in emitter.statuses if s == "error"] == []
+
+
+def mosquitto_pub(address: tuple[str, int], topic: str, payload: str, retain: bool = False) -> None:
+    """Publish with Mosquitto's own command-line client (QoS 1), a device side of its own."""
+    argv = ["mosquitto_pub", "-h", address[0], "-p", str(address[1]), "-q", "1", "-t", topic]
+    argv += ["-r"] if retain else []
+    if payload:
+        argv += ["-m", payload]
+    else:
+        argv += ["-n"]
+    subprocess.run(argv, check=True, timeout=10)
+
+
+async def test_oversized_payload_puts_its_device_in_error(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """A payload over max_payload_bytes on a known device's topic is that device's error.
+
+    The device is matched before the size is checked, so the running input puts it in `error`
+    and `inputs test` names the size instead of "no message within".
+    """
+    big = '{"contact": true, "note": "' + "x" * 200 + '"}'
+    config = config_for(mqtt_address, prefix, max_payload_bytes=128, probe_wait="2s")
+    mqtt_input = MqttInput(config, context)
+    task = await run_for(mqtt_input, emitter)
+    try:
+        await until_subscribed(mqtt_address, prefix, emitter)
+        await asyncio.to_thread(mosquitto_pub, mqtt_address, f"{prefix}/z2m/door", big)
+        await emitter.wait_for(lambda: (emitter.last_status(DOOR) or ("",))[0] == "error")
+    finally:
+        await stop(task)
+    reason = (
+        f"{prefix}/z2m/door: payload of {len(big)} bytes is larger than max_payload_bytes (128)"
+    )
+    assert ("error", reason) == emitter.last_status(DOOR)
+    assert 1 == mqtt_input.counters["too_large"]
+    assert 0 == mqtt_input.counters["malformed"]
+    await asyncio.to_thread(mosquitto_pub, mqtt_address, f"{prefix}/z2m/door", big, True)
+    try:
+        results = {r.device_name: r for r in await MqttInput(config, context).probe()}
+    finally:
+        await asyncio.to_thread(mosquitto_pub, mqtt_address, f"{prefix}/z2m/door", "", True)
+    assert reason == results["door"].error
+
+
+async def test_zigbee2mqtt_shapes_from_mosquitto_pub(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """The bridge topic is unknown_device whatever it holds; all_fields keeps "state": "ON"."""
+    mqtt_input = MqttInput(config_for(mqtt_address, prefix), context)
+    task = await run_for(mqtt_input, emitter)
+    try:
+        await until_subscribed(mqtt_address, prefix, emitter)
+        for topic, payload in [
+            (f"{prefix}/z2m/bridge", "online"),
+            (
+                f"{prefix}/z2m/door",
+                '{"state":"ON","contact":false,"update":{"state":"idle"},"label":"x"}',
+            ),
+            (f"{prefix}/esphome/greenhouse/sensor/window/state", "yes"),
+        ]:
+            await asyncio.to_thread(mosquitto_pub, mqtt_address, topic, payload)
+        await emitter.wait_for(lambda: bool(emitter.values(GREENHOUSE, "window")))
+        await emitter.wait_for(lambda: bool(emitter.values(DOOR, "contact")))
+    finally:
+        await stop(task)
+    assert 1 == mqtt_input.counters["unknown_device"]
+    assert 0 == mqtt_input.counters["missing"]
+    assert {"state": True, "contact": False} == {
+        r.metric: r.value for r in emitter.readings if r.device_id == DOOR
+    }
+    assert [True] == emitter.values(GREENHOUSE, "window")
+
+
+async def test_iso_time_without_a_zone_needs_the_input_timezone(
+    mqtt_address: tuple[str, int], prefix: str, context: InputContext
+) -> None:
+    """Tasmota's zone-less "Time" is refused with a clear error unless `timezone` is set."""
+    payload = '{"Time":"2026-05-01T12:00:00","AM2301":{"Temperature":21.4,"Humidity":40.1}}'
+    topic = f"{prefix}/tele/tasmota_1A2B3C/SENSOR"
+    outcomes: dict[str | None, RecordingEmitter] = {}
+    for tz in (None, "Europe/Berlin"):
+        emitter = RecordingEmitter()
+        mqtt_input = MqttInput(config_for(mqtt_address, prefix, timezone=tz), context)
+        task = await run_for(mqtt_input, emitter)
+        try:
+            await until_subscribed(mqtt_address, prefix, emitter)
+            await asyncio.to_thread(mosquitto_pub, mqtt_address, topic, payload)
+            await emitter.wait_for(lambda e=emitter: e.last_status(CLIMATE) is not None)  # type: ignore[misc]
+        finally:
+            await stop(task)
+        outcomes[tz] = emitter
+    status, reason = outcomes[None].last_status(CLIMATE) or ("", "")
+    assert "error" == status
+    assert "Time: time '2026-05-01T12:00:00' has no zone offset; set the input's timezone" in reason
+    assert [] == outcomes[None].values(CLIMATE, "temperature")
+    [berlin] = [r for r in outcomes["Europe/Berlin"].readings if r.metric == "temperature"]
+    assert 1_777_629_600_000_000 == berlin.time_us  # 12:00 CEST = 10:00Z
+
+
+def test_timezone_must_be_an_iana_name(mqtt_address: tuple[str, int]) -> None:
+    """An unknown zone name is a configuration error naming the key."""
+    with pytest.raises(ValidationError) as info:
+        config_for(mqtt_address, "x", timezone="Mars/Olympus")
+    assert "timezone" in str(info.value)
+    assert "not an IANA time zone name" in str(info.value)

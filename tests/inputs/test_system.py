@@ -104,3 +104,36 @@ def test_temperature_is_the_hottest_zone(tmp_path: Path) -> None:
         path.write_text(text)
     assert read_temperature(str(tmp_path)) == {"temperature": 67.5}
     assert read_temperature(str(tmp_path / "none")) == {}
+
+
+async def test_values_keep_their_kind_and_start_up_is_not_a_cpu_figure(
+    tmp_path: Path, emitter: RecordingEmitter
+) -> None:
+    """Counts arrive as integers, the link state as a boolean; the first cycle has no CPU figure.
+
+    The first `cpu_percent` would cover the agent's own start-up; it is only the baseline.
+    """
+    context = InputContext(
+        gateway_id=uuid.uuid4(),
+        buffer_path=tmp_path / "buffer.db",
+        stats=lambda: {"link_up": 1.0, "buffer_readings": 12.0, "dropped": 0.0},
+    )
+    task = await run_for(SystemInput(config(interval="200ms"), context), emitter)
+    try:
+        await emitter.wait_for(lambda: len(emitter.values(context.gateway_id, "cpu_percent")) >= 2)
+    finally:
+        await stop(task)
+    cycles: dict[int | None, dict[str, object]] = {}
+    for reading in emitter.readings:
+        cycles.setdefault(reading.time_us, {})[reading.metric] = reading.value
+    first, *later = cycles.values()
+    assert "cpu_percent" not in first
+    assert all("cpu_percent" in cycle for cycle in later)
+    kinds = {metric: type(value) for metric, value in first.items()}
+    for metric in ("memory_total_bytes", "memory_available_bytes", "disk_total_bytes"):
+        assert int is kinds[metric], metric
+    for metric in ("agent_buffer_readings", "agent_dropped", "agent_rss_bytes"):
+        assert int is kinds[metric], metric
+    assert True is first["agent_link_up"]
+    for metric in ("memory_used_percent", "disk_free_percent", "load_1m", "uptime_seconds"):
+        assert float is kinds[metric], metric

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from agent.inputs.base import InputConfig
-from agent.inputs.common import DeviceConfig, Duration
+from agent.inputs.common import DeviceConfig, Duration, TimeZoneName
 
 
 class CommandConfig(InputConfig):
@@ -33,6 +33,8 @@ class CommandConfig(InputConfig):
     device_field: str = Field(default="device", min_length=1, max_length=64)
     # Key holding the reading's time (epoch s/ms/µs or ISO 8601); absent means "now".
     time_field: str | None = Field(default=None, min_length=1, max_length=64)
+    # The zone of ISO times without an offset in time_field; without it they are refused.
+    timezone: TimeZoneName | None = None
     max_line_bytes: int = Field(default=65536, ge=256, le=16 * 1024 * 1024)
     working_dir: str | None = Field(default=None, min_length=1, max_length=4096)
     env: dict[

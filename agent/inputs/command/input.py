@@ -16,7 +16,7 @@ import structlog
 from agent.inputs.base import Emitter, InputContext, ProbeResult
 from agent.inputs.command.config import CommandConfig
 from agent.inputs.command.lines import LineError, ParsedLine, parse_line
-from agent.inputs.common import DeviceConfig, StatusTracker, now_us, run_every
+from agent.inputs.common import DeviceConfig, ProblemLog, StatusTracker, now_us, run_every, zone
 from protocol import Value
 
 log = structlog.get_logger(__name__)
@@ -37,12 +37,20 @@ class Counters:
     last_exit: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """A line that gave no readings: why, and the device it is about (``None``: no device)."""
+
+    reason: str
+    device: DeviceConfig | None
+
+
 @dataclass
 class RunOutcome:
     """What one run (interval mode) or one program lifetime (stream mode) produced."""
 
-    lines: list[ParsedLine] = field(default_factory=list)
-    bad_lines: list[str] = field(default_factory=list)
+    lines: list[tuple[DeviceConfig, ParsedLine]] = field(default_factory=list)
+    bad_lines: list[BadLine] = field(default_factory=list)
     exit_code: int | None = None
     timed_out: bool = False
     stderr: str = ""
@@ -73,7 +81,9 @@ class CommandInput:
         self._config = config
         self._status = StatusTracker(config.name)
         self._by_name = {device.name: device for device in config.devices}
+        self._zone = zone(config.timezone)
         self.counters = Counters()
+        self._problems = ProblemLog("command", config.name)
 
     # -- process handling -------------------------------------------------------------------
 
@@ -123,35 +133,66 @@ class CommandInput:
             # StreamReader discards the over-long line and the stream stays usable.
             return None
 
-    def _parse(self, raw: bytes | None, outcome: RunOutcome) -> ParsedLine | None:
+    def _parse(self, raw: bytes | None, outcome: RunOutcome) -> DeviceConfig | None:
+        """Parse one line into ``outcome``; the device it is about, if any (good or bad)."""
         if raw is None:
-            self._bad_line(outcome, f"line longer than {self._config.max_line_bytes} bytes")
-            return None
+            return self._bad_line(
+                outcome, f"line longer than {self._config.max_line_bytes} bytes", None
+            )
         try:
             parsed = parse_line(
                 raw.decode("utf-8", errors="replace"),
                 self._config.format,
                 self._config.device_field,
                 self._config.time_field,
+                self._zone,
             )
         except LineError as exc:
-            self._bad_line(outcome, str(exc))
+            return self._bad_line(outcome, str(exc), exc.device)
+        if parsed is None:
             return None
-        if parsed is not None:
-            outcome.lines.append(parsed)
-        return parsed
+        device = self._attribute(parsed.device)
+        if isinstance(device, str):
+            self._bad_line(outcome, device, parsed.device)
+            return None
+        outcome.lines.append((device, parsed))
+        return device
 
-    def _bad_line(self, outcome: RunOutcome, reason: str) -> None:
+    def _attribute(self, name: str | None) -> DeviceConfig | str:
+        """The device a line is about, or why it is about none.
+
+        The one rule for the running input and ``inputs test``: a line naming a configured
+        device is that device's, good or bad; with a single device every line is its own; a
+        line naming an unknown device, or none while several are configured, is nobody's.
+        """
+        field_name = self._config.device_field
+        if name is None:
+            if len(self._config.devices) == 1:
+                return self._config.devices[0]
+            return f"no {field_name} in the line and several devices configured"
+        device = self._by_name.get(name)
+        if device is None:
+            return f"{field_name}={name[:64]!r} names no configured device"
+        return device
+
+    def _bad_line(
+        self, outcome: RunOutcome, reason: str, device_name: str | None
+    ) -> DeviceConfig | None:
+        attributed = self._attribute(device_name)
+        device: DeviceConfig | None = None
+        if isinstance(attributed, str):
+            if attributed != reason:
+                reason = f"{reason} ({attributed})"
+        else:
+            device = attributed
         self.counters.bad_lines += 1
-        outcome.bad_lines.append(reason)
-        log.warning(
-            "command.bad_line", input=self.name, reason=reason, total=self.counters.bad_lines
-        )
+        outcome.bad_lines.append(BadLine(reason, device))
+        self._problems("bad_line", reason, device=device.name if device is not None else None)
+        return device
 
-    def _device_for(self, parsed: ParsedLine) -> DeviceConfig | None:
-        if parsed.device is None:
-            return self._config.devices[0] if len(self._config.devices) == 1 else None
-        return self._by_name.get(parsed.device)
+    @staticmethod
+    def _bad_line_reason(bad: BadLine) -> str:
+        return f"bad line: {bad.reason}"
 
     async def _run_once(self) -> RunOutcome:
         """Run the program to completion (interval mode), killing it at the timeout."""
@@ -195,26 +236,36 @@ class CommandInput:
 
     # -- reporting --------------------------------------------------------------------------
 
-    def _emit_line(self, emit: Emitter, parsed: ParsedLine, outcome: RunOutcome) -> None:
-        device = self._device_for(parsed)
-        if device is None:
-            self._bad_line(
-                outcome,
-                f"{self._config.device_field}={parsed.device!r} names no configured device"
-                if parsed.device is not None
-                else f"no {self._config.device_field} in the line and several devices configured",
-            )
-            return
+    @staticmethod
+    def _emit_line(emit: Emitter, device: DeviceConfig, parsed: ParsedLine) -> None:
         stamp = parsed.time_us if parsed.time_us is not None else now_us()
         for metric, value in parsed.readings.items():
             emit.reading(device.id, metric, value, stamp)
 
+    def _device_problems(self, outcome: RunOutcome) -> dict[uuid.UUID, str]:
+        """Each device's first bad line of ``outcome`` as its error reason."""
+        problems: dict[uuid.UUID, str] = {}
+        for bad in outcome.bad_lines:
+            if bad.device is not None:
+                problems.setdefault(bad.device.id, self._bad_line_reason(bad))
+        return problems
+
     def _report_outcome(self, emit: Emitter, outcome: RunOutcome, failure: str | None) -> None:
         if failure is None:
+            problems = self._device_problems(outcome)
             for device in self._config.devices:
-                self._status.online(emit, device.id)
+                if device.id in problems:
+                    self._status.error(emit, device.id, problems[device.id])
+                else:
+                    self._status.online(emit, device.id)
             return
-        log.warning("command.failed", input=self.name, reason=failure, counters=self.counters)
+        self._problems(
+            "failed",
+            failure,
+            runs=self.counters.runs,
+            failed_exits=self.counters.failed_exits,
+            timeouts=self.counters.timeouts,
+        )
         emit.event(
             "command.failed",
             failure,
@@ -235,8 +286,8 @@ class CommandInput:
         async def cycle() -> None:
             started = time.perf_counter()
             outcome = await self._run_once()
-            for parsed in outcome.lines:
-                self._emit_line(emit, parsed, outcome)
+            for device, parsed in outcome.lines:
+                self._emit_line(emit, device, parsed)
             self._report_outcome(emit, outcome, outcome.failure(self._config.timeout))
             emit.read_duration(time.perf_counter() - started)
 
@@ -265,14 +316,18 @@ class CommandInput:
                 if raw == b"":
                     break
                 started = time.perf_counter()
-                parsed = self._parse(raw, outcome)
-                if parsed is not None:
-                    self._emit_line(emit, parsed, outcome)
-                    device = self._device_for(parsed)
-                    if device is not None:
-                        self._status.online(emit, device.id)
+                self._parse(raw, outcome)
+                for device, parsed in outcome.lines:
+                    self._emit_line(emit, device, parsed)
+                    self._status.online(emit, device.id)
+                for bad in outcome.bad_lines:
+                    if bad.device is not None:
+                        # Until the device's next good line, as for an mqtt device.
+                        self._status.error(emit, bad.device.id, self._bad_line_reason(bad))
                 emit.read_duration(time.perf_counter() - started)
-                outcome.lines.clear()  # a long-lived program must not grow this list
+                # A long-lived program must not grow these lists.
+                outcome.lines.clear()
+                outcome.bad_lines.clear()
         finally:
             await self._kill(process)
             if not stderr_task.done():
@@ -308,25 +363,20 @@ class CommandInput:
         else:
             outcome = await self._probe_stream()
         readings: dict[uuid.UUID, dict[str, Value]] = {d.id: {} for d in self._config.devices}
-        problems = list(outcome.bad_lines)
-        for parsed in outcome.lines:
-            device = self._device_for(parsed)
-            if device is None:
-                problems.append(f"a line names unknown device {parsed.device!r}")
-                continue
+        for device, parsed in outcome.lines:
             readings[device.id].update(parsed.readings)
+        # The running input's rule: a failed run is every device's error, a bad line only its
+        # own device's; lines about no device are logged (command.bad_line), as when running.
         failure = outcome.failure(self._config.timeout)
-        if failure is not None and not (self._config.mode == "stream" and outcome.timed_out):
-            problems.insert(0, failure)
-        return [
-            ProbeResult(
-                device.id,
-                device.name,
-                readings=readings[device.id],
-                error="; ".join(problems) or (None if readings[device.id] else "no readings"),
-            )
-            for device in self._config.devices
-        ]
+        if self._config.mode == "stream" and outcome.timed_out:
+            failure = None
+        problems = self._device_problems(outcome)
+        results = []
+        for device in self._config.devices:
+            reasons = [r for r in (failure, problems.get(device.id)) if r is not None]
+            error = "; ".join(reasons) or (None if readings[device.id] else "no readings")
+            results.append(ProbeResult(device.id, device.name, readings[device.id], error))
+        return results
 
     async def _probe_stream(self) -> RunOutcome:
         outcome = RunOutcome()
@@ -352,8 +402,7 @@ class CommandInput:
                     break
                 if raw == b"":
                     break
-                parsed = self._parse(raw, outcome)
-                device = self._device_for(parsed) if parsed is not None else None
+                device = self._parse(raw, outcome)
                 if device is not None:
                     waiting.discard(device.id)
         finally:

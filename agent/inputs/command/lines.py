@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Any, Literal
 
 from agent.inputs.common import timestamp_us
@@ -13,10 +14,23 @@ from protocol import Value
 
 _METRIC = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
 MAX_STRING = 1024
+# One metric=value pair of a keyvalue line (logfmt): a value in double quotes may hold spaces,
+# with \" and \\ inside; an unquoted value runs to the next space.
+_PAIR = re.compile(r'\s*([^\s="]+)=(?:"((?:[^"\\]|\\.)*)"|([^\s"]*))(?=\s|$)')
+_UNESCAPE = re.compile(r"\\(.)")
 
 
 class LineError(Exception):
-    """A line that cannot be turned into readings; the message says why."""
+    """A line that cannot be turned into readings; the message says why.
+
+    ``device`` is the device name the line gave in its device field, when it could be read:
+    the bad line is then that device's problem.
+    """
+
+    def __init__(self, message: str, device: str | None = None) -> None:
+        """Say what is wrong with the line, and which device it named if any."""
+        super().__init__(message)
+        self.device = device
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +71,29 @@ def _scalar(text: str) -> Any:
     try:
         return float(text)
     except ValueError:
-        return text.strip('"')
+        return text
+
+
+def _keyvalue(text: str, device_field: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    position = 0
+    problem = ""
+    while position < len(text):
+        match = _PAIR.match(text, position)
+        if match is None:
+            rest = text[position:].split(None, 1)
+            problem = f"{rest[0][:40] if rest else text[position:][:40]!r} is not metric=value"
+            break
+        key, quoted, bare = match.groups()
+        fields[key] = _UNESCAPE.sub(r"\1", quoted) if quoted is not None else _scalar(bare)
+        position = match.end()
+        while position < len(text) and text[position].isspace():
+            position += 1
+    if problem:
+        # The pairs before the bad one may still say which device the line is about.
+        device = fields.get(device_field)
+        raise LineError(problem, device if isinstance(device, str) else None)
+    return fields
 
 
 def parse_line(
@@ -65,8 +101,12 @@ def parse_line(
     fmt: Literal["auto", "json", "keyvalue"],
     device_field: str,
     time_field: str | None,
+    local_zone: tzinfo | None = None,
 ) -> ParsedLine | None:
-    """The readings in ``line``, ``None`` for a blank line, or ``LineError``."""
+    """The readings in ``line``, ``None`` for a blank line, or ``LineError``.
+
+    ``local_zone`` is the zone of ISO times without an offset (the input's ``timezone``).
+    """
     text = line.strip()
     if not text:
         return None
@@ -80,28 +120,26 @@ def parse_line(
             raise LineError(f"a JSON line must be an object, not {type(decoded).__name__}")
         fields = decoded
     else:
-        fields = {}
-        for pair in text.split():
-            key, sep, raw = pair.partition("=")
-            if not sep or not key:
-                raise LineError(f"{pair[:40]!r} is not metric=value")
-            fields[key] = _scalar(raw)
+        fields = _keyvalue(text, device_field)
     device = fields.pop(device_field, None)
     if device is not None and not isinstance(device, str):
         raise LineError(f"{device_field}: a device name is text, not {type(device).__name__}")
-    stamp = None
-    if time_field is not None and time_field in fields:
-        try:
-            stamp = timestamp_us(fields.pop(time_field))
-        except ValueError as exc:
-            raise LineError(f"{time_field}: {exc}") from None
-    readings: dict[str, Value] = {}
-    for metric, raw in fields.items():
-        if not _METRIC.match(metric):
-            raise LineError(f"{metric[:40]!r} is not a usable metric name")
-        if raw is None:
-            continue  # JSON null: the program had no value this time
-        readings[metric] = _value(metric, raw)
-    if not readings:
-        raise LineError("the line holds no readings")
+    try:
+        stamp = None
+        if time_field is not None and time_field in fields:
+            try:
+                stamp = timestamp_us(fields.pop(time_field), local_zone)
+            except ValueError as exc:
+                raise LineError(f"{time_field}: {exc}") from None
+        readings: dict[str, Value] = {}
+        for metric, raw in fields.items():
+            if not _METRIC.match(metric):
+                raise LineError(f"{metric[:40]!r} is not a usable metric name")
+            if raw is None:
+                continue  # JSON null: the program had no value this time
+            readings[metric] = _value(metric, raw)
+        if not readings:
+            raise LineError("the line holds no readings")
+    except LineError as exc:
+        raise LineError(str(exc), device) from None
     return ParsedLine(readings, device, stamp)

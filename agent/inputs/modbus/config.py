@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,6 +31,12 @@ MAX_REGISTERS_PER_REQUEST = 125
 MAX_BITS_PER_REQUEST = 2000
 
 
+def _places(number: float) -> int:
+    """Decimal places of ``number`` as written (its shortest repr): 0.01 → 2, 1e-05 → 5, 5.0 → 0."""
+    exponent = Decimal(repr(number)).normalize().as_tuple().exponent
+    return min(15, max(0, -exponent)) if isinstance(exponent, int) else 0
+
+
 class FieldConfig(BaseModel):
     """One value of a device: where it lives, how it is encoded, and the metric it becomes."""
 
@@ -48,6 +55,10 @@ class FieldConfig(BaseModel):
     byte_order: Order = "big"
     scale: Number = 1.0
     offset: Number = 0.0
+    # Decimal places of a scaled value; by default those the scale and offset imply (0.01 →
+    # 2) for integer registers, so 2315 × 0.01 is stored as 23.15, not 23.150000000000002.
+    # Float registers are rounded only when this is set.
+    decimals: int | None = Field(default=None, ge=0, le=15)
     # A bit field of an integer register: bits [bit, bit + bit_count) counted from the least
     # significant bit; one bit gives a boolean, more give an integer. Scale/offset do not apply.
     bit: int | None = Field(default=None, ge=0, le=63)
@@ -70,6 +81,15 @@ class FieldConfig(BaseModel):
                     f"in a {self.data_type}"
                 )
         return self
+
+    @property
+    def round_to(self) -> int | None:
+        """Decimal places a scaled value is rounded to, or ``None`` to keep it as computed."""
+        if self.decimals is not None:
+            return self.decimals
+        if self.data_type.startswith("float"):
+            return None
+        return max(_places(self.scale), _places(self.offset))
 
     @property
     def width(self) -> int:

@@ -14,7 +14,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusException
 
 from agent.inputs.base import Emitter, InputContext, ProbeResult
-from agent.inputs.common import StatusTracker, now_us, run_every
+from agent.inputs.common import ProblemLog, StatusTracker, now_us, run_every
 from agent.inputs.modbus.config import ModbusConfig, ModbusDevice
 from agent.inputs.modbus.registers import Request, decode_request, plan_requests
 
@@ -61,6 +61,7 @@ class ModbusInput:
         self.name = config.name
         self._config = config
         self._status = StatusTracker(config.name)
+        self._problems = ProblemLog("modbus", config.name)
         self._plans = {
             device.id: plan_requests(device.fields, config.max_span, config.max_gap)
             for device in config.devices
@@ -143,8 +144,17 @@ class ModbusInput:
             comm_params.timeout_connect = timeout
         where = f"{request.table} {request.address}..{request.address + request.count - 1}"
         method = getattr(self._client, _FUNCTION[request.table])
+        no_answer = f"no answer within {timeout:g}s reading {where}"
         last_error = ""
         for _attempt in range(retries + 1):
+            if not self._client.connected:
+                # pymodbus closes the link itself after a few unanswered requests in a row: a
+                # slow or silent device, not a lost connection. Reopen it for this request, so
+                # that one condition keeps one reason (and other units behind a gateway are
+                # not blamed for it).
+                failure = await self._connect()
+                if failure is not None:
+                    raise ModbusReadError(last_error or failure, answered=False)
             if pause and self._sent_any:
                 await asyncio.sleep(pause)
             self._sent_any = True
@@ -154,14 +164,15 @@ class ModbusInput:
                     timeout * 2 + 0.5,
                 )
             except TimeoutError:
-                last_error = f"no answer within {timeout:g}s reading {where}"
+                last_error = no_answer
                 continue
             except ModbusException as exc:
-                # pymodbus reports its own response timeout as an I/O error with this text.
+                # pymodbus reports its own response timeout as an I/O error with this text,
+                # also when it then closes the link because of repeated silence.
                 if "No response received" in str(exc):
-                    last_error = f"no answer within {timeout:g}s reading {where}"
+                    last_error = no_answer
                 elif not self._client.connected:
-                    last_error = f"connection to {self._link} lost reading {where}"
+                    last_error = last_error or f"connection to {self._link} lost reading {where}"
                     break
                 else:
                     last_error = f"bad reply reading {where}: {exc}"
@@ -194,6 +205,9 @@ class ModbusInput:
             readings, problems = decode_request(request, data)
             result.readings.update(readings)
             result.problems.extend(problems)
+            for problem in problems:
+                # Every time, not only on the transition into error (rate-limited).
+                self._problems("bad_value", problem, device=device.name)
         result.stamp = now_us()
         return result
 

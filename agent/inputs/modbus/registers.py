@@ -26,8 +26,12 @@ _FORMAT = {
 _UNSIGNED = {"int16": "H", "int32": "I", "int64": "Q"}
 
 
+# Readings carry signed 64-bit integers (protocol v1): a uint64 above this cannot be carried.
+INT64_MAX = 2**63 - 1
+
+
 class DecodeError(Exception):
-    """Registers that do not make a usable value (NaN or infinity from a float register)."""
+    """Registers that do not make a usable value (NaN or infinity, or an integer beyond int64)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +82,32 @@ def decode_registers(field: FieldConfig, registers: list[int]) -> bool | int | f
             ">" + _UNSIGNED.get(field.data_type, _FORMAT[field.data_type]), raw
         )[0]
         bits = (unsigned >> field.bit) & ((1 << field.bit_count) - 1)
-        return bool(bits) if field.bit_count == 1 else int(bits)
+        if field.bit_count == 1:
+            return bool(bits)
+        return _carried(field, int(bits))
     value = struct.unpack(">" + _FORMAT[field.data_type], raw)[0]
     if isinstance(value, float) and not math.isfinite(value):
         raise DecodeError(f"{field.metric}: register value is {value}, not a finite number")
     if field.scale == 1.0 and field.offset == 0.0:
-        return value  # type: ignore[no-any-return]
+        if isinstance(value, int):
+            return _carried(field, value)
+        places = field.round_to
+        return value if places is None else round(value, places)  # type: ignore[no-any-return]
+    # A float from here on: exact for integers up to 2^53, ~16 significant digits beyond.
     scaled = float(value) * field.scale + field.offset
     if not math.isfinite(scaled):
         raise DecodeError(f"{field.metric}: scaled value is not a finite number")
-    return scaled
+    places = field.round_to
+    return scaled if places is None else round(scaled, places)
+
+
+def _carried(field: FieldConfig, value: int) -> int:
+    if value > INT64_MAX:
+        raise DecodeError(
+            f"{field.metric}: {field.data_type} value {value} is above {INT64_MAX}, the largest "
+            "integer a reading carries (with a scale other than 1 it is read as a float)"
+        )
+    return value
 
 
 def decode_request(

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.inputs.base import InputConfig
-from agent.inputs.common import DeviceConfig, Duration, MetricName
+from agent.inputs.common import DeviceConfig, Duration, MetricName, TimeZoneName
 
 # Dotted keys with optional list indexes, e.g. "AM2301.Temperature" or "sensors[0].value";
 # a leading "$." is accepted for readers used to JSONPath.
@@ -111,6 +111,9 @@ class MqttInputConfig(InputConfig):
     # How long `inputs test` listens for each device to publish.
     probe_wait: Duration = Field(default=10.0, ge=0.1, le=600.0)
     max_payload_bytes: int = Field(default=65536, ge=16, le=16 * 1024 * 1024)
+    # The zone of ISO times without an offset in time_path fields (Tasmota's "Time"); without
+    # it such a time is refused rather than guessed.
+    timezone: TimeZoneName | None = None
     subscriptions: list[Subscription] = Field(min_length=1, max_length=256)
     devices: list[MqttDevice] = Field(min_length=1, max_length=10000)
 

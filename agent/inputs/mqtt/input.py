@@ -21,18 +21,14 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.inputs.base import Emitter, InputContext, ProbeResult
-from agent.inputs.common import StatusTracker, now_us
+from agent.inputs.common import ProblemLog, StatusTracker, now_us, zone
 from agent.inputs.mqtt.config import MqttDevice, MqttInputConfig, Subscription
-from agent.inputs.mqtt.mapping import MessageError, map_message
+from agent.inputs.mqtt.mapping import MessageError, map_message, topic_device_key
 from protocol import Value
 
 log = structlog.get_logger(__name__)
 
 _METRIC = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
-# Log the first few problems of each kind in full, then one line per this many, so a device
-# spamming bad payloads cannot flood the journal.
-LOG_FIRST = 5
-LOG_EVERY = 100
 
 
 class MqttInput:
@@ -47,6 +43,8 @@ class MqttInput:
         self._status = StatusTracker(config.name)
         # messages, readings, and one counter per problem kind (malformed, missing, ...).
         self.counters: Counter[str] = Counter()
+        self._problems = ProblemLog("mqtt_input", config.name, counts=self.counters)
+        self._zone = zone(config.timezone)
         self._last_seen: dict[uuid.UUID, float] = {}
         self._connected = asyncio.Event()
         self._ever_connected = False
@@ -148,20 +146,12 @@ class MqttInput:
     # -- message handling -------------------------------------------------------------------
 
     def _problem(self, kind: str, message: str, topic: str) -> None:
-        self.counters[kind] += 1
-        count = self.counters[kind]
-        if count <= LOG_FIRST or count % LOG_EVERY == 0:
-            log.warning(
-                f"mqtt_input.{kind}", input=self.name, topic=topic, problem=message, total=count
-            )
+        self._problems(kind, message, topic=topic)
 
     def _handle(self, topic: str, payload: bytes) -> list[tuple[MqttDevice, dict[str, Value], int]]:
         """The readings in one message, per device; problems are counted and logged."""
         self.counters["messages"] += 1
         results: list[tuple[MqttDevice, dict[str, Value], int]] = []
-        if len(payload) > self._config.max_payload_bytes:
-            self._problem("malformed", f"payload of {len(payload)} bytes is too large", topic)
-            return results
         for sub in self._config.subscriptions:
             if not paho.topic_matches_sub(sub.topic, topic):
                 continue
@@ -171,8 +161,21 @@ class MqttInput:
     def _apply(
         self, sub: Subscription, topic: str, payload: bytes
     ) -> list[tuple[MqttDevice, dict[str, Value], int]]:
+        # The device first: a message for nobody we know is unknown_device whatever it holds,
+        # and a bad message for a known device puts that device in error.
+        key = topic_device_key(sub, topic)
+        if key is not None and key not in self._by_key:
+            self._problem("unknown_device", f"{topic}: no device has key {key!r}", topic)
+            return []
+        limit = self._config.max_payload_bytes
+        if len(payload) > limit:
+            reason = f"{topic}: payload of {len(payload)} bytes is larger than max_payload_bytes ({limit})"
+            self._problem("too_large", reason, topic)
+            if key is not None:
+                self._failed.append((self._by_key[key], reason))
+            return []
         try:
-            mapped = map_message(sub, topic, payload)
+            mapped = map_message(sub, topic, payload, self._zone)
         except MessageError as exc:
             self._problem(exc.problem, str(exc), topic)
             device = self._by_key.get(exc.device_key or "")

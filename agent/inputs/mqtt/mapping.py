@@ -6,6 +6,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Any, Literal
 
 from agent.inputs.common import timestamp_us
@@ -15,7 +16,7 @@ _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 _TRUE = {"on", "true", "open", "yes"}
 _FALSE = {"off", "false", "closed", "no"}
 
-Problem = Literal["malformed", "missing", "bad_value", "unknown_device"]
+Problem = Literal["malformed", "too_large", "missing", "bad_value", "unknown_device"]
 
 
 class MessageError(Exception):
@@ -53,6 +54,25 @@ def lookup(document: Any, path: str) -> Any:
     return current
 
 
+def boolean_word(raw: str) -> bool | None:
+    """``True``/``False`` for on/off, true/false, open/closed, yes/no (any case), else ``None``."""
+    word = raw.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    return None
+
+
+def topic_device_key(sub: Subscription, topic: str) -> str | None:
+    """The device key a subscription takes from the topic or its configuration, if it does."""
+    if sub.device is not None:
+        return sub.device
+    if sub.device_level is not None:
+        return topic.split("/")[sub.device_level]
+    return None
+
+
 def to_value(raw: Any) -> bool | int | float:
     """A reading from a JSON value or plain text; ``ValueError`` for anything else."""
     if isinstance(raw, bool):
@@ -67,10 +87,9 @@ def to_value(raw: Any) -> bool | int | float:
         return raw
     if isinstance(raw, str):
         text = raw.strip()
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
+        word = boolean_word(text)
+        if word is not None:
+            return word
         try:
             number = float(text)
         except ValueError:
@@ -81,14 +100,15 @@ def to_value(raw: Any) -> bool | int | float:
     raise ValueError(f"a {type(raw).__name__} is not a number or a boolean")
 
 
-def map_message(sub: Subscription, topic: str, payload: bytes) -> Mapped:
-    """The readings of ``payload`` under ``sub``, or ``MessageError`` saying what is wrong."""
+def map_message(
+    sub: Subscription, topic: str, payload: bytes, local_zone: tzinfo | None = None
+) -> Mapped:
+    """The readings of ``payload`` under ``sub``, or ``MessageError`` saying what is wrong.
+
+    ``local_zone`` is the zone of ISO times without an offset (the input's ``timezone``).
+    """
     levels = topic.split("/")
-    device_key: str | None = None
-    if sub.device is not None:
-        device_key = sub.device
-    elif sub.device_level is not None:
-        device_key = levels[sub.device_level]
+    device_key = topic_device_key(sub, topic)
 
     if sub.payload == "plain":
         assert device_key is not None  # validation: plain payloads name devices by topic/config
@@ -131,7 +151,13 @@ def map_message(sub: Subscription, topic: str, payload: bytes) -> Mapped:
             missing.append(f"{path} ({exc})")
     if sub.all_fields:
         for key, raw in document.items():
-            if key in readings or isinstance(raw, dict | list | str) or raw is None:
+            if key in readings or isinstance(raw, dict | list) or raw is None:
+                continue
+            if isinstance(raw, str):
+                # "state": "ON" is a reading; other text ("update": "idle") is not.
+                word = boolean_word(raw)
+                if word is not None:
+                    readings[key] = word
                 continue
             try:
                 readings[key] = to_value(raw)
@@ -140,7 +166,7 @@ def map_message(sub: Subscription, topic: str, payload: bytes) -> Mapped:
     stamp = None
     if sub.time_path is not None:
         try:
-            stamp = timestamp_us(lookup(document, sub.time_path))
+            stamp = timestamp_us(lookup(document, sub.time_path), local_zone)
         except KeyError:
             pass  # the time is optional: arrival time stands in
         except ValueError as exc:
@@ -148,9 +174,12 @@ def map_message(sub: Subscription, topic: str, payload: bytes) -> Mapped:
                 "bad_value", f"{topic}: {sub.time_path}: {exc}", device_key
             ) from None
     if not readings:
-        raise MessageError(
-            "missing",
-            f"{topic}: none of the configured fields present ({', '.join(missing)})",
-            device_key,
+        wanted = (
+            f"none of the configured fields present ({', '.join(missing)})"
+            if missing
+            else "no top-level number, boolean or ON/OFF word"
         )
+        if missing and sub.all_fields:
+            wanted += " and no other top-level number, boolean or ON/OFF word"
+        raise MessageError("missing", f"{topic}: {wanted}", device_key)
     return Mapped(device_key, readings, stamp, missing)

@@ -21,7 +21,7 @@ class CpuTimes:
 class Collected:
     """Readings by metric, and the groups that could not be read with why."""
 
-    readings: dict[str, float] = field(default_factory=dict)
+    readings: dict[str, int | float | bool] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -43,7 +43,7 @@ def cpu_percent(before: CpuTimes, after: CpuTimes) -> float | None:
     return round(100.0 * (after.busy - before.busy) / elapsed, 2)
 
 
-def read_memory(root: str) -> dict[str, float]:
+def read_memory(root: str) -> dict[str, int | float]:
     """Total and available memory and the used share, from /proc/meminfo."""
     fields: dict[str, int] = {}
     for line in under_root(root, "/proc/meminfo").read_text().splitlines():
@@ -54,8 +54,8 @@ def read_memory(root: str) -> dict[str, float]:
     total = fields["MemTotal"]
     available = fields.get("MemAvailable", fields.get("MemFree", 0))
     return {
-        "memory_total_bytes": float(total),
-        "memory_available_bytes": float(available),
+        "memory_total_bytes": total,
+        "memory_available_bytes": available,
         "memory_used_percent": round(100.0 * (total - available) / total, 2) if total else 0.0,
     }
 
@@ -68,30 +68,30 @@ def existing_dir(path: Path) -> Path:
     return current
 
 
-def read_disk(buffer_path: Path) -> dict[str, float]:
+def read_disk(buffer_path: Path) -> dict[str, int | float]:
     """Free and total space of the file system holding the buffer."""
     st = os.statvfs(existing_dir(buffer_path))
     total = st.f_blocks * st.f_frsize
     free = st.f_bavail * st.f_frsize  # what an unprivileged writer like the agent can use
     return {
-        "disk_total_bytes": float(total),
-        "disk_free_bytes": float(free),
+        "disk_total_bytes": total,
+        "disk_free_bytes": free,
         "disk_free_percent": round(100.0 * free / total, 2) if total else 0.0,
     }
 
 
-def read_load(root: str) -> dict[str, float]:
+def read_load(root: str) -> dict[str, int | float]:
     """Load averages over 1, 5 and 15 minutes."""
     parts = under_root(root, "/proc/loadavg").read_text().split()
     return {"load_1m": float(parts[0]), "load_5m": float(parts[1]), "load_15m": float(parts[2])}
 
 
-def read_uptime(root: str) -> dict[str, float]:
+def read_uptime(root: str) -> dict[str, int | float]:
     """Seconds since boot."""
     return {"uptime_seconds": float(under_root(root, "/proc/uptime").read_text().split()[0])}
 
 
-def read_temperature(root: str) -> dict[str, float]:
+def read_temperature(root: str) -> dict[str, int | float]:
     """The hottest thermal zone in °C; nothing where the machine has no thermal zones."""
     base = under_root(root, "/sys/class/thermal")
     temperatures = []

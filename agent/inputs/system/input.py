@@ -27,16 +27,18 @@ from agent.inputs.system.config import SystemConfig
 
 log = structlog.get_logger(__name__)
 
-# Sampling window for the CPU figure when there is no previous sample (the first cycle, probe).
+# Sampling window for the CPU figure of `inputs test`, which has no previous sample.
 FIRST_CPU_WINDOW = 0.25
+# Runtime figures that are yes/no; the others are counts (readings, bytes, batches).
+BOOLEAN_FIGURES = frozenset({"link_up"})
 
 
-def _own_rss() -> float:
+def _own_rss() -> int:
     try:
         with open("/proc/self/statm") as statm:
-            return float(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return 0.0
+        return 0
 
 
 class SystemInput:
@@ -53,12 +55,17 @@ class SystemInput:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: asyncio.Future[Collected] | None = None
 
-    def _collect_host(self) -> Collected:
-        """Everything that needs the file system; runs on this input's own thread."""
+    def _collect_host(self, sample_first: bool) -> Collected:
+        """Everything that needs the file system; runs on this input's own thread.
+
+        Without a previous CPU sample, ``sample_first`` measures a short window (for `inputs
+        test`); otherwise this cycle only takes the baseline and reports no ``cpu_percent``:
+        a first figure would measure the agent's own start-up, not the gateway's load.
+        """
         config = self._config
         result = Collected()
         groups = set(config.groups)
-        readers: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        readers: list[tuple[str, Callable[[], dict[str, int | float]]]] = [
             ("memory", lambda: read_memory(config.root)),
             ("disk", lambda: read_disk(self._context.buffer_path)),
             ("load", lambda: read_load(config.root)),
@@ -68,10 +75,10 @@ class SystemInput:
         if "cpu" in groups:
             try:
                 now = read_cpu_times(config.root)
-                if self._cpu is None:
+                if self._cpu is None and sample_first:
                     time.sleep(FIRST_CPU_WINDOW)
                     self._cpu, now = now, read_cpu_times(config.root)
-                percent = cpu_percent(self._cpu, now)
+                percent = cpu_percent(self._cpu, now) if self._cpu is not None else None
                 self._cpu = now
                 if percent is not None:
                     result.readings["cpu_percent"] = percent
@@ -86,29 +93,33 @@ class SystemInput:
                 result.problems.append(f"{group}: {type(exc).__name__}: {exc}")
         return result
 
-    def _agent_figures(self) -> dict[str, float]:
-        """The runtime's own figures (buffer depth, dropped, RSS), prefixed ``agent_``."""
+    def _agent_figures(self) -> dict[str, int | bool]:
+        """The runtime's own figures (buffer depth, dropped, RSS), prefixed ``agent_``.
+
+        Counts are integers and ``agent_link_up`` is a boolean, as they are meant.
+        """
         try:
             stats = dict(self._context.stats())
         except Exception as exc:
             log.warning("system.stats_failed", input=self.name, error=str(exc))
             stats = {}
         stats.setdefault("rss_bytes", _own_rss())
-        figures = {}
+        figures: dict[str, int | bool] = {}
         for key, value in stats.items():
             number = finite_or_none(float(value))
-            if number is not None:
-                figures[f"agent_{key}"] = number
+            if number is None:
+                continue
+            figures[f"agent_{key}"] = bool(number) if key in BOOLEAN_FIGURES else round(number)
         return figures
 
-    async def _collect(self) -> Collected:
+    async def _collect(self, sample_first: bool = False) -> Collected:
         if self._pending is not None and not self._pending.done():
             return Collected(
                 problems=["the previous collection has not returned (hung file system?)"]
             )
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"system-{self.name}")
-        future = asyncio.wrap_future(self._pool.submit(self._collect_host))
+        future = asyncio.wrap_future(self._pool.submit(self._collect_host, sample_first))
         self._pending = future
         try:
             result = await asyncio.wait_for(asyncio.shield(future), self._config.timeout)
@@ -147,7 +158,7 @@ class SystemInput:
     async def probe(self) -> list[ProbeResult]:
         """Collect once."""
         try:
-            result = await self._collect()
+            result = await self._collect(sample_first=True)
         finally:
             self._close()
         return [
