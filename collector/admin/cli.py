@@ -21,7 +21,27 @@ from uuid import UUID
 
 import click
 
-from collector.admin.provision import DEFAULT_BUFFER_PATH, BrokerAddress, provision
+from collector.admin import pki
+from collector.admin.broker import CERT_PORT, PASSWORD_PORT
+from collector.admin.credentials import (
+    GATEWAY_CREDENTIALS,
+    CaAccess,
+    ensure_private_dir,
+    gateway_files,
+    issue_certificate,
+    pki_options,
+    read_csr,
+    write_public,
+    write_secret,
+)
+from collector.admin.identity import issue_password
+from collector.admin.pki import CLIENT_DAYS
+from collector.admin.provision import (
+    DEFAULT_BUFFER_PATH,
+    BrokerAddress,
+    GatewayCredential,
+    provision,
+)
 from collector.admin.schemafile import SchemaFileError, load_schema_file, metrics_of
 from collector.admin.seed import DEMO_SEED, apply_seed, load_seed
 from collector.admin.store import (
@@ -452,6 +472,39 @@ def gateway_delete(gateway: str, tenant: str | None, config_path: Path) -> None:
     show_default=True,
     help="The agent's SQLite buffer file.",
 )
+@click.option(
+    "--credential",
+    type=click.Choice(["auto", "certificate", "password", "none"]),
+    default="auto",
+    show_default=True,
+    help="Issue a client certificate or a password with the file. auto: a certificate when"
+    " --pki-dir holds a CA, else a password; none when the file goes to standard output.",
+)
+@click.option(
+    "--csr",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Certify this request made on the gateway (its key never leaves it); implies a certificate.",
+)
+@click.option(
+    "--credentials-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the credential files here now (default: <output>-credentials/ next to --output).",
+)
+@click.option(
+    "--credentials-path",
+    default=str(GATEWAY_CREDENTIALS),
+    show_default=True,
+    help="Where the agent finds those files on the gateway (written into agent.toml).",
+)
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3650),
+    default=CLIENT_DAYS,
+    show_default=True,
+    help="Validity of a certificate.",
+)
+@pki_options
+@_actor_option
 @_config_option
 def gateway_provision(
     gateway: str,
@@ -466,14 +519,27 @@ def gateway_provision(
     interval: str,
     sim_seed: int,
     buffer_path: str,
+    credential: str,
+    csr: Path | None,
+    credentials_dir: Path | None,
+    credentials_path: str,
+    days: int,
+    pki_dir: Path,
+    ca_key: Path | None,
+    ca_passphrase_file: Path | None,
+    actor: str,
     config_path: Path,
 ) -> None:
-    """Write a ready-to-use agent.toml for GATEWAY (name or id).
+    """Write a ready-to-use agent.toml for GATEWAY (name or id), with its credential.
 
-    The file holds the gateway's id and tenant id, the broker address and topic prefix, and one
-    input stanza per device assigned to the gateway: commented modbus stanzas to complete, or a
-    working simulated input with --simulated. Copy it to /etc/sensormine/agent.toml on the
-    gateway and install the agent (docs/install-agent.md).
+    The file holds the gateway's id and tenant id, the broker address and topic prefix, its
+    login, and one input stanza per device assigned to the gateway: commented modbus stanzas to
+    complete, or a working simulated input with --simulated. The credential is a client
+    certificate of the deployment CA (CN = the gateway id; its key made here and written once,
+    or made on the gateway: --csr) or a random password (written once; the registry keeps only
+    its hash). Copy the file to /etc/sensormine/agent.toml and the credential files to
+    /etc/sensormine/credentials/ on the gateway, run `sensormine-collector broker sync`, and
+    start the agent (docs/registry.md, docs/security.md).
     """
     if output is not None and output.exists() and not force:
         raise click.ClickException(f"{output} exists; add --force to overwrite it")
@@ -481,18 +547,62 @@ def gateway_provision(
         parse_duration(interval)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--interval") from None
+    access = CaAccess.of(pki_dir, ca_key, ca_passphrase_file)
+    if csr is not None:
+        if credential in ("password", "none"):
+            raise click.BadParameter(
+                f"--csr needs a certificate, not {credential}", param_hint="--credential"
+            )
+        credential = "certificate"
+    if credential == "auto":
+        if output is None and credentials_dir is None:
+            credential = "none"
+        else:
+            credential = "certificate" if access.files.cert.exists() else "password"
+    if credential != "none":
+        if credentials_dir is None:
+            if output is None:
+                raise click.UsageError(
+                    "a credential is written to files: give --output or --credentials-dir"
+                )
+            credentials_dir = output.with_name(f"{output.stem}-credentials")
+        if tls is False:
+            raise click.BadParameter(
+                "credentials travel over TLS only; leave out --no-tls", param_hint="--tls"
+            )
     settings = _settings(config_path)
+    default_port = {"certificate": CERT_PORT, "password": PASSWORD_PORT}.get(
+        credential, settings.mqtt.port
+    )
     broker = BrokerAddress(
         host=broker_host or settings.mqtt.host,
-        port=broker_port or settings.mqtt.port,
-        tls=settings.mqtt.tls if tls is None else tls,
+        port=broker_port or default_port,
+        tls=True if credential != "none" else (settings.mqtt.tls if tls is None else tls),
         ca_file=ca_file,
         topic_prefix=settings.mqtt.prefix,
     )
-    row, text = _run(
-        config_path,
-        lambda s: provision(
-            s,
+    request = read_csr(csr) if csr is not None else None
+    ca = access.load() if credential == "certificate" else None
+    ca_cert = ca[0] if ca is not None else (access.cert() if access.files.cert.exists() else None)
+    files = gateway_files(credentials_dir) if credentials_dir is not None else {}
+    if credential != "none" and not force:
+        for secret in ("key", "password"):
+            if files[secret].exists():
+                raise click.ClickException(f"{files[secret]} exists; add --force to replace it")
+    issued: dict[str, Any] = {}
+
+    async def issue(row: Row) -> None:
+        if credential == "certificate" and ca is not None:
+            issued["certificate"] = await issue_certificate(store_of[0], row, ca, request, days)
+        elif credential == "password":
+            issued["password"] = await issue_password(store_of[0].conn, row["id"], actor)
+
+    store_of: list[RegistryStore] = []
+
+    async def work(store: RegistryStore) -> tuple[Row, str]:
+        store_of.append(store)
+        return await provision(
+            store,
             gateway,
             broker,
             tenant=tenant,
@@ -500,9 +610,33 @@ def gateway_provision(
             interval=interval,
             seed=sim_seed,
             buffer_path=buffer_path,
-        ),
-        settings=settings,
-    )
+            credential=None
+            if credential == "none"
+            else GatewayCredential(credential, credentials_path, with_ca=ca_cert is not None),
+            issue=None if credential == "none" else issue,
+        )
+
+    row, text = _run(config_path, work, actor, settings=settings)
+    if credentials_dir is not None and credential != "none":
+        ensure_private_dir(credentials_dir)
+        if ca_cert is not None:
+            write_public(files["ca"], pki.cert_pem(ca_cert))
+        certificate = issued.get("certificate")
+        if certificate is not None:
+            if certificate.key is not None:
+                write_secret(files["key"], pki.key_pem(certificate.key), True)
+            write_public(files["cert"], pki.cert_pem(certificate.cert))
+            click.echo(
+                f"issued certificate {certificate.row['serial']} (CN {row['id']}) into {credentials_dir}",
+                err=True,
+            )
+        if "password" in issued:
+            write_secret(files["password"], (issued["password"] + "\n").encode(), True)
+            click.echo(
+                f"issued a new password into {files['password']} (shown nowhere else;"
+                " any previous password of the gateway is superseded)",
+                err=True,
+            )
     if not row["enabled"]:
         click.echo(
             f"warning: gateway {row['name']} is disabled: the collector refuses its batches "
@@ -515,6 +649,13 @@ def gateway_provision(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
     click.echo(f"wrote {output} for gateway {row['name']} {row['id']}", err=True)
+    if credential != "none":
+        click.echo(
+            "next: `sensormine-collector broker sync` admits it at the broker; on the gateway,"
+            f" {output.name} goes to /etc/sensormine/agent.toml and {credentials_dir}/* to"
+            f" {credentials_path}/",
+            err=True,
+        )
 
 
 # --- schemas ----------------------------------------------------------------------------------
@@ -1121,5 +1262,9 @@ COMMANDS: list[click.Command] = [
 
 def register(group: click.Group) -> None:
     """Add the administration commands to the collector's click group."""
+    from collector.admin.security_cli import broker_group, pki_group
+
     for command in COMMANDS:
         group.add_command(command)
+    group.add_command(pki_group, "pki")
+    group.add_command(broker_group, "broker")

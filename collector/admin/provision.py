@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,19 @@ class BrokerAddress:
     tls: bool = False
     ca_file: str | None = None
     topic_prefix: str = "sensormine"
+
+
+@dataclass(frozen=True)
+class GatewayCredential:
+    """The credential issued with the file, by the paths the agent finds it at on the gateway."""
+
+    kind: str  # "certificate" or "password"
+    directory: str = "/etc/sensormine/credentials"
+    with_ca: bool = True
+
+    def path(self, name: str) -> str:
+        """A file of the credentials directory, as the gateway sees it."""
+        return f"{self.directory.rstrip('/')}/{name}"
 
 
 @dataclass(frozen=True)
@@ -135,8 +149,10 @@ def render_agent_config(
     interval: str = "1s",
     seed: int = 1,
     buffer_path: str = DEFAULT_BUFFER_PATH,
+    credential: GatewayCredential | None = None,
 ) -> str:
-    """The text of the gateway's ``agent.toml``."""
+    """The text of the gateway's ``agent.toml``; with ``credential``, its [mqtt] part logs in
+    with that certificate or password (TLS)."""
     active = [d for d in devices if d["enabled"]]
     inactive = [d for d in devices if not d["enabled"]]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -155,18 +171,8 @@ def render_agent_config(
         f"host = {_q(broker.host)}",
         f"port = {broker.port}",
         f"topic_prefix = {_q(broker.topic_prefix)}",
-        '# username = "gateway-user"',
-        "# The password is never written here: put it in /etc/sensormine/mqtt-password (or",
-        "# $SENSORMINE_MQTT_PASSWORD, or a systemd credential) and set password_file to it.",
-        '# password_file = "/etc/sensormine/mqtt-password"',
-        "",
-        "[mqtt.tls]",
-        f"enabled = {'true' if broker.tls else 'false'}",
     ]
-    if broker.ca_file:
-        out.append(f"ca_file = {_q(broker.ca_file)}")
-    elif broker.tls:
-        out.append('# ca_file = "/etc/sensormine/ca.pem"  # default: the system\'s CA store')
+    out += _credential_lines(gateway, broker, credential)
     out += [
         "",
         "[buffer]",
@@ -193,6 +199,52 @@ def render_agent_config(
         for device in active:
             out += _modbus_stanza(device)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _credential_lines(
+    gateway: Row, broker: BrokerAddress, credential: GatewayCredential | None
+) -> list[str]:
+    """The login part of [mqtt] and the [mqtt.tls] table."""
+    if credential is None:
+        out = [
+            "# No credential was issued with this file (gateways provision --credential none):",
+            "# username is the gateway id; put the password in a file readable by the agent only.",
+            f"# username = {_q(str(gateway['id']))}",
+            '# password_file = "/etc/sensormine/credentials/mqtt-password"',
+            "",
+            "[mqtt.tls]",
+            f"enabled = {'true' if broker.tls else 'false'}",
+        ]
+        if broker.ca_file:
+            out.append(f"ca_file = {_q(broker.ca_file)}")
+        elif broker.tls:
+            out.append('# ca_file = "/etc/sensormine/ca.pem"  # default: the system\'s CA store')
+        return out
+    ca = credential.path("ca.pem") if credential.with_ca else broker.ca_file
+    if credential.kind == "password":
+        out = [
+            "# The broker knows this gateway by its id; the password was written once, next to",
+            "# this file, and is kept nowhere else (the registry holds only its hash).",
+            f"username = {_q(str(gateway['id']))}",
+            f"password_file = {_q(credential.path('mqtt-password'))}",
+            "",
+            "[mqtt.tls]",
+            "enabled = true",
+        ]
+    else:
+        out = [
+            "# The broker knows this gateway by its client certificate (CN = the gateway id).",
+            "",
+            "[mqtt.tls]",
+            "enabled = true",
+            f"cert_file = {_q(credential.path('gateway.pem'))}",
+            f"key_file = {_q(credential.path('gateway.key'))}",
+        ]
+    if ca:
+        out.append(f"ca_file = {_q(ca)}")
+    else:
+        out.append('# ca_file = "/etc/sensormine/ca.pem"  # default: the system\'s CA store')
+    return out
 
 
 def _simulated_stanza(devices: list[Row], interval: str, seed: int) -> list[str]:
@@ -309,9 +361,14 @@ async def provision(
     interval: str = "1s",
     seed: int = 1,
     buffer_path: str = DEFAULT_BUFFER_PATH,
+    credential: GatewayCredential | None = None,
+    issue: Callable[[Row], Awaitable[None]] | None = None,
 ) -> tuple[Row, str]:
-    """The gateway's row and the text of its ``agent.toml``."""
+    """The gateway's row and the text of its ``agent.toml``; ``issue`` (when given) issues the
+    gateway's credential in the same connection before the file is made."""
     gateway = await store.resolve(GATEWAY, gateway_ref, await store.tenant_ref(tenant))
+    if issue is not None:
+        await issue(gateway)
     devices = await store.gateway_devices(gateway["id"])
     tenant_name = await store.conn.fetchval(
         "SELECT name FROM tenants WHERE id = $1", gateway["tenant_id"]
@@ -325,5 +382,6 @@ async def provision(
         interval=interval,
         seed=seed,
         buffer_path=buffer_path,
+        credential=credential,
     )
     return gateway, text
