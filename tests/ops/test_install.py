@@ -95,8 +95,8 @@ def test_install_lays_down_every_file_with_its_mode_and_owner(
         "/etc/.pwd.lock": ("file", 0o600, 0, "0"),
         "/etc/sensormine": ("dir", 0o750, 0, gid),
         "/etc/sensormine/agent.toml": ("file", 0o640, 0, gid),
-        "/etc/sensormine/credentials": ("dir", 0o700, 0, "0"),
-        "/etc/sensormine/credentials/mqtt-password": ("file", 0o600, 0, "0"),
+        "/etc/sensormine/credentials": ("dir", 0o750, 0, gid),
+        "/etc/sensormine/credentials/mqtt-password": ("file", 0o640, 0, gid),
         "/etc/systemd": ("dir", 0o755, 0, "0"),
         "/etc/systemd/system": ("dir", 0o755, 0, "0"),
         f"/etc/systemd/system/{UNIT}": ("file", 0o644, 0, "0"),
@@ -159,7 +159,11 @@ def test_upgrade_keeps_configuration_credentials_and_buffer(
     buffer = root / "var/lib/sensormine/buffer.db"
     buffer.write_bytes(b"SQLite format 3\x00 buffered readings")
     (root / "etc/sensormine/agent.toml").write_text("# edited on site\n")
-    (root / "etc/sensormine/credentials/mqtt-password").write_text("s3cret\n")
+    password = root / "etc/sensormine/credentials/mqtt-password"
+    password.write_text("s3cret\n")
+    # As an earlier installer left it: root only, which the service user cannot read.
+    os.chown(password, 0, 0)
+    password.chmod(0o600)
     unit = root / "etc/systemd/system" / UNIT
     unit.write_text("# an old unit\n")
     marker = root / "opt/sensormine/venv/lib/stale-marker"
@@ -172,7 +176,13 @@ def test_upgrade_keeps_configuration_credentials_and_buffer(
     assert "kept the existing configuration" in result.stdout
     assert b"SQLite format 3\x00 buffered readings" == buffer.read_bytes()
     assert "# edited on site\n" == (root / "etc/sensormine/agent.toml").read_text()
-    assert "s3cret\n" == (root / "etc/sensormine/credentials/mqtt-password").read_text()
+    assert "s3cret\n" == password.read_text()
+    gid = int(account(root)[3])
+    assert (0o640, 0, gid) == (
+        stat.S_IMODE(password.stat().st_mode),
+        password.stat().st_uid,
+        password.stat().st_gid,
+    )
     assert (REPO / "systemd" / UNIT).read_text() == unit.read_text()
     assert 1 == sum(
         1
