@@ -27,7 +27,7 @@ from agent import __version__
 from agent.buffer import DROP_REASONS, Buffer, ReadingRow, event_note, now_us, status_note
 from agent.errors import AgentError, ConfigError
 from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
-from agent.settings import Settings
+from agent.settings import Settings, exposed_credentials
 from agent.shipper import Shipper
 from agent.systemd import Notifier
 from protocol import Value
@@ -239,6 +239,14 @@ class Runtime:
             ]
             watchdog = asyncio.create_task(self._heartbeat(), name="heartbeat")
             self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+            for key, path, mode in exposed_credentials(self.settings.mqtt):
+                log.warning(
+                    "credentials.exposed",
+                    key=key,
+                    path=str(path),
+                    mode=mode,
+                    hint=f"other users can read it: chmod 0600 {path} (or 0640 with the service's group)",
+                )
             log.info(
                 "agent.started",
                 gateway_id=str(self.settings.gateway.id),

@@ -343,6 +343,26 @@ def mqtt_password(settings: MqttSettings) -> str | None:
     return None
 
 
+def exposed_credentials(settings: MqttSettings) -> list[tuple[str, Path, str]]:
+    """Credential files that users other than the owner and its group may read or change:
+    ``(key, path, mode)`` of ``mqtt.password_file`` and ``mqtt.tls.key_file``. Such a file should
+    be 0600 (or 0640 with the service's group); the agent warns at start about each."""
+    exposed = []
+    for key, path in (
+        ("mqtt.password_file", settings.password_file),
+        ("mqtt.tls.key_file", settings.tls.key_file),
+    ):
+        if path is None:
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue  # a missing file is reported where it is read
+        if mode & 0o007:
+            exposed.append((key, path, f"{mode & 0o7777:04o}"))
+    return exposed
+
+
 def mqtt_username(settings: MqttSettings) -> str | None:
     """The MQTT username: ``$SENSORMINE_MQTT_USERNAME`` overrides ``mqtt.username``."""
     return os.environ.get(USERNAME_ENV) or settings.username

@@ -12,8 +12,10 @@ import asyncio
 import os
 import queue
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -66,6 +68,7 @@ class SecureBroker:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     gateways: dict[str, Gateway] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
 
     def env(self) -> dict[str, str]:
         """The environment `broker sync` and `pki` read their paths from."""
@@ -86,7 +89,9 @@ class SecureBroker:
         saved = {k: os.environ.get(k) for k in self.env()}
         os.environ.update(self.env())
         try:
-            return self.admin.run(command, ok=ok).output
+            output = self.admin.run(command, ok=ok).output
+            self.outputs.append(output)
+            return output
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -532,3 +537,142 @@ def test_revoked_disabled_and_deleted_gateways_are_refused(
     broker.sync()
     connect(clients, broker, gws["disabled"])
     connect(clients, broker, gws["disabled-pw"])
+
+
+def _doc_commands(heading: str) -> list[str]:
+    """The `$ sensormine-collector ...` lines of the console block after ``heading`` in
+    docs/registry.md."""
+    text = (REPO / "docs/registry.md").read_text()
+    section = text[text.index(heading) :]
+    block = section[
+        section.index("```console") : section.index("```", section.index("```console") + 3)
+    ]
+    return [line.removeprefix("$ ") for line in block.splitlines() if line.startswith("$ ")]
+
+
+def _install(broker: SecureBroker, config: Path, credentials: Path, workdir: Path) -> Path:
+    """What the operator does on the gateway: agent.toml and the credential files in place
+    (here the gateway's /etc/sensormine is ``workdir``, and mqtt.acme.example is 127.0.0.1)."""
+    text = config.read_text()
+    target = workdir / "credentials"
+    shutil.copytree(credentials, target)
+    text = text.replace('host = "mqtt.acme.example"', 'host = "127.0.0.1"')
+    text = text.replace(f"port = {8883}", f"port = {broker.ports['cert']}")
+    text = text.replace(f"port = {8884}", f"port = {broker.ports['password']}")
+    text = text.replace("/etc/sensormine/credentials", str(target))
+    text = text.replace(str(credentials), str(target))
+    text = text.replace("/var/lib/sensormine/buffer.db", str(workdir / "buffer.db"))
+    installed = workdir / "agent.toml"
+    installed.write_text(text)
+    return installed
+
+
+def _start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_SOCKET", "SENSORMINE_"))
+    }
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "sensormine-agent"), "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def _online(collector: Client, gateway: Gateway) -> None:
+    """Wait for the gateway's `online` status (others' retained statuses may come first)."""
+    deadline = time.monotonic() + 30
+    while True:
+        topic, payload = collector.received(timeout=max(0.1, deadline - time.monotonic()))
+        if topic == gateway.topic("status") and b"online" in payload:
+            return
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_three_documented_commands_give_a_connected_authenticated_agent(
+    broker: SecureBroker, clients: list[Client], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/registry.md's three commands, as written, then the agent installed with what they
+    produced: it connects with its certificate and its `online` status reaches the collectors."""
+    monkeypatch.chdir(tmp_path)
+    commands = _doc_commands("So a new gateway takes three commands")
+    assert 3 == len(commands)
+    for command in commands:
+        assert command.startswith("sensormine-collector "), command
+        broker.cli(
+            command.removeprefix("sensormine-collector ")
+        ) if "broker sync" not in command else broker.sync()
+    row = broker.admin.query(
+        "SELECT id::text, tenant_id::text FROM gateways WHERE name = 'plant-2'"
+    )[0]
+    gateway = Gateway("plant-2", row["id"], row["tenant_id"], "certificate", tmp_path)
+    collector = connect(clients, broker, collector=True)
+    collector.subscribe(f"$share/{GROUP}/sensormine/v1/+/+/status")
+    site = tmp_path / "gateway-etc"
+    site.mkdir()
+    config = _install(
+        broker, tmp_path / "plant-2/agent.toml", tmp_path / "plant-2/agent-credentials", site
+    )
+    agent = _start_agent(config, tmp_path / "agent.log")
+    try:
+        _online(collector, gateway)
+        assert (
+            f"as {gateway.id} (p5, c1" in broker.log.read_text()
+            or f"u'{gateway.id}'" in broker.log.read_text()
+        )
+    finally:
+        _stop(agent)
+    assert 0 == agent.returncode
+
+
+def test_no_secret_in_logs_or_status_and_exposed_credentials_warned(
+    broker: SecureBroker, clients: list[Client], tmp_path: Path
+) -> None:
+    """An agent with a password gateway's files: its log, `status` and `check-config` never
+    show the password; a password file readable by others is warned about at start. No output
+    of the collector's commands in this module showed a password or a private key either."""
+    c = broker.gateways["c"]
+    site = tmp_path / "gateway-etc"
+    site.mkdir()
+    config = _install(broker, broker.workdir / "gateways/c/agent.toml", c.files, site)
+    password_file = site / "credentials/mqtt-password"
+    password = password_file.read_text().strip()
+    password_file.chmod(0o644)
+    collector = connect(clients, broker, collector=True)
+    collector.subscribe(f"$share/{GROUP}/sensormine/v1/+/+/status")
+    log = tmp_path / "agent.log"
+    agent = _start_agent(config, log)
+    try:
+        _online(collector, c)  # logged in with its password
+    finally:
+        _stop(agent)
+    agent_bin = str(Path(sys.executable).parent / "sensormine-agent")
+    shown = [
+        subprocess.run([agent_bin, *args, "--config", str(config)], capture_output=True, text=True)
+        for args in (["status"], ["status", "--json"], ["check-config"])
+    ]
+    lines = log.read_text().splitlines()
+    warnings = [line for line in lines if "credentials.exposed" in line]
+    assert 1 == len(warnings) and "mqtt.password_file" in warnings[0] and "0644" in warnings[0]
+    secrets = {password, COLLECTOR_PASSWORD}
+    for gateway in broker.gateways.values():
+        if gateway.kind == "password":
+            secrets.add((gateway.files / "mqtt-password").read_text().strip())
+        else:
+            key = (gateway.files / "gateway.key").read_text()
+            secrets.add(key.splitlines()[1])
+    ca_key = (broker.workdir / "pki/ca.key").read_text()
+    secrets.add(ca_key.splitlines()[1])
+    texts = [log.read_text(), *(r.stdout + r.stderr for r in shown), *broker.outputs]
+    assert [] == [s for s in secrets for text in texts if s in text]
+    assert "********" in shown[2].stdout
