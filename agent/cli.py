@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from agent import __version__
+from agent.backlog import DrainFigures
 from agent.buffer import DROP_REASONS, BufferStats, integrity, open_store_readonly
 from agent.errors import AgentError, BufferFileError, ConfigError
 from agent.inputs.base import InputContext, kind, kinds
@@ -167,10 +168,41 @@ def _quarantine_line(stats: BufferStats) -> str:
     )
 
 
-def _status_document(stats: BufferStats, backlog_rate: float | None) -> dict[str, Any]:
+DRAIN_FIGURES_STALE = 30.0
+"""Seconds after which the running agent's last drain figures no longer count as current."""
+
+
+def _drain(stats: BufferStats, now: float) -> dict[str, Any]:
+    """The running agent's drain figures as ``status`` shows them (``measured`` false when the
+    agent has not measured lately: stopped, or an older agent)."""
+    figures = DrainFigures.from_json(stats.backlog) if stats.backlog else None
+    if figures is None or now - figures.at_us / 1e6 > DRAIN_FIGURES_STALE:
+        return {"measured": False, "estimate_s": None, "ack_rate": None, "production_rate": None}
+    return {
+        "measured": True,
+        "measured_at": _iso(figures.at_us),
+        "estimate_s": figures.estimate_s,
+        "ack_rate": figures.ack_rate,
+        "production_rate": figures.production_rate,
+        "draining": figures.draining,
+    }
+
+
+def _drain_line(drain: dict[str, Any], readings: int) -> str:
+    if not drain["measured"]:
+        return "not measured (the agent is not running; it measures while it runs)"
+    rates = f"acks {drain['ack_rate']:g}/s, production {drain['production_rate']:g}/s"
+    if readings == 0 or drain["estimate_s"] == 0:
+        return f"nothing to drain ({rates})"
+    if drain["estimate_s"] is None:
+        return f"not shrinking: production keeps up with the acks ({rates})"
+    return f"{drain['estimate_s']:g} s ({rates})"
+
+
+def _status_document(stats: BufferStats) -> dict[str, Any]:
     now = time.time()
     oldest_age = None if stats.oldest_us is None else max(0.0, now - stats.oldest_us / 1e6)
-    drain = None if not backlog_rate else stats.batches / backlog_rate
+    drain = _drain(stats, now)
     return {
         "stream": stats.stream,
         "readings": stats.readings,
@@ -199,7 +231,8 @@ def _status_document(stats: BufferStats, backlog_rate: float | None) -> dict[str
         "reencoded_batches": stats.reencoded_batches,
         "last_ack_at": _iso(stats.last_ack_us),
         "next_seq": stats.next_seq,
-        "estimated_drain_s": None if drain is None else round(drain, 1),
+        "estimated_drain_s": drain["estimate_s"],
+        "drain": drain,
     }
 
 
@@ -211,15 +244,14 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
     """Show what the buffer holds; safe while the agent runs.
 
     Readings, batches and bytes buffered, age of the oldest reading, last ack time, dropped and
-    produced counts, and the estimated time to drain the backlog at mqtt.backlog_rate. Delivered
+    produced counts, and the time the backlog will take to drain, from the ack and production
+    rates the running agent measured over the last minute. Delivered
     readings are split by what the collector did: stored, quarantined in the cloud (durable,
     waiting for a registration or schema fix, not stored yet) and refused, with their reasons.
     """
-    rate: float | None = None
     if buffer_path is None:
         settings = _settings(config_path)
         buffer_path = settings.buffer.path
-        rate = settings.mqtt.backlog_rate
     try:
         store = open_store_readonly(buffer_path)
         try:
@@ -229,7 +261,7 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
     except (BufferFileError, sqlite3.Error) as exc:
         _fail(str(exc))
         return
-    doc = _status_document(stats, rate)
+    doc = _status_document(stats)
     if as_json:
         click.echo(json.dumps(doc))
         return
@@ -241,7 +273,8 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
     )
     click.echo(f"readings        {doc['readings']} ({stats.batches} sealed batches)")
     click.echo(f"bytes           {doc['bytes']}")
-    click.echo(f"oldest reading  {doc['oldest_age_s']} s ago")
+    oldest = doc["oldest_age_s"]
+    click.echo(f"oldest reading  {'none' if oldest is None else f'{oldest:g} s ago'}")
     click.echo(f"produced        {doc['produced']}")
     click.echo(f"delivered       {doc['delivered']}")
     click.echo(f"  stored        {doc['stored']}")
@@ -253,8 +286,8 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
     )
     reasons = ", ".join(f"{k} {v}" for k, v in stats.dropped.items())
     click.echo(f"dropped         {doc['dropped']} ({reasons})")
-    click.echo(f"last ack        {doc['last_ack_at']}")
-    click.echo(f"drain estimate  {doc['estimated_drain_s']} s")
+    click.echo(f"last ack        {doc['last_ack_at'] or 'never'}")
+    click.echo(f"drain estimate  {_drain_line(doc['drain'], stats.readings)}")
 
 
 @main.group()

@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from agent import __version__
+from agent.backlog import BacklogMeter
 from agent.buffer import DROP_REASONS, Buffer, ReadingRow, event_note, now_us, status_note
 from agent.errors import AgentError, ConfigError
 from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
@@ -180,6 +181,7 @@ class Runtime:
         self.notifier = Notifier()
         self.inputs: list[Input] = self.build_inputs()
         self._unsealed_since: float | None = None
+        self.backlog = BacklogMeter()
 
     def restate_statuses(self) -> None:
         """State every device's current status again (called on each connect to the broker).
@@ -238,6 +240,7 @@ class Runtime:
                 for inp in self.inputs
             ]
             watchdog = asyncio.create_task(self._heartbeat(), name="heartbeat")
+            meter = asyncio.create_task(self._meter_backlog(), name="backlog")
             self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
             for key, path, mode in exposed_credentials(self.settings.mqtt):
                 log.warning(
@@ -281,8 +284,9 @@ class Runtime:
                 async with asyncio.timeout(5):
                     await asyncio.gather(shipper_task, return_exceptions=True)
             watchdog.cancel()
+            meter.cancel()
             stop_wait.cancel()
-            await asyncio.gather(watchdog, stop_wait, return_exceptions=True)
+            await asyncio.gather(watchdog, meter, stop_wait, return_exceptions=True)
             if failed:
                 # A bug in the agent's own machinery: exit non-zero so that systemd restarts it.
                 raise AgentError(f"{failed[0].get_name()} failed: {failed[0].exception()!r}")
@@ -373,6 +377,27 @@ class Runtime:
                 f" {len(s.pending_deletes)} acked batches to delete"
             )
         return line
+
+    async def _meter_backlog(self) -> None:
+        """Sample the buffer's counters once a second; say how a backlog drains."""
+        while True:
+            await asyncio.sleep(1.0)
+            store = self.buffer.store
+            reports = self.backlog.sample(
+                time.monotonic(),
+                now_us(),
+                produced=store.counters["produced"] + store.unpersisted_produced,
+                delivered=store.counters["delivered"],
+                buffered=store.unsealed + store.batched_readings,
+                linked=self.shipper.state == "connected",
+            )
+            for report in reports:
+                log.info(report.kind, **report.attributes)
+                self.staging.notes.append(
+                    event_note(report.kind, report.message, attributes=report.attributes)
+                )
+            if self.backlog.figures is not None:
+                store.backlog_note = self.backlog.figures.to_json()
 
     async def _heartbeat(self) -> None:
         interval = self.notifier.watchdog_interval()

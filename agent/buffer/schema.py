@@ -216,3 +216,5 @@ class BufferStats:
     held_readings: int = 0
     pending_deletes: int = 0
     disk_full: bool = False
+    backlog: str | None = None
+    """The running agent's latest backlog figures (JSON of ``agent.backlog.DrainFigures``)."""

@@ -164,6 +164,9 @@ class Store:
         self._restore_cap = 0
         self._logged: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
+        self.backlog_note: str | None = None
+        """The backlog meter's latest figures (JSON); kept in ``meta`` with the next counters."""
+        self._backlog_written: str | None = None
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -201,6 +204,8 @@ class Store:
         self.stream = uuid.UUID(str(meta["stream"]))
         for key in COUNTERS:
             self.counters[key] = int(meta.get(key) or 0)
+        if meta.get("backlog") is not None:
+            self.backlog_note = self._backlog_written = str(meta["backlog"])
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         self.legacy = "stream" not in columns(conn, "batches")
         if "streams" in tables:
@@ -252,6 +257,14 @@ class Store:
         self.conn.executemany(
             "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(counters.items())
         )
+        note = self.backlog_note
+        if note is not None and note != self._backlog_written:
+            # Rides on a transaction that commits anyway: no write of its own. Should it roll
+            # back, the next figures are written with the next commit.
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('backlog', ?)", (note,)
+            )
+            self._backlog_written = note
 
     def counters_with_unpersisted(self) -> dict[str, int]:
         """A copy of the counters with the drops a full disk kept from being written."""
@@ -780,6 +793,7 @@ class Store:
             held_readings=len(self.held),
             pending_deletes=len(self.pending_deletes),
             disk_full=self.space.full,
+            backlog=self.backlog_note,
         )
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.agent.conftest import Acknowledger, start_agent, write_config
+from tests.agent.conftest import Acknowledger, agent_cli, start_agent, write_config
 from tests.services import SYSTEM_MQTT, MosquittoBroker
 
 
@@ -31,6 +31,13 @@ def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+def status_json(config: Path) -> dict[str, Any]:
+    """``sensormine-agent status --json``, parsed."""
+    result = agent_cli("status", "--config", str(config), "--json")
+    assert 0 == result.returncode, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def named(path: Path, event: str) -> list[dict[str, Any]]:
@@ -139,3 +146,56 @@ def test_every_device_status_is_stated_again_after_a_reconnect(
         agent.terminate()
         agent.wait(30)
     assert errors()[-1] > restarted_us, "restated with the time of the reconnect"
+
+
+def test_a_backlog_drain_is_estimated_from_measured_rates_and_reported(
+    tmp_path: Path,
+    private_broker: MosquittoBroker,
+    prefix: str,
+    acknowledger_factory: Callable[..., Acknowledger],
+) -> None:
+    """After an outage the agent says that it drains, how far it got and when it is done, and
+    ``status`` estimates the drain from the measured ack and production rates: the estimate taken
+    halfway is within a factor of two of the time the drain really took (the old estimate,
+    batches / backlog_rate, ignored the live data that keeps arriving)."""
+    config = write_config(
+        tmp_path / "agent.toml",
+        buffer=tmp_path / "buffer.db",
+        port=private_broker.port,
+        prefix=prefix,
+        devices=5,
+        interval="50ms",
+        extra_mqtt='backlog_rate = 1.0\nwindow = 4\nack_timeout = "5s"',
+        extra_batch='max_age = "500ms"',
+    )
+    log = tmp_path / "agent.log"
+    private_broker.stop()
+    agent = start_agent(config, log)
+    estimates: list[tuple[float, float]] = []
+    try:
+        time.sleep(20)  # the uplink is down: a backlog builds up
+        private_broker.start()
+        acknowledger_factory(private_broker.host, private_broker.port, prefix)
+        wait_for(lambda: bool(named(log, "backlog.draining")), 30)
+        deadline = time.monotonic() + 120
+        while not named(log, "backlog.drained"):
+            assert time.monotonic() < deadline, "the backlog never drained"
+            doc = status_json(config)
+            if doc["drain"]["measured"] and doc["drain"]["estimate_s"]:
+                estimates.append((time.monotonic(), doc["drain"]["estimate_s"]))
+            time.sleep(1)
+        drained_at = time.monotonic()
+    finally:
+        agent.terminate()
+        agent.wait(30)
+    draining = named(log, "backlog.draining")[0]
+    progress = named(log, "backlog.progress")
+    drained = named(log, "backlog.drained")[0]
+    assert progress, "no progress line during the drain"
+    assert all(p["buffered_readings"] < draining["buffered_readings"] for p in progress)
+    assert drained["backlog_readings"] == draining["buffered_readings"]
+    # Halfway through the drain, the estimate against what the rest really took.
+    assert estimates
+    at, estimate = estimates[len(estimates) // 2]
+    actual = drained_at - at
+    assert 0.5 <= actual / estimate <= 2.0, f"estimated {estimate} s, took {actual:.1f} s"
