@@ -1,10 +1,12 @@
 """The end-to-end demo: a collector and two agents with simulated sensors, on this machine.
 
 ``make demo`` runs it. It makes fresh demo databases on the local PostgreSQL, migrates and
-seeds them, provisions both demo gateways with simulated inputs, starts a collector and two
-agents as real processes on the local broker, lets them run for ``DEMO_SECONDS`` (default 30),
-stops them gracefully (SIGTERM: agents drain their buffers, the collector commits and acks),
-and prints what TimescaleDB holds. Its last line is
+seeds them, creates a CA and issues each demo gateway a client certificate with its simulated
+inputs (``gateways provision``), writes the broker's configuration from the registry (``broker
+sync``) and starts a private Mosquitto with it (TLS only, each gateway confined to its topics,
+not an open broker), then a collector and two agents as real processes. It lets them run for
+``DEMO_SECONDS`` (default 30), stops them gracefully (SIGTERM: agents drain their buffers, the
+collector commits and acks), and prints what TimescaleDB holds. Its last line is
 ``demo: produced=<n> stored=<m> quarantined=<q> rejected=<k> duplicates=<d>``; it exits 0 only when every
 produced reading is stored exactly once.
 
@@ -166,8 +168,12 @@ class LocalSystem:
     name: str = "sensormine_demo"
     prefix: str = "sensormine-demo"
     interval: str = "1s"
+    # True: a private Mosquitto with the configuration `broker sync` generates (TLS, gateway
+    # certificates, per-gateway ACL); False: the broker at mqtt_host:mqtt_port as it is.
+    secure: bool = False
     collectors: dict[str, Program] = field(default_factory=dict)
     agents: dict[str, Program] = field(default_factory=dict)
+    broker: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -177,25 +183,58 @@ class LocalSystem:
         self.ready = ReadyListener(self.state)
         self.env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.group = self.name
+        if self.secure:
+            self.mqtt_host = "127.0.0.1"
+            self.ports = {"cert": free_port(), "password": free_port(), "collector": free_port()}
+            self.mqtt_port = self.ports["collector"]
+            # The collectors' group name is a secret (docs/security.md).
+            self.group = f"{self.name}-{uuid.uuid4().hex}"
+            self.env.update(
+                {
+                    "SENSORMINE_PKI_DIR": str(self.state / "pki"),
+                    "SENSORMINE_BROKER_DIR": str(self.state / "broker"),
+                    "SENSORMINE_BROKER_CERT": str(self.state / "certs" / "broker.pem"),
+                    "SENSORMINE_BROKER_KEY": str(self.state / "certs" / "broker.key"),
+                    "SENSORMINE_BROKER_CERT_LISTEN": f"127.0.0.1:{self.ports['cert']}",
+                    "SENSORMINE_BROKER_PASSWORD_LISTEN": f"127.0.0.1:{self.ports['password']}",
+                    "SENSORMINE_BROKER_COLLECTOR_LISTEN": f"127.0.0.1:{self.ports['collector']}",
+                    "SENSORMINE_BROKER_COLLECTOR_PASSWORD_FILE": str(self.collector_password),
+                    "SENSORMINE_BROKER_PID_FILE": str(self.state / "mosquitto.pid"),
+                }
+            )
+
+    @property
+    def collector_password(self) -> Path:
+        """The collectors' MQTT password file (secure mode)."""
+        return self.state / "credentials" / "mqtt-password"
 
     # --- set-up ------------------------------------------------------------------------------
 
     def collector_config(self, client_id: str = "demo-collector-1") -> Path:
         """Write a collector configuration for this system; return its path."""
         path = self.state / f"{client_id}.toml"
+        login = (
+            f'username = "sensormine-collector"\npassword_file = "{self.collector_password}"\n'
+            f'tls = true\nca_file = "{self.state / "pki" / "ca.pem"}"\n'
+            if self.secure
+            else ""
+        )
         path.write_text(
             f'drain_deadline = "20s"\n\n[metadata]\ndsn = "{self.metadata_dsn}"\n\n'
             f'[timeseries]\ndsn = "{self.timeseries_dsn}"\n\n'
             f'[mqtt]\nhost = "{self.mqtt_host}"\nport = {self.mqtt_port}\nclient_id = "{client_id}"\n'
-            f'prefix = "{self.prefix}"\ngroup = "{self.name}"\n\n'
+            f'prefix = "{self.prefix}"\ngroup = "{self.group}"\n{login}\n'
             '[metrics]\nlisten = ""\n\n[log]\nformat = "json"\n'
         )
         return path
 
-    def collector_cli(self, *args: str) -> str:
-        """Run a ``sensormine-collector`` subcommand against this system; return its output."""
+    def collector_cli(self, *args: str, registry: bool = True) -> str:
+        """Run a ``sensormine-collector`` subcommand against this system (``registry``: one
+        that reads the collector's configuration); return its output."""
+        config = ["--config", str(self.collector_config())] if registry else []
         result = subprocess.run(
-            [str(BIN / "sensormine-collector"), *args, "--config", str(self.collector_config())],
+            [str(BIN / "sensormine-collector"), *args, *config],
             capture_output=True,
             text=True,
             env=self.env,
@@ -223,16 +262,26 @@ class LocalSystem:
         asyncio.run(self.recreate_databases())
         self.collector_cli("migrate")
         self.collector_cli("seed", "--demo")
+        if self.secure:
+            self.prepare_pki()
         for gateway in DEMO_GATEWAYS:
             directory = self.state / gateway
             if directory.exists():
                 shutil.rmtree(directory)
             directory.mkdir()
             config = directory / "agent.toml"
+            credentials = directory / "credentials"
+            login = (
+                ["--credential", "certificate", "--credentials-dir", str(credentials),
+                 "--credentials-path", str(credentials),
+                 "--broker-port", str(self.ports["cert"])]
+                if self.secure
+                else ["--credential", "none", "--broker-port", str(self.mqtt_port)]
+            )  # fmt: skip
             self.collector_cli(
                 "gateways", "provision", gateway, "--simulated", "--interval", self.interval,
                 "--output", str(config), "--buffer-path", str(directory / "buffer.db"),
-                "--broker-host", self.mqtt_host, "--broker-port", str(self.mqtt_port),
+                "--broker-host", self.mqtt_host, *login,
             )  # fmt: skip
             self.agents[gateway] = Program(
                 gateway,
@@ -240,6 +289,66 @@ class LocalSystem:
                 directory / "agent.log",
                 self.env,
             )
+
+    def prepare_pki(self) -> None:
+        """A CA, the broker's certificate and the collectors' password, made afresh."""
+        for name in ("pki", "certs", "broker", "credentials"):
+            shutil.rmtree(self.state / name, ignore_errors=True)
+        self.collector_cli("pki", "init", "--name", "Sensormine demo CA", registry=False)
+        self.collector_cli(
+            "pki",
+            "server-cert",
+            "127.0.0.1",
+            "localhost",
+            "--out",
+            str(self.state / "certs"),
+            registry=False,
+        )
+        self.collector_password.parent.mkdir(mode=0o700)
+        fd = os.open(self.collector_password, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(uuid.uuid4().hex + uuid.uuid4().hex + "\n")
+
+    def start_broker(self) -> None:
+        """`broker sync` and a private Mosquitto running config/mosquitto/mosquitto.conf with
+        what it generated (secure mode)."""
+        self.collector_cli("broker", "sync", "--no-reload")
+        text = (ROOT / "config" / "mosquitto" / "mosquitto.conf").read_text()
+        text = text.replace(
+            "include_dir /etc/mosquitto/sensormine", f"include_dir {self.state / 'broker'}"
+        )
+        text = text.replace("persistence true", "persistence false")
+        text = text.replace("log_dest syslog", f"log_dest file {self.state / 'mosquitto.log'}")
+        text += f"pid_file {self.state / 'mosquitto.pid'}\n"
+        if os.geteuid() == 0:
+            text += (
+                "user root\n"  # as root, Mosquitto would switch to a user who cannot read state/
+            )
+        config = self.state / "mosquitto.conf"
+        config.write_text(text)
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.broker = subprocess.Popen(
+            [exe, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 15
+        for port in self.ports.values():
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if self.broker.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"mosquitto did not start (see {self.state / 'mosquitto.log'})"
+                        ) from None
+                    time.sleep(0.05)
+
+    def stop_broker(self) -> None:
+        """Stop the private broker, if any."""
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.terminate()
+            self.broker.wait(timeout=15)
+        self.broker = None
 
     # --- processes -------------------------------------------------------------------------
 
@@ -268,6 +377,7 @@ class LocalSystem:
         """SIGTERM the agents (they drain), then the collectors; return exit statuses."""
         codes = {name: agent.stop() for name, agent in self.agents.items()}
         codes.update({name: c.stop() for name, c in self.collectors.items()})
+        self.stop_broker()
         return codes
 
     def kill_everything(self) -> None:
@@ -277,6 +387,10 @@ class LocalSystem:
                 program.process.kill()
                 program.process.wait()
             program.process = None
+        if self.broker is not None and self.broker.poll() is None:
+            self.broker.kill()
+            self.broker.wait()
+        self.broker = None
         self.ready.close()
 
     # --- results ---------------------------------------------------------------------------
@@ -390,13 +504,19 @@ def main() -> int:
         return 2
     state = Path(os.environ.get("DEMO_STATE", ROOT / "demo-state"))
     name = os.environ.get("DEMO_DATABASE", "sensormine_demo")
-    system = LocalSystem(state, name=name, prefix=name.replace("_", "-"))
+    system = LocalSystem(state, name=name, prefix=name.replace("_", "-"), secure=True)
     try:
         print(
             f"demo: preparing databases {system.metadata_dsn} and {system.timeseries_dsn}",
             flush=True,
         )
         system.prepare()
+        system.start_broker()
+        print(
+            f"demo: private broker with the generated configuration (TLS, gateway certificates,"
+            f" per-gateway ACL) on 127.0.0.1:{system.ports['cert']}",
+            flush=True,
+        )
         system.start_collector()
         print("demo: collector ready", flush=True)
         system.start_agents()
