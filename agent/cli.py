@@ -65,7 +65,14 @@ def _buffer_path(config_path: Path, buffer_path: Path | None) -> Path:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sensormine-agent")
 def main() -> None:
-    """Sensormine Edge gateway agent: read sensors, buffer every reading on disk, ship to MQTT."""
+    """Sensormine Edge gateway agent: read sensors, buffer every reading on disk, ship to MQTT.
+
+    \b
+    Environment:
+      SENSORMINE_MQTT_USERNAME   the broker username (overrides mqtt.username)
+      SENSORMINE_MQTT_PASSWORD   the broker password, when mqtt.password_file is not set
+      CREDENTIALS_DIRECTORY      systemd credentials: mqtt-password
+    """
 
 
 @main.command()

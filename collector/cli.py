@@ -13,7 +13,7 @@ import asyncpg
 import click
 import structlog
 
-from collector import migrations
+from collector import __version__, migrations
 from collector.admin.cli import register as register_admin
 from collector.errors import CollectorError
 from collector.lifecycle.doctor import doctor
@@ -21,6 +21,7 @@ from collector.observability import configure_logging
 from collector.quarantine_cli import quarantine as quarantine_group
 from collector.service import Collector, db_kwargs, migrate_all
 from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+from collector.streams import concurrent_streams
 
 _CONFIG = click.option(
     "--config",
@@ -40,9 +41,24 @@ def _load(config_path: Path) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sensormine-collector")
 def main() -> None:
-    """Sensormine collector: MQTT batches into TimescaleDB, exactly once."""
+    """Sensormine collector: MQTT batches into TimescaleDB, exactly once.
+
+    \b
+    Environment:
+      SENSORMINE_COLLECTOR_CONFIG      configuration file (instead of --config)
+      SENSORMINE_COLLECTOR__<SECTION>__<KEY>
+                                       overrides one key, e.g.
+                                       SENSORMINE_COLLECTOR__MQTT__HOST=broker.example
+      SENSORMINE_MQTT_PASSWORD         the broker password, when mqtt.password_file
+                                       is not set
+      SENSORMINE_METADATA_PASSWORD     metadata database password
+      SENSORMINE_TIMESERIES_PASSWORD   time-series database password
+      CREDENTIALS_DIRECTORY            systemd credentials: mqtt-password,
+                                       metadata-password, timeseries-password
+    """
 
 
 @main.command()
@@ -127,8 +143,12 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         rejects = await conn.fetch(
             "SELECT reason, count(*) AS batches, coalesce(sum(points), 0) AS points FROM ingest_rejects GROUP BY reason ORDER BY reason"
         )
+        doubled = await concurrent_streams(conn)
     finally:
         await conn.close()
+    names = await gateway_names(settings)
+    for entry in doubled:
+        entry["name"] = names.get(entry["gateway_id"])
     return {
         "ledger": {
             "batches": int(totals["batches"]),
@@ -149,6 +169,7 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         "gateways": [
             {
                 "gateway_id": str(g["gateway_id"]),
+                "name": names.get(str(g["gateway_id"])),
                 "stream": str(g["stream"]),
                 "seq": int(g["seq"]),
                 "result": g["result"],
@@ -160,7 +181,29 @@ async def read_status(settings: Settings) -> dict[str, Any]:
             {"reason": r["reason"], "messages": int(r["batches"]), "points": int(r["points"])}
             for r in rejects
         ],
+        "concurrent_streams": doubled,
     }
+
+
+async def gateway_names(settings: Settings) -> dict[str, str]:
+    """Gateway id → name from the metadata database (empty when it cannot be asked: the report
+    then shows ids only)."""
+    try:
+        conn = await asyncpg.connect(**db_kwargs(settings, "metadata"))
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return {}
+    try:
+        rows = await conn.fetch("SELECT id, name FROM gateways")
+    except asyncpg.PostgresError:
+        return {}
+    finally:
+        await conn.close()
+    return {str(r["id"]): str(r["name"]) for r in rows}
+
+
+def named(name: str | None, ident: str) -> str:
+    """``name [uuid]`` where the name is known, else the uuid."""
+    return f"{name} [{ident}]" if name else ident
 
 
 @main.command()
@@ -186,8 +229,14 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo("last batch per gateway:")
     for g in report["gateways"]:
         click.echo(
-            f"  {g['gateway_id']}  stream {g['stream']} seq {g['seq']} {g['result']} at {g['received_at']}"
+            f"  {named(g['name'], g['gateway_id'])}  stream {g['stream']} seq {g['seq']}"
+            f" {g['result']} at {g['received_at']}"
         )
+    if report["concurrent_streams"]:
+        click.echo("TWO AGENTS WITH ONE GATEWAY ID (batches from two streams at once):")
+        for g in report["concurrent_streams"]:
+            streams = ", ".join(f"{s} ({n} batches)" for s, n in g["streams"].items())
+            click.echo(f"  {named(g['name'], g['gateway_id'])}: {streams}")
     click.echo("quarantine by reason (sensormine-collector quarantine list):")
     for r in report["quarantine"]:
         click.echo(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -70,6 +71,8 @@ class Consumer:
         self._disconnected = threading.Event()
         self._pending: deque[mqtt.MQTTMessageInfo] = deque()
         self._disconnected.set()
+        self._failed_attempts = 0
+        self._stopping = False
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -89,6 +92,7 @@ class Consumer:
         # Outgoing ack frames: enough in flight that acks of one flush do not queue in paho.
         client.max_inflight_messages_set(1000)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -114,6 +118,7 @@ class Consumer:
         with self._lock:
             self.generation += 1
             generation = self.generation
+        self._failed_attempts = 0
         self._disconnected.clear()
         if self._gauge is not None:
             self._gauge.set(1)
@@ -127,6 +132,19 @@ class Consumer:
             session_expiry=self.settings.session_expiry,
         )
         self.loop.call_soon_threadsafe(self.connected.set)
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` around the attempt: the error is at hand.
+        error = sys.exc_info()[1]
+        self._failed_attempts += 1
+        log.warning(
+            "mqtt.unreachable",
+            host=self.settings.host,
+            port=self.settings.port,
+            error=str(error) if error else "connection failed",
+            attempt=self._failed_attempts,
+            retry_within_s=max(1, round(self.settings.reconnect_max)),
+        )
 
     def _on_subscribe(
         self,
@@ -155,7 +173,10 @@ class Consumer:
         self._disconnected.set()
         if self._gauge is not None:
             self._gauge.set(0)
-        log.warning("mqtt.disconnected", reason=str(reason))
+        if self._stopping and not reason.is_failure:
+            log.info("mqtt.disconnected", reason=str(reason))
+        else:
+            log.warning("mqtt.disconnected", reason=str(reason))
         self.loop.call_soon_threadsafe(self.connected.clear)
         self.loop.call_soon_threadsafe(self.subscribed.clear)
 
@@ -222,6 +243,7 @@ class Consumer:
                 break
             else:
                 time.sleep(0.01)
+        self._stopping = True
         self.client.disconnect()
         # The PUBACKs and ack frames queued before DISCONNECT go out first; wait for the
         # network thread to get there before stopping it.

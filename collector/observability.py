@@ -80,6 +80,12 @@ class CollectorMetrics:
         self.mqtt_connected = Gauge(
             f"{_NS}_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.concurrent_streams = Gauge(
+            f"{_NS}_gateways_concurrent_streams",
+            "Gateways whose batches of the last 10 minutes come from two streams at once"
+            " (two agents with one gateway id)",
+            registry=r,
+        )
 
     def serve(self, listen: str) -> Any:
         """Serve the metrics on ``host:port``; return the server (``None`` if disabled)."""

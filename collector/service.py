@@ -31,6 +31,7 @@ from collector.quarantine import Filters, QuotaSettings, replay
 from collector.registry import Registry
 from collector.sd_notify import Notifier
 from collector.settings import Settings, connect_params, mqtt_password
+from collector.streams import StreamWatch
 from collector.writer import Writer, write_items
 from protocol import Ack, AckResult, Limits, Reason, encode_frame
 
@@ -103,6 +104,8 @@ class Collector:
         self.metrics = CollectorMetrics()
         self.notifier = Notifier(environ)
         self.committed_batches = 0
+        self.streams = StreamWatch()
+        self._flagged: set[uuid.UUID] = set()
         self.ready = asyncio.Event()
         self.writer: Writer | None = None
         self.registry: Registry | None = None
@@ -365,6 +368,8 @@ class Collector:
                     # The batch is committed; without its ack frame the agent resends it and
                     # gets a duplicate ack. Not worth stopping the writer for.
                     log.exception("ack.publish_failed", topic=item.ack_topic)
+            if item.stream is not None and item.gateway_id is not None and item.created:
+                self.streams.observe(item.gateway_id, item.stream, item.created, time.monotonic())
             pubacked = consumer.ack(item.incoming)
             log.debug(
                 "batch.acked",
@@ -496,11 +501,24 @@ class Collector:
             self._stalled = bool(stall)
             if interval and not stall:
                 self.notifier.watchdog()
+            self._check_streams()
             if self.writer is not None:
                 state = (
                     f"error: {self.writer.last_error}" if self.writer.last_error else "consuming"
                 )
                 self.notifier.status(f"{state}; {self.committed_batches} batches committed")
+
+    def _check_streams(self) -> None:
+        flagged = self.streams.flagged()
+        self.metrics.concurrent_streams.set(len(flagged))
+        for gateway in flagged - self._flagged:
+            log.error(
+                "gateway.concurrent_streams",
+                gateway_id=str(gateway),
+                hint="batches of this gateway come from two streams at once: two agents run"
+                " with one gateway id (a cloned SD card or agent.toml); give each its own",
+            )
+        self._flagged = flagged
 
 
 async def _finish_lifecycle(task: asyncio.Task[None], deadline: float) -> None:

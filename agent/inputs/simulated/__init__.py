@@ -71,7 +71,7 @@ class SimulatedDevice(BaseModel):
 
 
 class SimulatedConfig(InputConfig):
-    """Configuration of a ``simulated`` input."""
+    """Simulated devices: waveforms with noise, counters and switches, for demos and tests."""
 
     type: Literal["simulated"] = "simulated"
     interval: Duration = Field(default=1.0, gt=0)
