@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP) services
 
+# Everything for development: the agent (the core), the collector extra and the dev tools.
 # Reinstall only when the project's metadata changes: a second `make setup` is a no-op.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[collector,dev]'
 	touch $(STAMP)
 
 services:

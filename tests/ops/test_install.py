@@ -3,15 +3,19 @@ buffer and the configuration, uninstall and purge, and the offline bundle with n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
 import subprocess
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
+from tests.ops.test_distribution import closure
 from tests.ops.units import REPO, make_scratch_root, verify
 from tests.services import free_port
 
@@ -252,7 +256,6 @@ def test_bundle_holds_wheelhouse_unit_example_and_installer(bundle: Path) -> Non
     offline install needs."""
     import platform
     import sys
-    import tomllib
 
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
@@ -263,31 +266,88 @@ def test_bundle_holds_wheelhouse_unit_example_and_installer(bundle: Path) -> Non
     for part in ("install-agent", UNIT, "agent.example.toml"):
         assert f"{name}/{part}" in members
     assert members[f"{name}/install-agent"].mode & 0o111
-    wheels = {n.split("/")[-1].split("-")[0].lower() for n in members if n.endswith(".whl")}
-    required = {
-        "sensormine",
-        "paho_mqtt",
-        "aiosqlite",
-        "pydantic",
-        "pydantic_core",
-        "structlog",
-        "msgpack",
-        "click",
-        "zstandard",
-        "prometheus_client",
-        "pymodbus",
-        "pyserial",
+    wheels = {
+        canonicalize_name(n.split("/")[-1].split("-")[0]) for n in members if n.endswith(".whl")
     }
-    assert required <= wheels
+    core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {"sensormine"} | closure(core) == wheels
+    assert {"asyncpg", "jsonschema", "cryptography"}.isdisjoint(wheels)
     assert [] == [n for n in members if n.endswith((".tar.gz", ".zip")) and "/wheelhouse/" in n]
+
+
+def test_bundle_carries_the_checksum_of_every_file(bundle: Path) -> None:
+    """SHA256SUMS in the bundle lists every other file with its SHA-256, and the tarball's own
+    checksum file beside it matches the tarball (both in ``sha256sum -c`` format)."""
+    actual: dict[str, str] = {}
+    listed: dict[str, str] = {}
+    with tarfile.open(bundle) as tar:
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            data = tar.extractfile(member)
+            assert data is not None
+            relative = member.name.split("/", 1)[1]
+            if relative == "SHA256SUMS":
+                for line in data.read().decode().splitlines():
+                    digest, name = line.split("  ", 1)
+                    listed[name] = digest
+            else:
+                actual[relative] = hashlib.sha256(data.read()).hexdigest()
+    assert actual == listed
+    assert any(name.startswith("wheelhouse/sensormine-") for name in listed)
+    published = bundle.with_name(bundle.name + ".sha256").read_text()
+    assert f"{hashlib.sha256(bundle.read_bytes()).hexdigest()}  {bundle.name}\n" == published
+
+
+def unpacked(bundle: Path, into: Path) -> Path:
+    """The bundle extracted under ``into``: its top directory."""
+    with tarfile.open(bundle) as tar:
+        tar.extractall(into, filter="data")
+    (bundle_dir,) = into.iterdir()
+    return bundle_dir
+
+
+def test_installer_refuses_a_damaged_or_altered_bundle(tmp_path: Path, bundle: Path) -> None:
+    """A wheel changed after the build, a wheel added to the wheelhouse, or a missing
+    SHA256SUMS: the installer says so, exits 1 and installs nothing."""
+
+    def damage(bundle_dir: Path) -> None:
+        wheel = next((bundle_dir / "wheelhouse").glob("click-*.whl"))
+        with wheel.open("ab") as f:
+            f.write(b"\0")
+
+    def plant(bundle_dir: Path) -> None:
+        wheel = next((bundle_dir / "wheelhouse").glob("click-*.whl"))
+        shutil.copy(wheel, bundle_dir / "wheelhouse/click-99.0.0-py3-none-any.whl")
+
+    def strip(bundle_dir: Path) -> None:
+        (bundle_dir / "SHA256SUMS").unlink()
+
+    for n, (change, message) in enumerate(
+        (
+            (damage, "does not match its SHA256SUMS (damaged or altered); refusing to install"),
+            (plant, "holds files that are not in its SHA256SUMS (added after it was built)"),
+            (strip, "has no SHA256SUMS: it is incomplete or was not made by build-bundle"),
+        )
+    ):
+        bundle_dir = unpacked(bundle, tmp_path / f"unpacked{n}")
+        change(bundle_dir)
+        root = tmp_path / f"root{n}"
+        result = subprocess.run(
+            [str(bundle_dir / "install-agent"), "--root", str(root)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert (1, True) == (result.returncode, message in result.stderr), result.stderr
+        assert [] == list(root.iterdir())
 
 
 def test_bundle_installs_with_no_network_and_no_index(tmp_path: Path, bundle: Path) -> None:
     """From the unpacked bundle the installer needs no package index: it runs with the indexes
     pointing at a closed port and, where possible, in a network namespace of its own."""
-    with tarfile.open(bundle) as tar:
-        tar.extractall(tmp_path / "unpacked", filter="data")
-    (bundle_dir,) = (tmp_path / "unpacked").iterdir()
+    bundle_dir = unpacked(bundle, tmp_path / "unpacked")
     closed = f"http://127.0.0.1:{free_port()}/simple"
     env = {
         **os.environ,
@@ -309,6 +369,7 @@ def test_bundle_installs_with_no_network_and_no_index(tmp_path: Path, bundle: Pa
     )
 
     assert "(bundle)" in result.stdout
+    assert "checked every file of the bundle against its SHA256SUMS" in result.stdout
     assert (bundle_dir / "agent.example.toml").read_text() == (
         root / "etc/sensormine/agent.toml"
     ).read_text()
@@ -324,3 +385,27 @@ def test_bundle_installs_with_no_network_and_no_index(tmp_path: Path, bundle: Pa
         check=False,
     )
     assert (0, "ok\n") == (imported.returncode, imported.stdout)
+    # A gateway gets the agent only: no collector dependencies, no setuptools, and a
+    # collector command that says what it lacks.
+    absent = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.util as u; print([m for m in ('asyncpg', 'jsonschema',"
+            " 'cryptography', 'setuptools') if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (0, "[]\n") == (absent.returncode, absent.stdout)
+    collector = subprocess.run(
+        [str(root / "opt/sensormine/venv/bin/sensormine-collector"), "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (1, True) == (
+        collector.returncode,
+        "pip install 'sensormine[collector]'" in collector.stderr,
+    )
