@@ -676,3 +676,69 @@ def test_no_secret_in_logs_or_status_and_exposed_credentials_warned(
     texts = [log.read_text(), *(r.stdout + r.stderr for r in shown), *broker.outputs]
     assert [] == [s for s in secrets for text in texts if s in text]
     assert "********" in shown[2].stdout
+
+
+def test_collector_logs_and_status_show_no_secret(broker: SecureBroker, tmp_path: Path) -> None:
+    """A collector logging in on the collectors' listener with its password file, with a
+    database password in its DSNs: neither password appears in its log, `status`,
+    `check-config` or `migrate --status`."""
+    ts = asyncio.run(create_database(SYSTEM_PG_DSN, "smsects", timescale=True))
+    db_password = "dbpw-" + uuid.uuid4().hex  # the server trusts local connections: unused
+    try:
+        password_file = tmp_path / "mqtt-password"
+        password_file.write_text(COLLECTOR_PASSWORD + "\n")
+        password_file.chmod(0o600)
+        with_password = ts.replace(
+            "postgresql://postgres@", f"postgresql://postgres:{db_password}@"
+        )
+        meta = broker.admin.dsn.replace(
+            "postgresql://postgres@", f"postgresql://postgres:{db_password}@"
+        )
+        config = tmp_path / "collector.toml"
+        config.write_text(
+            f'[metadata]\ndsn = "{meta}"\n\n[timeseries]\ndsn = "{with_password}"\n\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.ports["collector"]}\ntls = true\n'
+            f'ca_file = "{broker.ca}"\nusername = "sensormine-collector"\n'
+            f'password_file = "{password_file}"\nclient_id = "sec-collector"\ngroup = "{GROUP}"\n\n'
+            '[metrics]\nlisten = ""\n\n[log]\nformat = "json"\n'
+        )
+        binary = str(Path(sys.executable).parent / "sensormine-collector")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("NOTIFY_SOCKET", "SENSORMINE_"))
+        }
+        log = tmp_path / "collector.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [binary, "run", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while "collector.started" not in log.read_text():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        finally:
+            _stop(process)
+        assert "mqtt.connect_refused" not in log.read_text()
+        assert "as sec-collector (" in broker.log.read_text()  # logged in over TLS
+        shown = [
+            subprocess.run(
+                [binary, *args, "--config", str(config)], capture_output=True, text=True, env=env
+            )
+            for args in (
+                ["status"],
+                ["status", "--json"],
+                ["check-config"],
+                ["migrate", "--status"],
+            )
+        ]
+        assert [0, 0, 0, 0] == [r.returncode for r in shown], [r.stderr for r in shown]
+        texts = [log.read_text(), *(r.stdout + r.stderr for r in shown)]
+        assert [] == [s for s in (COLLECTOR_PASSWORD, db_password) for t in texts if s in t]
+    finally:
+        asyncio.run(drop_database(SYSTEM_PG_DSN, ts))
