@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup services test test-slow lint demo bench clean config-reference
 
-setup: $(STAMP) services
+setup: $(STAMP) services $(BIN)/promtool
 
 # Everything for development: the agent (the core), the collector extra and the dev tools.
 # Reinstall only when the project's metadata changes: a second `make setup` is a no-op.
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 services:
 	scripts/setup-services
+
+# promtool checks config/prometheus/ in the test suite (extracted from Debian's package).
+$(BIN)/promtool: $(STAMP)
+	scripts/setup-promtool $(BIN)/promtool
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

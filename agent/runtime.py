@@ -28,6 +28,7 @@ from agent.backlog import BacklogMeter
 from agent.buffer import DROP_REASONS, Buffer, ReadingRow, event_note, now_us, status_note
 from agent.errors import AgentError, ConfigError
 from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
+from agent.metrics import AgentMetrics
 from agent.settings import Settings, exposed_credentials
 from agent.shipper import Shipper
 from agent.systemd import Notifier
@@ -182,6 +183,9 @@ class Runtime:
         self.inputs: list[Input] = self.build_inputs()
         self._unsealed_since: float | None = None
         self.backlog = BacklogMeter()
+        self.metrics = AgentMetrics(self) if settings.metrics.listen else None
+        if self.metrics is not None:
+            self.shipper.ack_latency = self.metrics.ack_latency.observe
 
     def restate_statuses(self) -> None:
         """State every device's current status again (called on each connect to the broker).
@@ -233,6 +237,8 @@ class Runtime:
         """Run until ``stop`` is set, then drain and return."""
         await self.buffer.open()
         try:
+            if self.metrics is not None:
+                self.metrics.serve(self.settings.metrics.listen)
             shipper_task = asyncio.create_task(self.shipper.run(), name="shipper")
             committer = asyncio.create_task(self._commit_loop(), name="commit")
             input_tasks = [
@@ -299,6 +305,8 @@ class Runtime:
                 delivered=stats.delivered,
             )
         finally:
+            if self.metrics is not None:
+                self.metrics.close()
             await self.buffer.close()
             self.notifier.close()
 
@@ -380,8 +388,12 @@ class Runtime:
 
     async def _meter_backlog(self) -> None:
         """Sample the buffer's counters once a second; say how a backlog drains."""
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
+            if self.metrics is not None and ticks % 5 == 1:
+                self.metrics.oldest_us = await self._oldest_unacked()
             store = self.buffer.store
             reports = self.backlog.sample(
                 time.monotonic(),
@@ -398,6 +410,17 @@ class Runtime:
                 )
             if self.backlog.figures is not None:
                 store.backlog_note = self.backlog.figures.to_json()
+
+    async def _oldest_unacked(self) -> int | None:
+        """Time (µs) of the oldest reading not yet acknowledged: batches are sealed in order, so
+        it is in the lowest-seq batch or, with no batch waiting, the first unsealed reading."""
+        rows = await self.buffer.query(
+            "SELECT min(t) FROM (SELECT oldest_us AS t FROM (SELECT oldest_us FROM batches"
+            " ORDER BY seq LIMIT 1) UNION ALL SELECT ts FROM (SELECT ts FROM readings"
+            " ORDER BY id LIMIT 1))"
+        )
+        value = rows[0][0] if rows else None
+        return None if value is None else int(value)
 
     async def _heartbeat(self) -> None:
         interval = self.notifier.watchdog_interval()

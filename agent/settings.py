@@ -219,6 +219,22 @@ class RuntimeSettings(_Section):
     status_interval: PositiveDuration = 10.0
 
 
+class MetricsSettings(_Section):
+    """The optional Prometheus endpoint of the agent; an empty ``listen`` (the default) turns it
+    off. Bind it to 127.0.0.1 unless the scraper is elsewhere on a trusted network."""
+
+    listen: str = ""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            _host, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{value!r} is not host:port (e.g. '127.0.0.1:9108')")
+        return value
+
+
 class LogSettings(_Section):
     """Log level and format (``auto``: JSON lines unless stdout is a terminal)."""
 
@@ -239,6 +255,7 @@ class Settings(_Section):
     batch: BatchSettings = BatchSettings()
     mqtt: MqttSettings = MqttSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     inputs: list[InputConfig] = Field(default_factory=list)
 

@@ -245,6 +245,7 @@ class Shipper:
         self._ack_timeouts = 0
         self._no_ack_logged = False
         self.on_connected: Callable[[], None] | None = None
+        self.ack_latency: Callable[[float], None] | None = None
 
     # --- called by the runtime ------------------------------------------------------------
 
@@ -536,6 +537,8 @@ class Shipper:
                 continue
             entry = self._forget(ack.stream, ack.seq)
             self.acked += 1
+            if entry is not None and self.ack_latency is not None:
+                self.ack_latency(time.monotonic() - entry.sent_at)
             self._unheard_logged = False
             self._ack_timeouts = 0
             if self._no_ack_logged:

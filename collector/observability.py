@@ -80,6 +80,18 @@ class CollectorMetrics:
         self.mqtt_connected = Gauge(
             f"{_NS}_mqtt_connected", "1 while connected to the broker", registry=r
         )
+        self.lifecycle_runs = Counter(
+            f"{_NS}_lifecycle_runs_total",
+            "Lifecycle job runs by job and result (ok, error)",
+            ["job", "result"],
+            registry=r,
+        )
+        self.commit_lag = Gauge(
+            f"{_NS}_commit_lag_seconds",
+            "Seconds from a message's arrival at this collector to the commit of its batch"
+            " (the slowest of the last flush)",
+            registry=r,
+        )
         self.concurrent_streams = Gauge(
             f"{_NS}_gateways_concurrent_streams",
             "Gateways whose batches of the last 10 minutes come from two streams at once"

@@ -225,6 +225,9 @@ class Collector:
                 stop,
                 runner=s.mqtt.client_id,
                 connect_kwargs=db_kwargs(s, "timeseries", self.environ),
+                on_run=lambda run: self.metrics.lifecycle_runs.labels(
+                    job=run.job, result=run.result
+                ).inc(),
             ),
             name="lifecycle",
         )
@@ -342,6 +345,9 @@ class Collector:
         consumer = self.consumer
         assert consumer is not None
         m = self.metrics
+        if items:
+            now = time.monotonic()
+            m.commit_lag.set(max(now - item.incoming.received for item in items))
         for item in items:
             if item.retry:
                 # No ack frame: the agent sends the batch again after its ack timeout.

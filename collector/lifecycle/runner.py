@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
 
 from collector.lifecycle.edition import Edition, detect
-from collector.lifecycle.jobs import Job, run_job
+from collector.lifecycle.jobs import Job, JobRun, run_job
 from collector.lifecycle.ledger import trim_ledger
 from collector.lifecycle.retention import drop_old_chunks, ensure_native_policies
 from collector.lifecycle.rollups import rollup
@@ -80,8 +81,10 @@ async def run_lifecycle(
     *,
     runner: str | None = None,
     connect_kwargs: dict[str, Any] | None = None,
+    on_run: Callable[[JobRun], None] | None = None,
 ) -> None:
-    """Run the lifecycle jobs of ``settings.lifecycle`` until ``stop`` is set."""
+    """Run the lifecycle jobs of ``settings.lifecycle`` until ``stop`` is set; ``on_run`` is
+    told of every run that happened (for the collector's metrics)."""
     from collector.settings import connect_params
 
     lc: LifecycleSettings = settings.lifecycle
@@ -102,7 +105,7 @@ async def run_lifecycle(
             backoff = min(backoff * 2, 60.0)
             continue
         try:
-            await _run_jobs(conn, lc, stop, name)
+            await _run_jobs(conn, lc, stop, name, on_run)
             return
         except _DB_ERRORS as exc:
             log.warning("lifecycle.db_failed", error=str(exc), retry_in=backoff)
@@ -118,7 +121,11 @@ async def run_lifecycle(
 
 
 async def _run_jobs(
-    conn: asyncpg.Connection, lc: LifecycleSettings, stop: asyncio.Event, runner: str
+    conn: asyncpg.Connection,
+    lc: LifecycleSettings,
+    stop: asyncio.Event,
+    runner: str,
+    on_run: Callable[[JobRun], None] | None = None,
 ) -> None:
     edition = await detect(conn)
     jobs = lifecycle_jobs(edition, lc, stop)
@@ -143,6 +150,8 @@ async def _run_jobs(
                 try:
                     run = await run_job(conn, job, runner)
                     wait = run.wait
+                    if run.ran and on_run is not None:
+                        on_run(run)
                 except _DB_ERRORS:
                     raise
                 except Exception:
