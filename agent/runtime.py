@@ -57,12 +57,19 @@ class Staging:
         self.notes: list[tuple[str, bytes]] = []
         self.overflowed = 0
         self.first_at: float | None = None
+        # Inputs' "tell me when this is in the buffer" callbacks (Emitter.after_commit).
+        self.after_commit: list[Callable[[], None]] = []
 
     def take(self) -> tuple[list[ReadingRow], list[tuple[str, bytes]]]:
         """Hand over everything staged."""
         rows, notes = self.rows, self.notes
         self.rows, self.notes = [], []
         return rows, notes
+
+    def take_after_commit(self) -> list[Callable[[], None]]:
+        """Hand over the callbacks registered so far (with ``take``, in the same loop step)."""
+        callbacks, self.after_commit = self.after_commit, []
+        return callbacks
 
 
 _INT64 = 2**63
@@ -155,6 +162,10 @@ class InputEmitter:
         """Remember how long the last read cycle took."""
         self.last_read_s = seconds
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once everything reported so far is committed to the buffer's file."""
+        self._staging.after_commit.append(callback)
+
 
 class Runtime:
     """Runs one agent: buffer, inputs and shipper, until asked to stop."""
@@ -177,6 +188,8 @@ class Runtime:
         )
         self.shipper = Shipper(settings.mqtt, settings.gateway, self.buffer, version=__version__)
         self.staging = Staging()
+        # after_commit callbacks whose readings are still held in memory (a failing disk).
+        self._after_commit: list[Callable[[], None]] = []
         self.statuses: dict[uuid.UUID, Any] = {}
         self.shipper.on_connected = self.restate_statuses
         self.notifier = Notifier()
@@ -344,6 +357,7 @@ class Runtime:
 
     async def _commit(self, final: bool) -> None:
         rows, notes = self.staging.take()
+        self._after_commit.extend(self.staging.take_after_commit())
         if self.staging.overflowed:
             # Staged beyond the cap while the disk stalled: counted, never silent.
             self.buffer.store.unpersisted["drop_newest"] += self.staging.overflowed
@@ -353,6 +367,15 @@ class Runtime:
             await self.buffer.add_notes(notes)
         if rows:
             await self.buffer.append(rows)
+        if self._after_commit and not self.buffer.store.held:
+            # Everything reported before these callbacks is in the file now (stored, or dropped
+            # and counted by the overflow policy): inputs may acknowledge it to their devices.
+            callbacks, self._after_commit = self._after_commit, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception as exc:
+                    log.exception("input.after_commit_failed", error=repr(exc))
         # Deletes and re-encodings a full disk deferred, the reserve file, the disk-full state.
         await self.buffer.maintain()
         now = time.monotonic()

@@ -51,6 +51,11 @@ class Emitter(Protocol):
     def read_duration(self, seconds: float) -> None:
         """Record how long one read cycle of this input took."""
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` on the event loop once everything this input reported so far is
+        committed to the buffer's file (not merely held in memory), e.g. to acknowledge it to
+        the device side. Callbacks run in the order they were registered."""
+
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:

@@ -74,6 +74,10 @@ class RecordingEmitter:
         """Keep a read-cycle duration."""
         self.durations.append(seconds)
 
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Nothing to commit here: what is kept is kept, so call back on the next loop step."""
+        asyncio.get_running_loop().call_soon(callback)
+
     def values(self, device_id: uuid.UUID, metric: str) -> list[Value]:
         """Every value reported for one device and metric, in order."""
         return [r.value for r in self.readings if r.device_id == device_id and r.metric == metric]

@@ -130,6 +130,7 @@ def test_sample_configuration_loads() -> None:
         ({"topic": "a/+", "device_level": 1}, "fields"),
         ({"topic": "a/+", "device_level": 1, "payload": "plain"}, "metric"),
         ({"topic": "a/+", "device_level": 1, "fields": {"t": "a..b"}}, "fields"),
+        ({"topic": "a/+", "device_level": 1, "all_fields": True, "qos": 2}, "qos"),
     ],
 )
 def test_config_errors_name_the_key(subscription: dict[str, Any], key: str) -> None:

@@ -43,7 +43,11 @@ class Subscription(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     topic: str = Field(min_length=1, max_length=1024)
-    qos: Literal[0, 1, 2] = 0
+    # 1: the site broker keeps what devices publish with QoS 1 until the agent has committed
+    # it to its buffer (acknowledged then), across agent restarts. QoS 2 is not offered: paho
+    # confirms a QoS 2 message before the agent could commit it, so it would promise more
+    # than it keeps.
+    qos: Literal[0, 1] = 1
     # Which device a message belongs to; exactly one of the three:
     device: str | None = Field(default=None, min_length=1, max_length=256)  # a fixed device key
     device_level: int | None = Field(default=None, ge=0, le=64)  # topic level holding the key
@@ -101,6 +105,20 @@ class MqttInputConfig(InputConfig):
     host: str = Field(default="127.0.0.1", min_length=1, max_length=253)
     port: int = Field(default=1883, ge=1, le=65535)
     client_id: str | None = Field(default=None, min_length=1, max_length=128)
+    # "5" (MQTT 5: session expiry, receive maximum) or "3.1.1" for brokers without MQTT 5.
+    mqtt_version: Literal["5", "3.1.1"] = "5"
+    # How long the site broker keeps the agent's session (its subscriptions and the QoS 1
+    # messages published meanwhile) while the agent is away; 0 = a clean session every start.
+    # With "3.1.1" any value above 0 asks for a persistent session and the broker's own
+    # expiry (mosquitto: persistent_client_expiration) applies.
+    session_expiry: Duration = Field(default=86400.0, ge=0.0, le=30 * 86400.0)
+    # QoS 1 messages the broker may send before the agent has acknowledged them (MQTT 5
+    # Receive Maximum); acknowledgements wait for the buffer commit, so this bounds throughput
+    # at about max_in_flight per commit interval.
+    max_in_flight: int = Field(default=2000, ge=1, le=65535)
+    # Messages received but not yet turned into readings. Beyond it, QoS 0 messages are
+    # dropped and counted (overload); QoS 1 messages are bounded by max_in_flight instead.
+    max_pending: int = Field(default=20000, ge=100, le=1_000_000)
     username: str | None = Field(default=None, min_length=1, max_length=256)
     password: str | None = Field(default=None, max_length=256)
     keepalive: Duration = Field(default=30.0, ge=5.0, le=3600.0)
@@ -130,4 +148,6 @@ class MqttInputConfig(InputConfig):
                 raise ValueError(f"subscriptions[{i}].device: no device has key {sub.device!r}")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max: must not be below reconnect_min")
+        if self.max_pending < self.max_in_flight:
+            raise ValueError("max_pending: must not be below max_in_flight")
         return self

@@ -1,8 +1,16 @@
 """The ``mqtt`` input: subscribes to a local broker and maps device messages to readings.
 
-paho-mqtt runs its network loop on its own thread; every callback hands its arguments to the
-event loop with ``call_soon_threadsafe`` and touches nothing else, so all state lives on the
-loop and no lock is needed.
+paho-mqtt runs its network loop on its own thread. Its message callback only appends the
+message to a bounded queue and, when the queue was idle, schedules one drain on the event loop
+with ``call_soon_threadsafe``; the drain turns up to ``DRAIN_BATCH`` messages into readings per
+loop step and then yields, so a flood of messages cannot starve the buffer commit and the
+shipper of the same loop. All other state lives on the loop and needs no lock.
+
+Delivery guarantee: the session on the site broker is persistent (a fixed client id, no clean
+start, a session expiry) and subscriptions default to QoS 1. QoS 1 messages are acknowledged
+(PUBACK, in arrival order, as MQTT requires) only after the runtime has committed their readings
+to the buffer (``Emitter.after_commit``), so whatever a device published with QoS 1 survives an
+agent crash or restart on the broker.
 """
 
 from __future__ import annotations
@@ -12,23 +20,34 @@ import contextlib
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.inputs.base import Emitter, InputContext, ProbeResult
 from agent.inputs.common import ProblemLog, StatusTracker, now_us, zone
 from agent.inputs.mqtt.config import MqttDevice, MqttInputConfig, Subscription
-from agent.inputs.mqtt.mapping import MessageError, map_message, topic_device_key
+from agent.inputs.mqtt.mapping import MessageError, TopicFilter, map_message, topic_device_key
 from protocol import Value
 
 log = structlog.get_logger(__name__)
 
 _METRIC = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
+# Messages turned into readings per event-loop step before the drain yields to other tasks.
+DRAIN_BATCH = 256
+# How long a stopping input waits for its last readings to be committed before it
+# disconnects; what is not acknowledged by then is sent again by the broker after a restart.
+STOP_ACK_WAIT = 5.0
+
+# A message as the paho thread hands it over: topic, payload, packet id, QoS, DUP flag.
+Received = tuple[str, bytes | bytearray, int, int, bool]
+Results = list[tuple[MqttDevice, dict[str, Value], int]]
 
 
 class MqttInput:
@@ -40,58 +59,89 @@ class MqttInput:
         self._config = config
         self._gateway = context.gateway_id
         self._by_key: dict[str, MqttDevice] = {d.match_key: d for d in config.devices}
+        self._routes: list[tuple[TopicFilter, Subscription]] = [
+            (TopicFilter(sub.topic), sub) for sub in config.subscriptions
+        ]
         self._status = StatusTracker(config.name)
-        # messages, readings, and one counter per problem kind (malformed, missing, ...).
+        # messages, readings, dropped (overload), and one counter per problem kind.
         self.counters: Counter[str] = Counter()
         self._problems = ProblemLog("mqtt_input", config.name, counts=self.counters)
         self._zone = zone(config.timezone)
         self._last_seen: dict[uuid.UUID, float] = {}
         self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
         self._ever_connected = False
         self._stopping = False
         self._connect_error = ""
         # Devices whose message of the moment failed, with why (filled by _apply).
         self._failed: list[tuple[MqttDevice, str]] = []
+        # Handed over by paho's thread; deque.append/popleft are atomic under the GIL.
+        self._pending: deque[Received] = deque()
+        self._drain_scheduled = False
+        # Overload drops counted on paho's thread, folded into ``counters`` on the loop.
+        self._dropped = 0
+        self._dropped_seen = 0
+        # QoS 1 messages handled but not acknowledged yet: (sequence, packet id, qos).
+        self._unacked: deque[tuple[int, int, int]] = deque()
+        self._unacked_ids: set[int] = set()
+        self._sequence = 0
+        self._ack_waiting = False
+        self._client_now: paho.Client | None = None
 
     # -- paho plumbing ----------------------------------------------------------------------
 
     def _client(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        deliver: Callable[[str, bytes], None],
-        probing: bool,
+        self, loop: asyncio.AbstractEventLoop, drain: Callable[[], None], probing: bool
     ) -> paho.Client:
         config = self._config
         client_id = config.client_id or f"sensormine-{self._gateway.hex[:8]}-{config.name}"
+        persistent = config.session_expiry > 0 and not probing
         if probing:
             # `inputs test` runs beside the agent: reusing its client id would make the broker
             # drop the running agent's session (MQTT client takeover).
             client_id = f"{client_id[:100]}-test-{uuid.uuid4().hex[:8]}"
         client_id = client_id[:128]
+        v5 = config.mqtt_version == "5"
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=paho.MQTTv311,
-            clean_session=True,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            # MQTT 5 takes clean_start at connect instead.
+            clean_session=None if v5 else not persistent,
+            # Acknowledged after the buffer commit; `inputs test` stores nothing to wait for.
+            manual_ack=not probing,
         )
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         client.reconnect_delay_set(
             max(1, round(config.reconnect_min)), max(1, round(config.reconnect_max))
         )
+        pending = self._pending
+        limit = config.max_pending
 
-        def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        def on_connect(c: paho.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
             if not reason.is_failure:
                 # Subscribing here (on paho's thread) makes every reconnect resubscribe.
                 topics: list[tuple[str, int]] = [(s.topic, s.qos) for s in config.subscriptions]
                 c.subscribe(topics)
-            loop.call_soon_threadsafe(self._on_connect, not reason.is_failure, str(reason))
+            present = bool(getattr(flags, "session_present", False))
+            loop.call_soon_threadsafe(self._on_connect, not reason.is_failure, str(reason), present)
 
         def on_disconnect(_c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             loop.call_soon_threadsafe(self._on_disconnect, str(reason))
 
         def on_message(_c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
-            loop.call_soon_threadsafe(deliver, message.topic, bytes(message.payload))
+            qos = message.qos
+            if qos == 0 and len(pending) >= limit:
+                # Overload: more than the loop can turn into readings. QoS 0 has no way back
+                # to the broker, so it is dropped here, counted; QoS 1 is bounded by the
+                # broker's in-flight window and always kept.
+                self._dropped += 1
+                return
+            pending.append((message.topic, message.payload, message.mid, qos, message.dup))
+            if not self._drain_scheduled:
+                self._drain_scheduled = True
+                loop.call_soon_threadsafe(drain)
 
         def on_connect_fail(_c: paho.Client, _u: Any) -> None:
             loop.call_soon_threadsafe(self._on_connect_fail)
@@ -102,11 +152,22 @@ class MqttInput:
         client.on_connect_fail = on_connect_fail
         return client
 
-    def _on_connect(self, ok: bool, reason: str) -> None:
+    def _on_connect(self, ok: bool, reason: str, session_present: bool = False) -> None:
         if ok:
-            log.info("mqtt_input.connected", input=self.name, host=self._config.host)
+            log.info(
+                "mqtt_input.connected",
+                input=self.name,
+                host=self._config.host,
+                session_present=session_present,
+            )
+            if not session_present and self._unacked:
+                # A new session: the broker forgot the unacknowledged messages (their readings
+                # are staged already), and their packet ids mean nothing any more.
+                self._unacked.clear()
+                self._unacked_ids.clear()
             self._connect_error = ""
             self._ever_connected = True
+            self._disconnected.clear()
             self._connected.set()
         else:
             self._connect_error = f"broker refused the connection: {reason}"
@@ -120,62 +181,91 @@ class MqttInput:
 
     def _on_disconnect(self, reason: str) -> None:
         self._connected.clear()
+        self._disconnected.set()
         if self._stopping:
             log.info("mqtt_input.closed", input=self.name)
             return
         self._connect_error = f"connection to the local broker lost: {reason}"
         log.warning("mqtt_input.disconnected", input=self.name, reason=reason)
 
-    async def _start(
-        self, deliver: Callable[[str, bytes], None], probing: bool = False
-    ) -> paho.Client:
+    async def _start(self, drain: Callable[[], None], probing: bool = False) -> paho.Client:
         self._stopping = False
-        client = self._client(asyncio.get_running_loop(), deliver, probing)
+        self._pending.clear()
+        self._drain_scheduled = False
+        client = self._client(asyncio.get_running_loop(), drain, probing)
+        config = self._config
+        properties = None
+        clean_start: bool | Literal[3] = paho.MQTT_CLEAN_START_FIRST_ONLY
+        if config.mqtt_version == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.ReceiveMaximum = config.max_in_flight
+            if not probing and config.session_expiry > 0:
+                properties.SessionExpiryInterval = round(config.session_expiry)
+                clean_start = False
+            else:
+                clean_start = True
         # connect_async + loop_start: paho's thread connects and keeps reconnecting by itself;
         # a broker that is down at start is therefore not an error of the input.
-        client.connect_async(self._config.host, self._config.port, round(self._config.keepalive))
+        client.connect_async(
+            config.host,
+            config.port,
+            round(config.keepalive),
+            clean_start=clean_start,
+            properties=properties,
+        )
         client.loop_start()
+        self._client_now = client
         return client
 
     async def _stop(self, client: paho.Client) -> None:
         self._stopping = True
+        was_connected = self._connected.is_set()
         client.disconnect()
+        if was_connected:
+            # paho writes what is queued (the last acknowledgements, then DISCONNECT) on its
+            # own thread; stopping that thread first would throw them away.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._disconnected.wait(), 2.0)
         # loop_stop joins paho's thread; do the join off the event loop.
         await asyncio.to_thread(client.loop_stop)
+        self._client_now = None
 
     # -- message handling -------------------------------------------------------------------
 
     def _problem(self, kind: str, message: str, topic: str) -> None:
         self._problems(kind, message, topic=topic)
 
-    def _handle(self, topic: str, payload: bytes) -> list[tuple[MqttDevice, dict[str, Value], int]]:
+    def _handle(self, topic: str, payload: bytes | bytearray) -> Results:
         """The readings in one message, per device; problems are counted and logged."""
         self.counters["messages"] += 1
-        results: list[tuple[MqttDevice, dict[str, Value], int]] = []
-        for sub in self._config.subscriptions:
-            if not paho.topic_matches_sub(sub.topic, topic):
-                continue
-            results.extend(self._apply(sub, topic, payload))
+        results: Results = []
+        levels = topic.split("/")
+        for topic_filter, sub in self._routes:
+            if topic_filter.matches(topic, levels):
+                results.extend(self._apply(sub, topic, payload, levels))
         return results
 
     def _apply(
-        self, sub: Subscription, topic: str, payload: bytes
-    ) -> list[tuple[MqttDevice, dict[str, Value], int]]:
+        self, sub: Subscription, topic: str, payload: bytes | bytearray, levels: list[str]
+    ) -> Results:
         # The device first: a message for nobody we know is unknown_device whatever it holds,
         # and a bad message for a known device puts that device in error.
-        key = topic_device_key(sub, topic)
+        key = topic_device_key(sub, topic, levels)
         if key is not None and key not in self._by_key:
             self._problem("unknown_device", f"{topic}: no device has key {key!r}", topic)
             return []
         limit = self._config.max_payload_bytes
         if len(payload) > limit:
-            reason = f"{topic}: payload of {len(payload)} bytes is larger than max_payload_bytes ({limit})"
+            reason = (
+                f"{topic}: payload of {len(payload)} bytes is larger than "
+                f"max_payload_bytes ({limit})"
+            )
             self._problem("too_large", reason, topic)
             if key is not None:
                 self._failed.append((self._by_key[key], reason))
             return []
         try:
-            mapped = map_message(sub, topic, payload, self._zone)
+            mapped = map_message(sub, topic, payload, self._zone, levels)
         except MessageError as exc:
             self._problem(exc.problem, str(exc), topic)
             device = self._by_key.get(exc.device_key or "")
@@ -192,7 +282,7 @@ class MqttInput:
             self._problem("missing", f"{topic}: missing {', '.join(mapped.missing)}", topic)
         readings: dict[str, Value] = {}
         for metric, value in mapped.readings.items():
-            if _METRIC.match(metric):
+            if metric in sub.fields or _METRIC.match(metric):
                 readings[metric] = value
             else:
                 self._problem(
@@ -201,29 +291,112 @@ class MqttInput:
         stamp = mapped.time_us if mapped.time_us is not None else now_us()
         return [(device, readings, stamp)] if readings else []
 
+    def _take_dropped(self) -> None:
+        dropped = self._dropped
+        if dropped != self._dropped_seen:
+            fresh = dropped - self._dropped_seen
+            self._dropped_seen = dropped
+            self.counters["dropped"] += fresh
+            self._problems.counts["overload"] += fresh - 1
+            self._problems(
+                "overload",
+                f"{fresh} QoS 0 messages dropped: more than max_pending "
+                f"({self._config.max_pending}) waiting to be read",
+                topic="",
+            )
+
+    # -- acknowledgements -------------------------------------------------------------------
+
+    def _ack_up_to(self, emit: Emitter, sequence: int) -> None:
+        """Acknowledge, in arrival order, every QoS 1 message handled up to ``sequence``."""
+        self._ack_waiting = False
+        client = self._client_now
+        unacked = self._unacked
+        while unacked and unacked[0][0] <= sequence:
+            _seq, mid, qos = unacked.popleft()
+            self._unacked_ids.discard(mid)
+            if client is not None:
+                client.ack(mid, qos)
+        self._request_ack(emit)
+
+    def _request_ack(self, emit: Emitter) -> None:
+        if self._unacked and not self._ack_waiting:
+            self._ack_waiting = True
+            last = self._unacked[-1][0]
+            emit.after_commit(lambda: self._ack_up_to(emit, last))
+
     # -- run and probe ----------------------------------------------------------------------
 
     async def run(self, emit: Emitter) -> None:
         """Listen until cancelled; device statuses follow their messages and the broker link."""
+        pending = self._pending
+        status = self._status
+        last_seen = self._last_seen
+        failed = self._failed
+        counters = self.counters
+        unacked = self._unacked
+        unacked_ids = self._unacked_ids
+        loop = asyncio.get_running_loop()
 
-        def deliver(topic: str, payload: bytes) -> None:
+        def drain() -> None:
+            self._drain_scheduled = False
+            if self._stopping:
+                return  # not handled, not acknowledged: the broker sends it again
             started = time.perf_counter()
-            self._failed.clear()
-            for device, readings, stamp in self._handle(topic, payload):
-                for metric, value in readings.items():
-                    emit.reading(device.id, metric, value, stamp)
-                    self.counters["readings"] += 1
-                self._last_seen[device.id] = time.monotonic()
-                self._status.online(emit, device.id)
-            for device, reason in self._failed:
-                self._status.error(emit, device.id, reason)
+            handled = 0
+            while pending and handled < DRAIN_BATCH:
+                topic, payload, mid, qos, _dup = pending.popleft()
+                handled += 1
+                if qos and mid in unacked_ids:
+                    # Sent again after a reconnect, but its readings are staged already and its
+                    # acknowledgement is queued behind the buffer commit.
+                    continue
+                failed.clear()
+                for device, readings, stamp in self._handle(topic, payload):
+                    device_id = device.id
+                    for metric, value in readings.items():
+                        emit.reading(device_id, metric, value, stamp)
+                    counters["readings"] += len(readings)
+                    last_seen[device_id] = time.monotonic()
+                    status.online(emit, device_id)
+                for device, reason in failed:
+                    status.error(emit, device.id, reason)
+                if qos:
+                    self._sequence += 1
+                    unacked.append((self._sequence, mid, qos))
+                    unacked_ids.add(mid)
+            self._request_ack(emit)
+            if self._dropped != self._dropped_seen:
+                self._take_dropped()
             emit.read_duration(time.perf_counter() - started)
+            if pending and not self._drain_scheduled:
+                # More waiting: yield to the other tasks of the loop, then go on.
+                self._drain_scheduled = True
+                loop.call_soon(drain)
 
-        client = await self._start(deliver)
+        client = await self._start(drain)
         try:
             await self._watch(emit)
         finally:
-            await self._stop(client)
+            await self._finish(client, emit)
+
+    async def _finish(self, client: paho.Client, emit: Emitter) -> None:
+        """Stop taking messages, acknowledge what was committed, then disconnect."""
+        self._stopping = True
+        if self._unacked:
+            committed = asyncio.get_running_loop().create_future()
+            last = self._unacked[-1][0]
+
+            def acked() -> None:
+                self._ack_up_to(emit, last)
+                if not committed.done():
+                    committed.set_result(None)
+
+            self._ack_waiting = True
+            emit.after_commit(acked)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(committed, STOP_ACK_WAIT)
+        await self._stop(client)
 
     async def _watch(self, emit: Emitter) -> None:
         """Mark devices `error` while the broker is unreachable or a device has gone quiet."""
@@ -233,6 +406,7 @@ class MqttInput:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
+            self._take_dropped()
             if not self._connected.is_set() and self._connect_error:
                 for device in self._config.devices:
                     self._status.error(emit, device.id, self._connect_error)
@@ -249,18 +423,22 @@ class MqttInput:
         seen: dict[uuid.UUID, dict[str, Value]] = {}
         errors: dict[uuid.UUID, str] = {}
         everyone = asyncio.Event()
+        pending = self._pending
 
-        def deliver(topic: str, payload: bytes) -> None:
-            self._failed.clear()
-            for device, readings, _stamp in self._handle(topic, payload):
-                seen.setdefault(device.id, {}).update(readings)
-                errors.pop(device.id, None)
-            for device, reason in self._failed:
-                errors.setdefault(device.id, reason)
+        def drain() -> None:
+            self._drain_scheduled = False
+            while pending:
+                topic, payload, _mid, _qos, _dup = pending.popleft()
+                self._failed.clear()
+                for device, readings, _stamp in self._handle(topic, payload):
+                    seen.setdefault(device.id, {}).update(readings)
+                    errors.pop(device.id, None)
+                for device, reason in self._failed:
+                    errors.setdefault(device.id, reason)
             if len(seen) == len(self._config.devices):
                 everyone.set()
 
-        client = await self._start(deliver, probing=True)
+        client = await self._start(drain, probing=True)
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(everyone.wait(), self._config.probe_wait)

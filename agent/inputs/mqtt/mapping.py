@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -39,19 +40,63 @@ class Mapped:
     missing: list[str]
 
 
+@functools.lru_cache(maxsize=4096)
+def _steps(path: str) -> tuple[str | int, ...]:
+    """A path's keys and list indexes, parsed once per distinct path (a measured hot spot)."""
+    return tuple(
+        int(index) if index else key for key, index in _STEP.findall(path.removeprefix("$."))
+    )
+
+
 def lookup(document: Any, path: str) -> Any:
     """The value at ``path`` ("a.b[0].c") in a decoded JSON document; ``KeyError`` if absent."""
     current = document
-    for key, index in _STEP.findall(path.removeprefix("$.")):
-        if index:
-            if not isinstance(current, list) or int(index) >= len(current):
+    for step in _steps(path):
+        if step.__class__ is int:
+            if current.__class__ is not list or step >= len(current):  # type: ignore[operator]
                 raise KeyError(path)
-            current = current[int(index)]
-        else:
-            if not isinstance(current, dict) or key not in current:
-                raise KeyError(path)
-            current = current[key]
+        elif current.__class__ is not dict or step not in current:
+            raise KeyError(path)
+        current = current[step]
     return current
+
+
+class TopicFilter:
+    """An MQTT topic filter compiled once: matching costs a comparison per level.
+
+    paho's ``topic_matches_sub`` builds a matcher tree on every call, which was the largest
+    single cost per message with a handful of subscriptions.
+    """
+
+    __slots__ = ("_exact", "_levels", "_multi", "_wild_first")
+
+    def __init__(self, text: str) -> None:
+        """Compile ``text`` (already validated: ``+`` and ``#`` only as whole levels)."""
+        levels = text.split("/")
+        self._multi = levels[-1] == "#"
+        if self._multi:
+            levels.pop()
+        self._levels = tuple(None if level == "+" else level for level in levels)
+        self._exact = text if "+" not in levels and not self._multi else None
+        self._wild_first = (self._multi and not levels) or (bool(levels) and levels[0] == "+")
+
+    def matches(self, topic: str, levels: list[str]) -> bool:
+        """Whether ``topic`` (split into ``levels``) matches this filter."""
+        if self._exact is not None:
+            return topic == self._exact
+        if self._wild_first and topic.startswith("$"):
+            return False  # MQTT 4.7.2: wildcards at the first level do not match $-topics
+        wanted = self._levels
+        if self._multi:
+            # "a/#" also matches "a" itself (MQTT 4.7.1.2).
+            if len(levels) < len(wanted):
+                return False
+        elif len(levels) != len(wanted):
+            return False
+        for want, level in zip(wanted, levels, strict=False):
+            if want is not None and want != level:
+                return False
+        return True
 
 
 def boolean_word(raw: str) -> bool | None:
@@ -64,12 +109,12 @@ def boolean_word(raw: str) -> bool | None:
     return None
 
 
-def topic_device_key(sub: Subscription, topic: str) -> str | None:
+def topic_device_key(sub: Subscription, topic: str, levels: list[str] | None = None) -> str | None:
     """The device key a subscription takes from the topic or its configuration, if it does."""
     if sub.device is not None:
         return sub.device
     if sub.device_level is not None:
-        return topic.split("/")[sub.device_level]
+        return (levels if levels is not None else topic.split("/"))[sub.device_level]
     return None
 
 
@@ -101,14 +146,20 @@ def to_value(raw: Any) -> bool | int | float:
 
 
 def map_message(
-    sub: Subscription, topic: str, payload: bytes, local_zone: tzinfo | None = None
+    sub: Subscription,
+    topic: str,
+    payload: bytes | bytearray,
+    local_zone: tzinfo | None = None,
+    levels: list[str] | None = None,
 ) -> Mapped:
     """The readings of ``payload`` under ``sub``, or ``MessageError`` saying what is wrong.
 
-    ``local_zone`` is the zone of ISO times without an offset (the input's ``timezone``).
+    ``local_zone`` is the zone of ISO times without an offset (the input's ``timezone``);
+    ``levels`` is the topic already split at ``/``.
     """
-    levels = topic.split("/")
-    device_key = topic_device_key(sub, topic)
+    if levels is None:
+        levels = topic.split("/")
+    device_key = topic_device_key(sub, topic, levels)
 
     if sub.payload == "plain":
         assert device_key is not None  # validation: plain payloads name devices by topic/config
