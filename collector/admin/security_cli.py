@@ -416,6 +416,15 @@ def broker_sync(
         collector_user=settings.mqtt.username or "sensormine-collector",
     )
     access = CaAccess.of(pki_dir, ca_key, ca_passphrase_file)
+    for path, option in (
+        (layout.server_cert, "--server-cert"),
+        (layout.server_key, "--server-key"),
+    ):
+        if not path.is_file():
+            raise click.ClickException(
+                f"{path}: no such file ({option}); issue the broker's certificate with"
+                " `pki server-cert` or name your own"
+            )
 
     async def read_view() -> identity.BrokerView:
         async with connect(_metadata_kwargs(settings)) as conn:
