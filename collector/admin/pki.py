@@ -13,7 +13,6 @@ keeps the certificate (public) and never the key.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import os
 import tempfile
@@ -379,8 +378,3 @@ def build_crl(
 def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
     """The CRL as PEM (what Mosquitto's ``crlfile`` reads)."""
     return crl.public_bytes(serialization.Encoding.PEM)
-
-
-def certificate_digest(pem: bytes) -> str:
-    """A short digest of PEM bytes, for messages that must not show the content."""
-    return hashlib.sha256(pem).hexdigest()[:12]

@@ -486,6 +486,7 @@ def broker_sync(
         "with_password": len(passwords),
         "refused_certificates": len(view.revoked),
         "disabled_gateways": view.disabled,
+        "certificates_of_deleted_gateways": view.orphaned,
         "changed": changed_names,
         "reload": reloaded,
         "restart_needed": listeners_changed,
