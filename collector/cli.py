@@ -22,6 +22,7 @@ from collector.quarantine_cli import quarantine as quarantine_group
 from collector.service import Collector, db_kwargs, migrate_all
 from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
 from collector.streams import concurrent_streams
+from collector.watch import watch
 
 _CONFIG = click.option(
     "--config",
@@ -265,6 +266,9 @@ main.add_command(quarantine_group)
 
 # Registry administration: tenants, gateways, schemas, device-types, devices, alert-rules, seed.
 register_admin(main)
+
+# Frames of a prefix, tenant or gateway, decoded.
+main.add_command(watch)
 
 # Data lifecycle report: edition, chunks, jobs, ingest lag, ledger, rejects, broker.
 main.add_command(doctor)

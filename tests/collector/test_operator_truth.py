@@ -15,6 +15,7 @@ from typing import Any
 
 from collector.cli import read_status
 from collector.service import running
+from protocol import Ack, AckResult, Batch, GatewayStatus, Series, TopicKind, encode_frame
 from tests.collector.conftest import (
     Databases,
     GatewayClient,
@@ -143,3 +144,65 @@ async def test_a_gateway_whose_batches_come_from_two_streams_at_once_is_flagged(
     assert (str(fleet.gateway), "gw1") == (flagged["gateway_id"], flagged["name"])
     assert str(clone_a) in flagged["streams"] and str(clone_b) in flagged["streams"]
     assert "gw1" in {g["name"] for g in report["gateways"]}
+
+
+async def test_watch_prints_a_gateways_frames_decoded(tmp_path: Path) -> None:
+    """``watch`` subscribes to one gateway's topics and prints its status frame, batch and ack
+    decoded (``mosquitto_sub`` prints binary msgpack); frames of other gateways are not shown."""
+    host, port = SYSTEM_MQTT
+    p = f"w{uuid.uuid4().hex[:10]}"
+    tenant, gateway, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        '[metadata]\ndsn = "postgresql://x@127.0.0.1/x"\n[timeseries]\ndsn = "postgresql://x@127.0.0.1/x"\n'
+        f'[mqtt]\nhost = "{host}"\nport = {port}\nprefix = "{p}"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "collector",
+        "watch",
+        "--config",
+        str(config),
+        "--gateway",
+        str(gateway),
+        "--count",
+        "3",
+        "--seconds",
+        "30",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    await asyncio.sleep(2)  # the subscription is made right after connecting
+    stream = uuid.uuid4()
+    batch = Batch(
+        gateway_id=gateway,
+        stream=stream,
+        seq=7,
+        created=now_us(),
+        series=[Series(device_id=uuid.uuid4(), metric="t", timestamps=[now_us()], values=[21.5])],
+    )
+    with GatewayClient(host, port, p, tenant, gateway) as gw:
+        gw.publish(batch, gateway=other)
+        gw.publish(
+            encode_frame(GatewayStatus(gateway_id=gateway, state="online", time=now_us())),
+            TopicKind.STATUS,
+        )
+        gw.publish(batch)
+        gw.publish(
+            encode_frame(Ack(stream=stream, seq=7, result=AckResult.OK, accepted=1)),
+            TopicKind.ACK,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 40)
+    assert 0 == proc.returncode, err.decode()
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    assert ["status", "batch", "ack"] == [line["kind"] for line in lines]
+    assert {str(gateway)} == {lines[0]["gateway_id"], lines[1]["gateway_id"]}
+    assert (7, 1, 21.5) == (
+        lines[1]["seq"],
+        lines[1]["readings"],
+        lines[1]["series"][0]["last_value"],
+    )
+    assert ("ok", 1) == (lines[2]["result"], lines[2]["accepted"])
