@@ -23,6 +23,7 @@ from agent.buffer import DROP_REASONS, BufferStats, integrity, open_store_readon
 from agent.errors import AgentError, BufferFileError, ConfigError
 from agent.inputs.base import InputContext, kind, kinds
 from agent.log import configure
+from agent.runtime import rss_bytes, store_figures
 from agent.settings import DEFAULT_CONFIG_PATH, Settings, effective_config, load_settings
 from protocol import Batch, ProtocolError, decode_batch
 
@@ -477,7 +478,11 @@ def inputs_test(config_path: Path, name: str) -> None:
         known = ", ".join(c.name for c in settings.inputs) or "none"
         _fail(f"{config_path}: no input named {name!r} (configured: {known})")
     config = matches[0]
-    context = InputContext(gateway_id=settings.gateway.id, buffer_path=settings.buffer.path)
+    context = InputContext(
+        gateway_id=settings.gateway.id,
+        buffer_path=settings.buffer.path,
+        stats=lambda: _buffer_figures(settings.buffer.path),
+    )
     try:
         instance = kind(config.type).factory(config, context)
         results = asyncio.run(instance.probe())
@@ -491,5 +496,34 @@ def inputs_test(config_path: Path, name: str) -> None:
             failed = True
             click.echo(f"  error: {result.error}")
         for metric, value in result.readings.items():
-            click.echo(f"  {metric} = {value!r}")
+            click.echo(f"  {metric} = {json.dumps(value, ensure_ascii=False)}")
     sys.exit(1 if failed else 0)
+
+
+def _buffer_figures(path: Path) -> dict[str, float]:
+    """The agent's own figures (``agent_*`` of the system input) from the buffer file, as the
+    running agent would report them now; link_up is 0 (``inputs test`` does not connect)."""
+    if not path.exists():
+        return store_figures_empty()
+    try:
+        store = open_store_readonly(path)
+    except BufferFileError:
+        return store_figures_empty()
+    try:
+        return store_figures(store, link_up=False)
+    finally:
+        store.conn.close()
+
+
+def store_figures_empty() -> dict[str, float]:
+    """The figures of an agent whose buffer file does not exist yet."""
+    return {
+        "buffer_readings": 0.0,
+        "buffer_held_readings": 0.0,
+        "buffer_batches": 0.0,
+        "buffer_bytes": 0.0,
+        "dropped": 0.0,
+        "produced": 0.0,
+        "rss_bytes": float(rss_bytes()),
+        "link_up": 0.0,
+    }

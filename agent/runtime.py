@@ -25,7 +25,7 @@ import structlog
 
 from agent import __version__
 from agent.backlog import BacklogMeter
-from agent.buffer import DROP_REASONS, Buffer, ReadingRow, event_note, now_us, status_note
+from agent.buffer import DROP_REASONS, Buffer, ReadingRow, Store, event_note, now_us, status_note
 from agent.errors import AgentError, ConfigError
 from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
 from agent.metrics import AgentMetrics
@@ -47,6 +47,22 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def store_figures(store: Store, link_up: bool) -> dict[str, float]:
+    """The agent's own figures from a buffer store (what the ``system`` input reports as
+    ``agent_*`` metrics; ``inputs test`` reads them from the buffer file)."""
+    dropped = sum(store.counters[f"dropped_{r}"] for r in DROP_REASONS)
+    return {
+        "buffer_readings": float(store.unsealed + store.batched_readings),
+        "buffer_held_readings": float(len(store.held)),
+        "buffer_batches": float(store.batch_count),
+        "buffer_bytes": float(store.bytes),
+        "dropped": float(dropped + sum(store.unpersisted.values())),
+        "produced": float(store.counters["produced"]),
+        "rss_bytes": float(rss_bytes()),
+        "link_up": 1.0 if link_up else 0.0,
+    }
 
 
 class Staging:
@@ -234,17 +250,7 @@ class Runtime:
             store = self.buffer.store
         except Exception:
             return {"buffer_readings": 0, "buffer_bytes": 0, "dropped": 0, "rss_bytes": rss_bytes()}
-        dropped = sum(store.counters[f"dropped_{r}"] for r in DROP_REASONS)
-        return {
-            "buffer_readings": float(store.unsealed + store.batched_readings),
-            "buffer_held_readings": float(len(store.held)),
-            "buffer_batches": float(store.batch_count),
-            "buffer_bytes": float(store.bytes),
-            "dropped": float(dropped + sum(store.unpersisted.values())),
-            "produced": float(store.counters["produced"]),
-            "rss_bytes": float(rss_bytes()),
-            "link_up": 1.0 if self.shipper.state == "connected" else 0.0,
-        }
+        return store_figures(store, link_up=self.shipper.state == "connected")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain and return."""

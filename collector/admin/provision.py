@@ -197,8 +197,63 @@ def render_agent_config(
         out += _simulated_stanza(active, interval, seed)
     else:
         for device in active:
-            out += _modbus_stanza(device)
+            if is_gateway_health(device):
+                out += _system_stanza(device, gateway["id"])
+            else:
+                out += _modbus_stanza(device)
     return "\n".join(out).rstrip() + "\n"
+
+
+SYSTEM_GROUPS: dict[str, frozenset[str]] = {
+    "cpu": frozenset({"cpu_percent"}),
+    "memory": frozenset({"memory_total_bytes", "memory_available_bytes", "memory_used_percent"}),
+    "disk": frozenset({"disk_total_bytes", "disk_free_bytes", "disk_free_percent"}),
+    "load": frozenset({"load_1m", "load_5m", "load_15m"}),
+    "temperature": frozenset({"temperature"}),
+    "uptime": frozenset({"uptime_seconds"}),
+    "agent": frozenset(
+        {
+            "agent_buffer_readings",
+            "agent_buffer_held_readings",
+            "agent_buffer_batches",
+            "agent_buffer_bytes",
+            "agent_dropped",
+            "agent_produced",
+            "agent_rss_bytes",
+            "agent_link_up",
+        }
+    ),
+}
+"""What each group of the agent's ``system`` input reports (config/schemas/gateway-health.json
+describes every metric)."""
+GATEWAY_HEALTH_METRICS = frozenset().union(*SYSTEM_GROUPS.values())
+
+
+def is_gateway_health(device: Row) -> bool:
+    """Whether ``device``'s schema is the gateway's own health (the ``system`` input's metrics)."""
+    metrics = _metrics(device)
+    return bool(metrics) and set(metrics) <= GATEWAY_HEALTH_METRICS
+
+
+def _system_stanza(device: Row, gateway_id: Any) -> list[str]:
+    """A ``system`` input for the gateway-health device: it reads the gateway itself, nothing
+    to complete."""
+    out = [
+        f"## Device {device['name']} ({device['device_type']}): the gateway's own health.",
+        "[[inputs]]",
+        'type = "system"',
+        f"name = {_q(_input_name(device['name']))}",
+        'interval = "30s"',
+        f"device_name = {_q(device['name'])}",
+    ]
+    metrics = set(_metrics(device))
+    groups = [g for g, names in SYSTEM_GROUPS.items() if names <= metrics]
+    if len(groups) < len(SYSTEM_GROUPS):
+        # Only what the device type's schema describes: anything else would be quarantined.
+        out.append(f"groups = [{', '.join(_q(g) for g in groups)}]")
+    if str(device["id"]) != str(gateway_id):
+        out.append(f"device_id = {_q(str(device['id']))}")
+    return [*out, ""]
 
 
 def _credential_lines(

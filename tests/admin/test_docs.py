@@ -38,6 +38,8 @@ def test_doc_walkthrough_runs(
     monkeypatch.chdir(tmp_path)
     (json_block,) = _blocks("json")
     (tmp_path / "room-climate.json").write_text(json_block, encoding="utf-8")
+    health = REPO / "config" / "schemas" / "gateway-health.json"
+    (tmp_path / "gateway-health.json").write_text(health.read_text(encoding="utf-8"))
     commands = _commands()
     assert commands[0].startswith("export SENSORMINE_COLLECTOR_CONFIG=")
     ran = 0
@@ -62,6 +64,14 @@ def test_doc_walkthrough_runs(
         if simulated:
             configured = {d.id for d in settings.inputs[0].devices}  # type: ignore[attr-defined]
             assert {r["id"] for r in devices} == configured
+        else:
+            # The gateway-health device gets a system input, never a Modbus stanza.
+            (health_device,) = admin.query("SELECT id FROM devices WHERE name = 'plant-1-health'")
+            system = [i for i in settings.inputs if i.type == "system"]
+            assert [health_device["id"]] == [i.device_id for i in system]  # type: ignore[attr-defined]
+            text = (tmp_path / name).read_text()
+            assert 'name = "plant-1-health"\n# unit' not in text
+            assert text.count('# type = "modbus"') == len(devices) - 1
     history = admin.data("device-types history room-sensor --tenant acme")
     assert ["create", "update"] == [a["action"] for a in history["audit"]]
     assert "alice" == history["audit"][1]["actor"]

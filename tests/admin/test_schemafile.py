@@ -37,8 +37,8 @@ def test_example_schema_files_pass(path: Path) -> None:
 
 
 def test_example_files_exist() -> None:
-    """The three demo schemas are there."""
-    assert ["environmental.json", "power-meter.json", "vibration.json"] == [
+    """The three demo schemas and the gateway-health schema of the system input are there."""
+    assert ["environmental.json", "gateway-health.json", "power-meter.json", "vibration.json"] == [
         p.name for p in EXAMPLES
     ]
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from agent.inputs.base import InputContext
@@ -137,3 +141,49 @@ async def test_values_keep_their_kind_and_start_up_is_not_a_cpu_figure(
     assert True is first["agent_link_up"]
     for metric in ("memory_used_percent", "disk_free_percent", "load_1m", "uptime_seconds"):
         assert float is kinds[metric], metric
+
+
+def test_inputs_test_lists_every_metric_and_the_schema_file_describes_them(tmp_path: Path) -> None:
+    """``sensormine-agent inputs test`` of a system input lists every metric the running agent
+    reports, the agent_* figures included (read from the buffer file), and every one of them is in
+    config/schemas/gateway-health.json with its type and unit (the readings validate against it)."""
+    root = Path(__file__).resolve().parents[2]
+    schema = json.loads((root / "config" / "schemas" / "gateway-health.json").read_text())
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[gateway]\nid = "{uuid.uuid4()}"\ntenant_id = "{uuid.uuid4()}"\n'
+        f'[buffer]\npath = "{tmp_path / "buffer.db"}"\n'
+        '[[inputs]]\ntype = "system"\nname = "health"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "inputs", "test", "health", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=root,
+    )
+    assert 0 == result.returncode, result.stderr
+    readings = {
+        name.strip(): json.loads(value)
+        for name, _, value in (
+            line.partition(" = ") for line in result.stdout.splitlines()[1:] if " = " in line
+        )
+    }
+    agent_figures = {
+        "agent_buffer_readings",
+        "agent_buffer_held_readings",
+        "agent_buffer_batches",
+        "agent_buffer_bytes",
+        "agent_dropped",
+        "agent_produced",
+        "agent_rss_bytes",
+        "agent_link_up",
+    }
+    assert agent_figures <= set(readings)
+    properties = schema["properties"]
+    # Every metric the input can report is described (temperature only where a zone exists).
+    assert set(readings) <= set(properties)
+    assert set(properties) - set(readings) <= {"temperature"}
+    assert all("unit" in p for name, p in properties.items() if name != "agent_link_up")
+    jsonschema.Draft202012Validator(schema).validate(readings)
