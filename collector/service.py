@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,7 +31,7 @@ from collector.pipeline import Incoming, Pipeline, Staged
 from collector.quarantine import Filters, QuotaSettings, replay
 from collector.registry import Registry
 from collector.sd_notify import Notifier
-from collector.settings import Settings, connect_params, mqtt_password
+from collector.settings import DEFAULT_GROUP, Settings, connect_params, mqtt_password
 from collector.streams import StreamWatch
 from collector.writer import Writer, write_items
 from protocol import Ack, AckResult, Limits, Reason, encode_frame
@@ -237,12 +238,20 @@ class Collector:
         consumer.start()
         self.notifier.ready("consuming")
         self.ready.set()
+        # The group name is the collectors' shared secret against gateways joining their shared
+        # subscription (docs/security.md): logged as a digest that tells groups apart.
         log.info(
             "collector.started",
             client_id=s.mqtt.client_id,
-            group=s.mqtt.group,
+            group_digest=hashlib.sha256(s.mqtt.group.encode()).hexdigest()[:12],
             prefix=s.mqtt.prefix,
         )
+        if s.mqtt.group == DEFAULT_GROUP and s.mqtt.username is not None:
+            log.warning(
+                "mqtt.group_default",
+                hint="set mqtt.group to a random value shared by the collectors only: a gateway"
+                " that knows the group can join the shared subscription (docs/security.md)",
+            )
         stopped = asyncio.create_task(stop.wait(), name="stop")
         try:
             done, _ = await asyncio.wait(

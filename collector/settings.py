@@ -40,6 +40,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/sensormine/collector.toml")
 ENV_PREFIX = "SENSORMINE_COLLECTOR__"
 MQTT_PASSWORD_ENV = "SENSORMINE_MQTT_PASSWORD"
 MQTT_CREDENTIAL = "mqtt-password"
+DEFAULT_GROUP = "sensormine-collectors"
 
 
 class _Section(BaseModel):
@@ -182,7 +183,7 @@ class MqttSettings(_Section):
     username: str | None = None
     password_file: Path | None = None
     prefix: str = DEFAULT_PREFIX
-    group: str = Field(default="sensormine-collectors", min_length=1)
+    group: str = Field(default=DEFAULT_GROUP, min_length=1)
     # 1.5 x keepalive is how long the broker takes to notice a collector whose host or network
     # went away: short, so that its share of the group moves on within a minute.
     keepalive: Duration = 10.0

@@ -740,5 +740,7 @@ def test_collector_logs_and_status_show_no_secret(broker: SecureBroker, tmp_path
         assert [0, 0, 0, 0] == [r.returncode for r in shown], [r.stderr for r in shown]
         texts = [log.read_text(), *(r.stdout + r.stderr for r in shown)]
         assert [] == [s for s in (COLLECTOR_PASSWORD, db_password) for t in texts if s in t]
+        # The group name, the collectors' shared secret, is logged as a digest only.
+        assert GROUP not in log.read_text() and "group_digest" in log.read_text()
     finally:
         asyncio.run(drop_database(SYSTEM_PG_DSN, ts))
