@@ -4,8 +4,9 @@ Set-up: fresh metadata and time-series databases on the machine's PostgreSQL (mi
 of DEVICES devices with a schema), a private Mosquitto, and BATCHES pre-encoded batch frames of
 SERIES series x POINTS readings (realistic values, 1 Hz timestamps within the last hours).
 
-1. Baseline: the same rows as ready-made records, ``copy_records_to_table`` into ``telemetry``
-   in chunks of the writer's flush size, one transaction each, into the emptied table.
+1. Baseline: the same rows as ready-made ``(time, series_id, value)`` records (series ids looked
+   up beforehand), ``copy_records_to_table`` into ``telemetry`` in chunks of the writer's flush
+   size, one transaction each, into the emptied table.
 2. Collector: ``sensormine-collector run`` as a child process; a separate publisher process
    publishes the frames (QoS 1) as fast as the broker takes them; the clock runs from the first
    publish until the last batch's ledger row is committed.
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from collector import migrations  # noqa: E402
+from collector.series import Kind, SeriesCatalog, SeriesKey  # noqa: E402
 from protocol import Batch, Series, Value, encode_frame  # noqa: E402
 from tests.collector.conftest import make_fleet  # noqa: E402
 from tests.conftest import create_database, drop_database  # noqa: E402
@@ -82,9 +84,16 @@ def make_frames(
 
 async def raw_copy(dsn: str, tenant: uuid.UUID, rows: list[tuple[object, ...]]) -> float:
     """Rows/s of copy_records_to_table in flush-sized transactions, into an empty table."""
-    records = [(t, tenant, d, m, v, None) for (t, d, m, v) in rows]
     conn = await asyncpg.connect(dsn)
     try:
+        keys: dict[SeriesKey, Kind] = {
+            (tenant, d, m): "number"
+            for (_, d, m, _) in rows
+            if isinstance(d, uuid.UUID) and isinstance(m, str)
+        }
+        async with conn.transaction():
+            ids = await SeriesCatalog().resolve(conn, keys)
+        records = [(t, ids[(tenant, d, m)], v) for (t, d, m, v) in rows]  # type: ignore[index]
         await conn.execute("TRUNCATE telemetry")
         started = time.perf_counter()
         for i in range(0, len(records), FLUSH_ROWS):
@@ -92,7 +101,7 @@ async def raw_copy(dsn: str, tenant: uuid.UUID, rows: list[tuple[object, ...]]) 
                 await conn.copy_records_to_table(
                     "telemetry",
                     records=records[i : i + FLUSH_ROWS],
-                    columns=("time", "tenant_id", "device_id", "metric", "value", "value_text"),
+                    columns=("time", "series_id", "value"),
                 )
         rate = len(records) / (time.perf_counter() - started)
         await conn.execute("TRUNCATE telemetry")
@@ -142,7 +151,9 @@ async def collector_run(
 ) -> float:
     """Readings/s from the first publish until the last batch is committed (empty tables)."""
     conn = await asyncpg.connect(ts)
-    await conn.execute("TRUNCATE telemetry; TRUNCATE ingest_ledger; TRUNCATE ingest_dirty")
+    await conn.execute(
+        "TRUNCATE telemetry; TRUNCATE ingest_ledger; TRUNCATE ingest_dirty; TRUNCATE series_latest"
+    )
     await conn.close()
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
@@ -154,7 +165,7 @@ async def collector_run(
     finished = await wait_ledger(ts, len(frames), 300)
     pub.join()
     conn = await asyncpg.connect(ts)
-    stored = await conn.fetchval("SELECT count(*) FROM telemetry")
+    stored = await conn.fetchval("SELECT count(*) FROM readings")
     await conn.close()
     if stored != readings:
         raise SystemExit(f"stored {stored} readings, expected {readings}")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from collector import migrations  # noqa: E402
 from collector.lifecycle.rollups import rollup  # noqa: E402
+from collector.series import SeriesCatalog  # noqa: E402
 from tests.conftest import create_database, drop_database  # noqa: E402
 from tests.services import SYSTEM_PG_DSN  # noqa: E402
 
@@ -36,28 +37,26 @@ TENANT = uuid.UUID("11111111-1111-4111-8111-111111111111")
 
 
 async def _write(
-    conn: asyncpg.Connection, series: list[uuid.UUID], start: datetime, seconds: int
+    conn: asyncpg.Connection, series: list[int], start: datetime, seconds: int
 ) -> None:
     """One flush: ``seconds`` 1 Hz readings per series, and their dirty ranges per hour."""
     records = []
-    dirty: dict[tuple[uuid.UUID, datetime], list[datetime]] = {}
-    for device in series:
+    dirty: dict[tuple[int, datetime], list[datetime]] = {}
+    for sid in series:
         for s in range(seconds):
             t = start + timedelta(seconds=s)
-            records.append((t, TENANT, device, "m", float(s % 97), None))
+            records.append((t, sid, float(s % 97)))
             hour = t.replace(minute=0, second=0, microsecond=0)
-            span = dirty.setdefault((device, hour), [t, t])
+            span = dirty.setdefault((sid, hour), [t, t])
             span[1] = t
     async with conn.transaction():
         await conn.copy_records_to_table(
-            "telemetry",
-            records=records,
-            columns=("time", "tenant_id", "device_id", "metric", "value", "value_text"),
+            "telemetry", records=records, columns=("time", "series_id", "value")
         )
         await conn.copy_records_to_table(
             "ingest_dirty",
-            records=[(TENANT, d, "m", a, b) for (d, _), (a, b) in dirty.items()],
-            columns=("tenant_id", "device_id", "metric", "first_time", "last_time"),
+            records=[(sid, a, b) for (sid, _), (a, b) in dirty.items()],
+            columns=("series_id", "first_time", "last_time"),
         )
 
 
@@ -68,7 +67,11 @@ async def main(series_count: int, hours: int, flush: int, live_flushes: int) -> 
         await migrations.apply(dsn, "timeseries")
         conn = await asyncpg.connect(dsn)
         try:
-            series = [uuid.uuid4() for _ in range(series_count)]
+            async with conn.transaction():
+                ids = await SeriesCatalog().resolve(
+                    conn, {(TENANT, uuid.uuid4(), "m"): "number" for _ in range(series_count)}
+                )
+            series = sorted(ids.values())
             start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(
                 hours=hours + 1
             )

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import asyncpg
 import click
 import structlog
 
-from collector import __version__, migrations
+from collector import __version__, layout, migrations
 from collector.admin.cli import register as register_admin
 from collector.errors import CollectorError
 from collector.lifecycle.doctor import doctor
@@ -91,8 +92,19 @@ def run(config_path: Path) -> None:
     is_flag=True,
     help="List applied and pending migrations; change nothing.",
 )
-def migrate(config_path: Path, show_status: bool) -> None:
-    """Apply pending migrations to the metadata and time-series databases."""
+@click.option(
+    "--skip-layout-move",
+    "skip_layout",
+    is_flag=True,
+    help="Leave readings of the old storage layout for the collectors' `layout` job to move.",
+)
+def migrate(config_path: Path, show_status: bool, skip_layout: bool) -> None:
+    """Apply pending migrations to the metadata and time-series databases.
+
+    Then move readings still in the first storage layout (telemetry_v1) into the series catalog
+    and narrow tables, printing progress; safe to interrupt and run again, it goes on where it
+    stopped.
+    """
     settings = _load(config_path)
     configure_logging(settings.log.level, "console" if sys.stderr.isatty() else settings.log.format)
 
@@ -111,11 +123,50 @@ def migrate(config_path: Path, show_status: bool) -> None:
         for kind, versions in done.items():
             applied = ", ".join(f"{v:04d}" for v in versions) or "nothing pending"
             click.echo(f"{kind}: {applied}")
+        if not skip_layout:
+            await move_layout(settings)
 
     try:
         asyncio.run(go())
     except CollectorError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+async def move_layout(settings: Settings) -> None:
+    """Move what is left of the first storage layout, a slice per transaction, with progress."""
+    kwargs = db_kwargs(settings, "timeseries")
+    try:
+        conn = await asyncpg.connect(**kwargs)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise CollectorError(f"cannot connect to the time-series database: {exc}") from None
+    try:
+        if not await layout.pending(conn):
+            return
+        click.echo("timeseries: moving readings of the first storage layout (resumable)")
+        last = [0.0]
+
+        def show(p: layout.Progress) -> None:
+            if time.monotonic() - last[0] >= 2.0:
+                last[0] = time.monotonic()
+                click.echo(p.line())
+
+        while True:
+            done = await layout.move(conn, on_progress=show)
+            if done.get("locked"):
+                click.echo("another collector is moving the layout; waiting for it")
+                await asyncio.sleep(5)
+                continue
+            break
+        progress = await layout.status(conn)
+        click.echo(
+            "timeseries: layout move finished"
+            if progress is None
+            else f"timeseries: layout move not finished: {progress.line()}"
+        )
+    except asyncpg.PostgresError as exc:
+        raise CollectorError(f"layout move failed (run migrate again to resume): {exc}") from None
+    finally:
+        await conn.close()
 
 
 async def read_status(settings: Settings) -> dict[str, Any]:

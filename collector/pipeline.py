@@ -127,7 +127,8 @@ class Staged:
     gateway_status: tuple[Any, ...] | None = None
     rejects: list[RejectRow] = field(default_factory=list)
     quarantine: list[QuarantineRow] = field(default_factory=list)
-    copy_data: bytes | None = None
+    # Binary COPY rows (telemetry, telemetry_text), built early when the series ids are cached.
+    copy_data: tuple[bytes, bytes] | None = None
     retry: bool = False
     quota_refused: dict[tuple[str, uuid.UUID], int] = field(default_factory=dict)
 

@@ -151,7 +151,7 @@ class Collector:
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1)", migrations.lock_key("timeseries")
                 )
-                for table in ("telemetry", "events"):
+                for table in ("telemetry", "telemetry_text", "events"):
                     current = await conn.fetchval(
                         "SELECT time_interval FROM timescaledb_information.dimensions "
                         "WHERE hypertable_name = $1 AND column_name = 'time'",

@@ -10,10 +10,13 @@ One flush, one transaction, in this order:
    same batch) and are acknowledged as ``duplicate`` when the stored digest is the same, and as
    ``conflict`` when it differs (a gateway reissued the key for other content), without
    writing anything;
-3. binary COPY of the new batches' readings into ``telemetry``, then events, device status
-   changes, quarantine rows (and their quota usage), reject samples, and the touched (device,
-   metric, hour) ranges into ``ingest_dirty``;
-4. COMMIT.
+3. the series ids of the new batches' readings, from the cache or resolved (and created) in
+   this transaction (:mod:`collector.series`);
+4. binary COPY of the readings into ``telemetry`` (numbers, booleans) and ``telemetry_text``
+   (strings), one upsert of ``series_latest`` (one row per series written, whatever the number
+   of readings), then events, device status changes, quarantine rows (and their quota usage),
+   reject samples, and the touched (series, hour) ranges into ``ingest_dirty``;
+5. COMMIT; only then are the new series ids cached.
 
 Only after the commit does the writer hand the flushed items to ``on_committed``, which sends
 the ack frames and the PUBACKs. A failing database leaves the transaction rolled back; the
@@ -22,7 +25,7 @@ nothing is acknowledged and nothing is lost. If the commit's outcome is unknown 
 broke during COMMIT), the retry finds the ledger rows and acknowledges ``duplicate``.
 
 Hooks registered with :meth:`Writer.add_flush_hook` receive a :class:`FlushReport` after each
-committed flush: the rows written and the exact (device, metric, time range) set, which the
+committed flush: the rows written and the exact (series, time range) set, which the
 rollup jobs use to recompute only the buckets that changed.
 """
 
@@ -32,8 +35,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -47,6 +51,7 @@ from collector.observability import CollectorMetrics
 from collector.outcomes import REJECT_COLUMNS
 from collector.pipeline import Incoming, Staged, to_datetime, to_datetime_or_none
 from collector.quarantine import QuotaSettings, apply_quota, insert_rows
+from collector.series import Kind, SeriesCatalog, SeriesKey, value_kind
 from protocol import AckResult, Reason
 
 log = structlog.get_logger("collector.writer")
@@ -64,7 +69,19 @@ EVENT_COLUMNS = (
     "attributes",
 )
 STATUS_COLUMNS = ("time", "tenant_id", "gateway_id", "device_id", "status", "reason")
-DIRTY_COLUMNS = ("tenant_id", "device_id", "metric", "first_time", "last_time")
+DIRTY_COLUMNS = ("series_id", "first_time", "last_time")
+
+# One row per series written by the flush; a late reading never moves the latest value back.
+# Sorted by series id so that two collectors updating the same series cannot deadlock.
+_LATEST_SQL = """
+INSERT INTO series_latest (series_id, time, value, value_text)
+SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::float8[], $4::text[])
+    AS t(series_id, time, value, value_text)
+ORDER BY series_id
+ON CONFLICT (series_id) DO UPDATE
+SET time = EXCLUDED.time, value = EXCLUDED.value, value_text = EXCLUDED.value_text
+WHERE EXCLUDED.time >= series_latest.time
+"""
 
 _LEDGER_SQL = """
 INSERT INTO ingest_ledger (gateway_id, stream, seq, tenant_id, result, accepted, rejected, reason,
@@ -111,13 +128,14 @@ class ItemFailed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DirtyRange:
-    """Readings of one device's metric written by a flush, within one hour."""
+    """Readings of one series written by a flush, within one hour."""
 
     tenant_id: uuid.UUID
     device_id: uuid.UUID
     metric: str
     first_us: int
     last_us: int
+    series_id: int
 
 
 @dataclass(slots=True)
@@ -140,11 +158,17 @@ class FlushReport:
 FlushHook = Callable[[FlushReport], Awaitable[None] | None]
 
 
-def dirty_ranges(items: list[Staged]) -> list[DirtyRange]:
-    """The (device, metric, hour) ranges that ``items`` (all being written) write."""
-    ranges: dict[tuple[uuid.UUID, str, int], list[Any]] = {}
+def series_key(s: Any) -> SeriesKey:
+    """The catalog key of a staged series."""
+    return (s.tenant_id, s.device_id, s.metric)
+
+
+def dirty_ranges(items: list[Staged], ids: dict[SeriesKey, int]) -> list[DirtyRange]:
+    """The (series, hour) ranges that ``items`` (all being written) write."""
+    ranges: dict[tuple[int, int], list[Any]] = {}
     for item in items:
         for s in item.series:
+            sid = ids[series_key(s)]
             lo, hi = min(s.timestamps), max(s.timestamps)
             if lo // HOUR_US == hi // HOUR_US:
                 spans = [(lo // HOUR_US, lo, hi)]
@@ -158,24 +182,51 @@ def dirty_ranges(items: list[Staged]) -> list[DirtyRange]:
                         span[1] = t
                 spans = [(h, a, b) for h, (a, b) in per_hour.items()]
             for hour, a, b in spans:
-                key = (s.device_id, s.metric, hour)
+                key = (sid, hour)
                 known = ranges.get(key)
                 if known is None:
-                    ranges[key] = [s.tenant_id, a, b]
+                    ranges[key] = [s, a, b]
                 else:
                     known[1] = min(known[1], a)
                     known[2] = max(known[2], b)
     return [
-        DirtyRange(tenant, device, metric, a, b)
-        for (device, metric, _), (tenant, a, b) in ranges.items()
+        DirtyRange(s.tenant_id, s.device_id, s.metric, a, b, sid)
+        for (sid, _), (s, a, b) in ranges.items()
     ]
 
 
-def item_copy_data(item: Staged) -> bytes:
-    """Binary COPY rows of one item's accepted readings."""
-    return b"".join(
-        series_rows(s.tenant_id, s.device_id, s.metric, s.timestamps, s.values) for s in item.series
+def latest_rows(
+    items: list[Staged], ids: dict[SeriesKey, int]
+) -> tuple[list[int], list[datetime], list[float | None], list[str | None]]:
+    """The newest reading of each series in ``items``, as the columns of ``series_latest``."""
+    newest: dict[int, tuple[int, Any]] = {}
+    for item in items:
+        for s in item.series:
+            sid = ids[series_key(s)]
+            t = max(s.timestamps)
+            v = s.values[s.timestamps.index(t)]
+            known = newest.get(sid)
+            if known is None or t >= known[0]:
+                newest[sid] = (t, v)
+    sids = sorted(newest)
+    values = [newest[sid][1] for sid in sids]
+    return (
+        sids,
+        [to_datetime(newest[sid][0]) for sid in sids],
+        [None if type(v) is str else float(v) for v in values],
+        [v if type(v) is str else None for v in values],
     )
+
+
+def item_copy_data(item: Staged, ids: Mapping[SeriesKey, int]) -> tuple[bytes, bytes]:
+    """Binary COPY rows of one item's accepted readings: (``telemetry``, ``telemetry_text``)."""
+    numeric: list[bytes] = []
+    text: list[bytes] = []
+    for s in item.series:
+        n, t = series_rows(ids[series_key(s)], s.timestamps, s.values)
+        numeric.append(n)
+        text.append(t)
+    return b"".join(numeric), b"".join(text)
 
 
 async def _stream(parts: list[bytes]) -> AsyncIterator[bytes]:
@@ -185,25 +236,53 @@ async def _stream(parts: list[bytes]) -> AsyncIterator[bytes]:
     yield copy_format.TRAILER
 
 
+def wanted_series(items: list[Staged]) -> dict[SeriesKey, Kind]:
+    """Every series of ``items`` with the kind of its first value."""
+    wanted: dict[SeriesKey, Kind] = {}
+    for item in items:
+        for s in item.series:
+            key = series_key(s)
+            if key not in wanted:
+                wanted[key] = value_kind(s.values)
+    return wanted
+
+
 async def write_items(
     conn: asyncpg.Connection,
     writes: list[Staged],
     fanout: dict[int, list[StatusRow]] | None = None,
+    catalog: SeriesCatalog | None = None,
 ) -> FlushReport:
     """Write the rows of ``writes`` (all to be written) inside the caller's transaction.
 
     Used by the flush and by the quarantine replay, so replayed data lands exactly as ingested
-    data does: readings, events, status changes, quarantine rows, reject samples, dirty ranges.
+    data does: readings, latest values, events, status changes, quarantine rows, reject
+    samples, dirty ranges. ``catalog`` caches series ids (a private one when ``None``); the
+    caller commits or discards it with its transaction.
     """
     report = FlushReport()
-    parts = [
-        i.copy_data if i.copy_data is not None else item_copy_data(i) for i in writes if i.series
-    ]
-    if parts:
+    catalog = catalog if catalog is not None else SeriesCatalog()
+    with_series = [i for i in writes if i.series]
+    ids = await catalog.resolve(conn, wanted_series(with_series)) if with_series else {}
+    numeric: list[bytes] = []
+    text: list[bytes] = []
+    for i in with_series:
+        n, t = i.copy_data if i.copy_data is not None else item_copy_data(i, ids)
+        if n:
+            numeric.append(n)
+        if t:
+            text.append(t)
+    if numeric:
         await conn.copy_to_table(
-            "telemetry", source=_stream(parts), columns=TELEMETRY_COLUMNS, format="binary"
+            "telemetry", source=_stream(numeric), columns=TELEMETRY_COLUMNS, format="binary"
         )
-    report.readings = sum(i.accepted for i in writes if i.series)
+    if text:
+        await conn.copy_to_table(
+            "telemetry_text", source=_stream(text), columns=TELEMETRY_COLUMNS, format="binary"
+        )
+    if with_series:
+        await conn.execute(_LATEST_SQL, *latest_rows(with_series, ids))
+    report.readings = sum(i.accepted for i in with_series)
     events = [e for i in writes for e in i.events]
     if events:
         await conn.copy_records_to_table("events", records=events, columns=EVENT_COLUMNS)
@@ -224,19 +303,12 @@ async def write_items(
     rejects = [r.record() for i in writes for r in i.rejects]
     if rejects:
         await conn.copy_records_to_table("ingest_rejects", records=rejects, columns=REJECT_COLUMNS)
-    ranges = dirty_ranges(writes)
+    ranges = dirty_ranges(with_series, ids)
     if ranges:
         await conn.copy_records_to_table(
             "ingest_dirty",
             records=[
-                (
-                    r.tenant_id,
-                    r.device_id,
-                    r.metric,
-                    to_datetime(r.first_us),
-                    to_datetime(r.last_us),
-                )
-                for r in ranges
+                (r.series_id, to_datetime(r.first_us), to_datetime(r.last_us)) for r in ranges
             ],
             columns=DIRTY_COLUMNS,
         )
@@ -282,6 +354,7 @@ class Writer:
         self._closing = False
         self._conn: asyncpg.Connection | None = None
         self._hooks: list[FlushHook] = []
+        self.catalog = SeriesCatalog()
         # Set by the service: the devices behind a gateway, for their rows when it goes offline/online.
         self.gateway_devices: GatewayDevicesLookup | None = None
         self.flushing = False
@@ -305,11 +378,20 @@ class Writer:
         # Built here, in the consumer's task, so that it overlaps the previous flush's wait on
         # the database instead of delaying the next flush.
         if item.series:
-            try:
-                item.copy_data = item_copy_data(item)
-            except Exception:
-                # Met again inside the flush, where a failing item is isolated and retried.
-                item.copy_data = None
+            # Only when every series id is known already; otherwise the flush builds the rows
+            # after resolving the new ids in its transaction.
+            ids: dict[SeriesKey, int] = {}
+            for s in item.series:
+                sid = self.catalog.get(series_key(s))
+                if sid is None:
+                    break
+                ids[series_key(s)] = sid
+            else:
+                try:
+                    item.copy_data = item_copy_data(item, ids)
+                except Exception:
+                    # Met again inside the flush, where a failing item is isolated and retried.
+                    item.copy_data = None
         self._staged.append(item)
         self._staged_rows += item.rows
         if self._staged_rows >= self.max_rows or len(self._staged) == 1:
@@ -471,18 +553,23 @@ class Writer:
                     for i in items
                     if not i.retry and (i.key is None or (i.key in new and first[i.key] is i))
                 ]
-                report = await write_items(conn, writes, fanout)
+                report = await write_items(conn, writes, fanout, self.catalog)
+            self.catalog.commit()
         except DatabaseUnavailable:
+            self.catalog.discard()
             raise
         except _DATA_ERRORS as exc:
+            self.catalog.discard()
             raise ItemFailed(str(exc)) from exc
         except _DB_ERRORS as exc:
+            self.catalog.discard()
             # The connection may be unusable; a new one is made for the retry.
             if self._conn is not None:
                 self._conn.terminate()
             self._conn = None
             raise DatabaseUnavailable(f"time-series database: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
+            self.catalog.discard()
             # Our own code failed on this data (a bug): isolate it rather than stop the writer.
             raise ItemFailed(repr(exc)) from exc
         finally:

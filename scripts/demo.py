@@ -419,9 +419,9 @@ class LocalSystem:
         """Readings stored, quarantined, refused, and stored more than once."""
         conn = await asyncpg.connect(self.timeseries_dsn)
         try:
-            stored = await conn.fetchval("SELECT count(*) FROM telemetry")
+            stored = await conn.fetchval("SELECT count(*) FROM readings")
             distinct = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM telemetry) AS d"
+                "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM readings) AS d"
             )
             rejected = await conn.fetchval("SELECT coalesce(sum(points), 0) FROM ingest_rejects")
             quarantined = await conn.fetchval("SELECT coalesce(sum(points), 0) FROM quarantine")
@@ -449,14 +449,14 @@ class LocalSystem:
             per_device = {
                 r["device_id"]: r["n"]
                 for r in await ts.fetch(
-                    "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id"
+                    "SELECT device_id, count(*) AS n FROM readings GROUP BY device_id"
                 )
             }
             latest = await ts.fetch(
-                "SELECT DISTINCT ON (device_id, metric) device_id, metric, time, value FROM telemetry ORDER BY device_id, metric, time DESC"
+                "SELECT device_id, metric, time, value FROM latest_readings ORDER BY device_id, metric"
             )
             span = await ts.fetchrow(
-                "SELECT min(time) AS first, max(time) AS last, count(*) AS n FROM telemetry"
+                "SELECT min(time) AS first, max(time) AS last, count(*) AS n FROM readings"
             )
             rejects = await ts.fetch(
                 "SELECT reason, sum(points) AS points FROM ingest_rejects GROUP BY reason ORDER BY 2 DESC"

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import click
 
-from collector import migrations
+from collector import layout, migrations
 from collector.errors import CollectorError
 from collector.lifecycle.edition import HYPERTABLES, Edition, detect
 from collector.lifecycle.jobs import job_states
@@ -133,6 +133,16 @@ async def _hypertables(conn: asyncpg.Connection, report: Report) -> None:
     report.data["hypertables"] = tables
 
 
+async def _layout(conn: asyncpg.Connection, report: Report) -> None:
+    progress = await layout.status(conn)
+    report.data["layout_move"] = None if progress is None else progress.line()
+    if progress is not None:
+        report.problems.append(
+            f"storage: readings of the first layout are still being moved ({progress.line()}); "
+            "rollups wait until it is done: run `sensormine-collector migrate` or keep a collector running"
+        )
+
+
 async def _policies(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT hypertable_name, proc_name, config::text AS config, next_start "
@@ -165,7 +175,9 @@ async def _retention_and_compression(
     }
     for table, horizon in lc.retention.horizons().items():
         # Whole chunks are dropped: data may outlive the horizon by one chunk plus a job interval.
-        chunk = settings.timeseries.chunk_interval * (1 if table in ("telemetry", "events") else 7)
+        chunk = settings.timeseries.chunk_interval * (
+            1 if table in ("telemetry", "telemetry_text", "events") else 7
+        )
         slack = chunk + 2 * lc.retention.interval
         oldest = await conn.fetchval(
             "SELECT extract(epoch FROM now() - min(range_start)) "
@@ -195,7 +207,7 @@ async def _retention_and_compression(
         "available": edition.native_policies,
         "enabled": lc.enabled and lc.compression.enabled,
         "after": _seconds(lc.compression.after),
-        "segment_by": "device_id, metric",
+        "segment_by": "series_id",
         "order_by": "time DESC",
     }
     if not edition.native_policies:
@@ -456,6 +468,7 @@ async def examine(settings: Settings, *, broker_timeout: float = 5.0) -> Report:
                 )
             elif report.data["databases"]["timeseries"].get("pending_migrations") == []:
                 await _hypertables(conn, report)
+                await _layout(conn, report)
                 await _retention_and_compression(conn, settings, edition, report)
                 await _jobs(conn, settings, edition, report)
                 await _ingest(conn, settings, report)

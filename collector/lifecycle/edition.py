@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-HYPERTABLES = ("telemetry", "events", "metrics", "device_status_history")
+HYPERTABLES = ("telemetry", "telemetry_text", "events", "metrics", "device_status_history")
 
 
 @dataclass(frozen=True)

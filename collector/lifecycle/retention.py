@@ -23,7 +23,7 @@ log = structlog.get_logger("collector.lifecycle")
 
 # Segmenting by series keeps one series' readings together, so a compressed chunk still answers
 # "this device's metric over this range" by decompressing only the matching segments.
-SEGMENT_BY = "device_id, metric"
+SEGMENT_BY = "series_id"
 ORDER_BY = "time DESC"
 
 # The community edition's statements (a test checks that each resolves on the Apache edition too,

@@ -1,10 +1,10 @@
 """Rollups of numeric telemetry into ``metrics``, recomputed exactly where new rows landed.
 
-The writer adds one ``ingest_dirty`` row per device, metric and flush, in the flush's own
+The writer adds one ``ingest_dirty`` row per series, hour and flush, in the flush's own
 transaction, naming the time range it wrote. A rollup pass claims a slice of those rows
 (``DELETE ... RETURNING`` over ``FOR UPDATE SKIP LOCKED``), widens each range to whole buckets of
-every configured period, merges the ranges per device and metric so that no reading is counted
-twice, recomputes those buckets from ``telemetry`` with ``time_bucket`` and upserts them, all in
+every configured period, merges the ranges per series so that no reading is counted twice,
+recomputes those buckets from ``telemetry`` with ``time_bucket`` and upserts them, all in
 one transaction: a crash before the commit leaves the dirty rows in place, a crash after it leaves
 nothing to do. Readings that arrive hours late mark their own old buckets dirty like any others.
 """
@@ -12,7 +12,6 @@ nothing to do. Readings that arrive hours late mark their own old buckets dirty 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -26,28 +25,24 @@ ORIGIN = datetime(2000, 1, 3, tzinfo=UTC)
 _CLAIM = """
 DELETE FROM ingest_dirty
 WHERE id IN (SELECT id FROM ingest_dirty ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-RETURNING device_id, metric, first_time, last_time
+RETURNING series_id, first_time, last_time
 """
 
 _UPSERT = """
 WITH ranges AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-        AS r(device_id, metric, lo, hi)
+    SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::timestamptz[]) AS r(series_id, lo, hi)
 )
-INSERT INTO metrics (bucket, period, tenant_id, device_id, metric, count, sum, min, max, last)
-SELECT time_bucket($5::interval, t.time), $5::interval, t.tenant_id, t.device_id, t.metric,
+INSERT INTO metrics (bucket, period, series_id, count, sum, min, max, last)
+SELECT time_bucket($4::interval, t.time), $4::interval, t.series_id,
        count(*), sum(t.value), min(t.value), max(t.value), last(t.value, t.time)
 FROM ranges r
-JOIN telemetry t
-  ON t.device_id = r.device_id AND t.metric = r.metric AND t.time >= r.lo AND t.time < r.hi
-WHERE t.value IS NOT NULL
-GROUP BY 1, t.tenant_id, t.device_id, t.metric
-ON CONFLICT (period, device_id, metric, bucket) DO UPDATE
-SET tenant_id = EXCLUDED.tenant_id, count = EXCLUDED.count, sum = EXCLUDED.sum,
+JOIN telemetry t ON t.series_id = r.series_id AND t.time >= r.lo AND t.time < r.hi
+GROUP BY 1, t.series_id
+ON CONFLICT (series_id, period, bucket) DO UPDATE
+SET count = EXCLUDED.count, sum = EXCLUDED.sum,
     min = EXCLUDED.min, max = EXCLUDED.max, last = EXCLUDED.last
-WHERE (metrics.count, metrics.sum, metrics.min, metrics.max, metrics.last, metrics.tenant_id)
-      IS DISTINCT FROM
-      (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max, EXCLUDED.last, EXCLUDED.tenant_id)
+WHERE (metrics.count, metrics.sum, metrics.min, metrics.max, metrics.last)
+      IS DISTINCT FROM (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max, EXCLUDED.last)
 """
 
 # A wider bucket that is a whole number of narrower ones is built from those (just recomputed in
@@ -55,26 +50,24 @@ WHERE (metrics.count, metrics.sum, metrics.min, metrics.max, metrics.last, metri
 # widths share time_bucket's origin, so the narrow buckets tile the wide one exactly.
 _UPSERT_FROM_NARROWER = """
 WITH ranges AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-        AS r(device_id, metric, lo, hi)
+    SELECT * FROM unnest($1::int[], $2::timestamptz[], $3::timestamptz[]) AS r(series_id, lo, hi)
 )
-INSERT INTO metrics (bucket, period, tenant_id, device_id, metric, count, sum, min, max, last)
-SELECT time_bucket($5::interval, m.bucket), $5::interval, m.tenant_id, m.device_id, m.metric,
+INSERT INTO metrics (bucket, period, series_id, count, sum, min, max, last)
+SELECT time_bucket($4::interval, m.bucket), $4::interval, m.series_id,
        sum(m.count), sum(m.sum), min(m.min), max(m.max), last(m.last, m.bucket)
 FROM ranges r
 JOIN metrics m
-  ON m.period = $6::interval AND m.device_id = r.device_id AND m.metric = r.metric
+  ON m.series_id = r.series_id AND m.period = $5::interval
  AND m.bucket >= r.lo AND m.bucket < r.hi
-GROUP BY 1, m.tenant_id, m.device_id, m.metric
-ON CONFLICT (period, device_id, metric, bucket) DO UPDATE
-SET tenant_id = EXCLUDED.tenant_id, count = EXCLUDED.count, sum = EXCLUDED.sum,
+GROUP BY 1, m.series_id
+ON CONFLICT (series_id, period, bucket) DO UPDATE
+SET count = EXCLUDED.count, sum = EXCLUDED.sum,
     min = EXCLUDED.min, max = EXCLUDED.max, last = EXCLUDED.last
-WHERE (metrics.count, metrics.sum, metrics.min, metrics.max, metrics.last, metrics.tenant_id)
-      IS DISTINCT FROM
-      (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max, EXCLUDED.last, EXCLUDED.tenant_id)
+WHERE (metrics.count, metrics.sum, metrics.min, metrics.max, metrics.last)
+      IS DISTINCT FROM (EXCLUDED.count, EXCLUDED.sum, EXCLUDED.min, EXCLUDED.max, EXCLUDED.last)
 """
 
-Series = tuple[uuid.UUID, str]
+Series = int
 Range = tuple[datetime, datetime]
 
 
@@ -95,14 +88,14 @@ def sources(widths: list[timedelta]) -> list[timedelta | None]:
 
 
 def bucket_ranges(
-    dirty: Iterable[tuple[uuid.UUID, str, datetime, datetime]], period: timedelta
+    dirty: Iterable[tuple[Series, datetime, datetime]], period: timedelta
 ) -> dict[Series, list[Range]]:
     """Whole-bucket, non-overlapping ``[lo, hi)`` ranges per series covering every dirty range."""
     widened: dict[Series, list[Range]] = defaultdict(list)
-    for device_id, metric, first, last in dirty:
+    for series_id, first, last in dirty:
         lo = bucket_start(min(first, last), period)
         hi = bucket_start(max(first, last), period) + period
-        widened[(device_id, metric)].append((lo, hi))
+        widened[series_id].append((lo, hi))
     merged: dict[Series, list[Range]] = {}
     for series, ranges in widened.items():
         ranges.sort()
@@ -126,27 +119,24 @@ async def rollup_pass(
         claimed = await conn.fetch(_CLAIM, claim_rows)
         if not claimed:
             return {"dirty_rows": 0, "ranges": 0, "buckets_written": 0}
-        dirty = [(r["device_id"], r["metric"], r["first_time"], r["last_time"]) for r in claimed]
+        dirty = [(int(r["series_id"]), r["first_time"], r["last_time"]) for r in claimed]
         ranges = written = 0
         for width, source in zip(widths, sources(widths), strict=True):
             per_series = bucket_ranges(dirty, width)
-            devices: list[uuid.UUID] = []
-            metrics: list[str] = []
+            ids: list[int] = []
             los: list[datetime] = []
             his: list[datetime] = []
-            for (device_id, metric), spans in per_series.items():
-                for lo, hi in spans:
-                    devices.append(device_id)
-                    metrics.append(metric)
+            # In series order: the upsert's row locks are taken in one order by every collector.
+            for series_id in sorted(per_series):
+                for lo, hi in per_series[series_id]:
+                    ids.append(series_id)
                     los.append(lo)
                     his.append(hi)
-            ranges += len(devices)
+            ranges += len(ids)
             if source is None:
-                status = await conn.execute(_UPSERT, devices, metrics, los, his, width)
+                status = await conn.execute(_UPSERT, ids, los, his, width)
             else:
-                status = await conn.execute(
-                    _UPSERT_FROM_NARROWER, devices, metrics, los, his, width, source
-                )
+                status = await conn.execute(_UPSERT_FROM_NARROWER, ids, los, his, width, source)
             written += int(status.rsplit(" ", 1)[-1])
     return {"dirty_rows": len(claimed), "ranges": ranges, "buckets_written": written}
 

@@ -7,6 +7,8 @@ Jobs, per edition:
 - ``policies`` (community/TSL): every ``policy_interval``, make the native retention and
   compression policies match the settings (a no-op when they already do).
 - ``ledger`` (both): every ``ledger.interval``, trim ``ingest_ledger`` and ``ingest_rejects``.
+- ``layout`` (both, only while tables of storage layout 1 remain): move their rows into the
+  series catalog and narrow tables (:mod:`collector.layout`); rollups wait until it is done.
 
 A database that is away only delays the jobs: the task reconnects with backoff and never ends
 the collector.
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 
+from collector import layout
 from collector.lifecycle.edition import Edition, detect
 from collector.lifecycle.jobs import Job, JobRun, run_job
 from collector.lifecycle.ledger import trim_ledger
@@ -35,11 +38,19 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("collector.lifecycle")
 
+# A pending layout move runs in bounded turns, so that the other jobs are not held up.
+LAYOUT_SLICE_SECONDS = 20.0
+LAYOUT_INTERVAL = 1.0
+
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 def lifecycle_jobs(
-    edition: Edition, settings: LifecycleSettings, stop: asyncio.Event | None = None
+    edition: Edition,
+    settings: LifecycleSettings,
+    stop: asyncio.Event | None = None,
+    *,
+    layout_pending: bool = False,
 ) -> list[Job]:
     """The jobs this edition needs, with their intervals, as configured."""
     jobs: list[Job] = []
@@ -47,6 +58,9 @@ def lifecycle_jobs(
         r = settings.rollups
 
         async def rollups(conn: asyncpg.Connection) -> dict[str, Any]:
+            if await layout.pending(conn):
+                # Buckets recomputed from half-moved readings would be wrong until recomputed.
+                return {"dirty_rows": 0, "waiting_for": "layout move"}
             return await rollup(conn, r.periods, r.claim_rows, stop=stop)
 
         jobs.append(Job("rollups", r.lag, rollups, retry_after=r.lag))
@@ -67,6 +81,12 @@ def lifecycle_jobs(
         return await trim_ledger(conn, settings.ledger)
 
     jobs.append(Job("ledger", settings.ledger.interval, ledger))
+    if layout_pending:
+
+        async def move(conn: asyncpg.Connection) -> dict[str, Any]:
+            return await layout.move(conn, max_seconds=LAYOUT_SLICE_SECONDS)
+
+        jobs.append(Job("layout", LAYOUT_INTERVAL, move, retry_after=LAYOUT_INTERVAL))
     return jobs
 
 
@@ -128,7 +148,7 @@ async def _run_jobs(
     on_run: Callable[[JobRun], None] | None = None,
 ) -> None:
     edition = await detect(conn)
-    jobs = lifecycle_jobs(edition, lc, stop)
+    jobs = lifecycle_jobs(edition, lc, stop, layout_pending=await layout.pending(conn))
     log.info(
         "lifecycle.started",
         edition=edition.license,

@@ -61,6 +61,7 @@ class RetentionSettings(_Section):
         """Hypertable name to retention in seconds."""
         return {
             "telemetry": self.telemetry,
+            "telemetry_text": self.telemetry,
             "events": self.events,
             "metrics": self.metrics,
             "device_status_history": self.device_status_history,

@@ -122,8 +122,12 @@ async def apply(
     *,
     chunk_interval: timedelta = timedelta(days=1),
     connect_kwargs: dict[str, Any] | None = None,
+    target: int | None = None,
 ) -> list[int]:
-    """Apply the pending migrations of ``kind`` to the database at ``dsn``; return their versions."""
+    """Apply the pending migrations of ``kind`` to the database at ``dsn``; return their versions.
+
+    ``target``: stop after that version (the upgrade tests build a database of an older release).
+    """
     files = migrations(kind)
     conn = await _connect(dsn, connect_kwargs)
     try:
@@ -135,7 +139,7 @@ async def apply(
             _check_history(kind, files, applied)
             done: list[int] = []
             for m in files:
-                if m.version in applied:
+                if m.version in applied or (target is not None and m.version > target):
                     continue
                 async with conn.transaction():
                     await conn.execute(

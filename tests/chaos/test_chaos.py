@@ -546,7 +546,7 @@ async def tally(dsn: str, agent: Agent, devices: list[uuid.UUID], gateway: uuid.
     conn = await asyncpg.connect(dsn)
     try:
         stored, distinct = await conn.fetchrow(
-            "SELECT count(*), count(DISTINCT (device_id, metric, value)) FROM telemetry"
+            "SELECT count(*), count(DISTINCT (device_id, metric, value)) FROM readings"
             " WHERE device_id = ANY($1::uuid[])",
             devices,
         )
@@ -563,7 +563,7 @@ async def tally(dsn: str, agent: Agent, devices: list[uuid.UUID], gateway: uuid.
                 SELECT value::bigint AS n, time,
                        lag(value::bigint) OVER w AS prev_n, lag(time) OVER w AS prev_time,
                        lead(value) OVER w IS NULL AS last
-                FROM telemetry WHERE device_id = ANY($1::uuid[])
+                FROM readings WHERE device_id = ANY($1::uuid[])
                 WINDOW w AS (PARTITION BY device_id, metric ORDER BY value)
             ) AS s
             WHERE prev_n IS NULL OR n - prev_n > 1 OR last
@@ -571,7 +571,7 @@ async def tally(dsn: str, agent: Agent, devices: list[uuid.UUID], gateway: uuid.
             devices,
         )
         series = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT DISTINCT device_id, metric FROM telemetry"
+            "SELECT count(*) FROM (SELECT DISTINCT device_id, metric FROM readings"
             " WHERE device_id = ANY($1::uuid[])) AS s",
             devices,
         )
@@ -598,7 +598,7 @@ async def read_production(dsn: str, site: Site) -> Production:
     try:
         for name in AGENTS:
             rows = await conn.fetch(
-                "SELECT extract(epoch FROM time)::float8 AS t, count(*) AS n FROM telemetry"
+                "SELECT extract(epoch FROM time)::float8 AS t, count(*) AS n FROM readings"
                 " WHERE device_id = ANY($1::uuid[]) GROUP BY time ORDER BY time",
                 site.devices[name],
             )

@@ -159,7 +159,7 @@ async def test_a_reused_key_with_other_content_is_a_conflict_not_a_duplicate(
         duplicate.result,
     )
     assert [AckResult.OK, AckResult.CONFLICT] == [a.result for a in pair]
-    values = await dbs.fetch("SELECT value FROM telemetry ORDER BY value")
+    values = await dbs.fetch("SELECT value FROM readings ORDER BY value")
     assert [1.0, 2.0, 6.0] == [r["value"] for r in values]
     digests = await dbs.fetch("SELECT digest FROM ingest_ledger WHERE digest IS NOT NULL")
     assert 2 == len(digests)
@@ -234,7 +234,7 @@ async def test_quarantined_data_replays_exactly_once_after_the_cause_is_fixed(
             if await count(dbs, "SELECT count(*) FROM quarantine") == 1:
                 break
             await asyncio.sleep(0.1)
-    stored = await dbs.fetch("SELECT device_id, value FROM telemetry ORDER BY value")
+    stored = await dbs.fetch("SELECT device_id, value FROM readings ORDER BY value")
     assert [
         (fleet.devices[1], 10.0),
         (fleet.devices[1], 11.0),
@@ -251,11 +251,11 @@ async def test_quarantined_data_replays_exactly_once_after_the_cause_is_fixed(
         assert "stored 0 readings" in result.stdout and "1 rows unchanged" in result.stdout
     result = cli("quarantine", "replay", "--any-time", "--config", str(config))
     assert "stored 1 readings" in result.stdout, result.stdout
-    assert 5 == await count(dbs, "SELECT count(*) FROM telemetry")
+    assert 5 == await count(dbs, "SELECT count(*) FROM readings")
     assert 0 == await count(dbs, "SELECT count(*) FROM quarantine")
     again = cli("quarantine", "replay", "--any-time", "--config", str(config))
     assert "examined 0 rows" in again.stdout
-    assert 5 == await count(dbs, "SELECT count(*) FROM telemetry")
+    assert 5 == await count(dbs, "SELECT count(*) FROM readings")
     assert 0 == await count(dbs, "SELECT coalesce(sum(bytes), 0) FROM quarantine_usage")
     refused = cli("quarantine", "purge", "--reason", "unknown_device", "--config", str(config))
     assert 0 != refused.returncode and "--yes" in refused.stderr
@@ -329,10 +329,10 @@ async def test_a_collector_bug_is_retried_then_quarantined_never_dropped(
 
     copy_data = collector.writer.item_copy_data
 
-    def buggy_copy(item: Any) -> bytes:
+    def buggy_copy(item: Any, ids: Any) -> tuple[bytes, bytes]:
         if any(s.device_id == writer_poison for s in item.series):
             raise TypeError("a bug in the writer")
-        return copy_data(item)
+        return copy_data(item, ids)
 
     monkeypatch.setattr(Pipeline, "evaluate", buggy)
     monkeypatch.setattr(collector.writer, "item_copy_data", buggy_copy)
@@ -355,7 +355,7 @@ async def test_a_collector_bug_is_retried_then_quarantined_never_dropped(
     held = await dbs.fetch("SELECT kind, reason, stream FROM quarantine ORDER BY seq")
     assert {("frame", "internal_error")} == {(r["kind"], r["reason"]) for r in held}
     assert {poison.stream, poison_w.stream} == {r["stream"] for r in held}
-    assert 30 == await count(dbs, "SELECT count(*) FROM telemetry")
+    assert 30 == await count(dbs, "SELECT count(*) FROM readings")
 
 
 async def test_a_held_lock_times_out_the_flush_and_nothing_is_lost(dbs: Databases) -> None:
@@ -391,7 +391,7 @@ async def test_a_held_lock_times_out_the_flush_and_nothing_is_lost(dbs: Database
     finally:
         await blocker.close()
     assert AckResult.OK == ack.result
-    assert 10 == await count(dbs, "SELECT count(*) FROM telemetry")
+    assert 10 == await count(dbs, "SELECT count(*) FROM readings")
     assert "" == c.stall()
 
 
@@ -497,7 +497,7 @@ async def test_what_was_registered_while_no_collector_ran_is_replayed_at_start(
                 break
             await asyncio.sleep(0.1)
     assert 0 == await count(dbs, "SELECT count(*) FROM quarantine")
-    assert 10 == await count(dbs, "SELECT count(*) FROM telemetry WHERE device_id = $1", newcomer)
+    assert 10 == await count(dbs, "SELECT count(*) FROM readings WHERE device_id = $1", newcomer)
 
 
 async def test_disabled_gateway_moved_device_missing_schema_and_bad_topic(
@@ -553,7 +553,7 @@ async def test_disabled_gateway_moved_device_missing_schema_and_bad_topic(
         (AckResult.QUARANTINED, "gateway_disabled"),
     ] == [(a.result, a.reason) for a in (mismatch, no_schema, disabled)]
     assert 10 == await count(
-        dbs, "SELECT count(*) FROM telemetry WHERE device_id = $1", fleet.devices[0]
+        dbs, "SELECT count(*) FROM readings WHERE device_id = $1", fleet.devices[0]
     )
     held = await dbs.fetch("SELECT reason FROM quarantine ORDER BY reason")
     assert ["device_gateway_mismatch", "no_schema"] == [r["reason"] for r in held]

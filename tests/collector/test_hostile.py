@@ -232,7 +232,7 @@ async def test_hostile_payloads_are_refused_with_their_reason_and_good_batches_s
                 bad, good = await asyncio.to_thread(gw.wait_acks, 2)
                 results.append((case.name, bad.result.value, bad.reason, good.result.value))
     assert [(c.name, _expected(c), c.reason, "ok") for c in CASES] == results
-    rows = await dbs.fetch("SELECT count(*) AS n FROM telemetry")
+    rows = await dbs.fetch("SELECT count(*) AS n FROM readings")
     assert rows[0]["n"] == 3 * len(CASES)
     rejects = await dbs.fetch("SELECT DISTINCT reason FROM ingest_rejects")
     assert {c.reason for c in CASES if _expected(c) == "rejected"} == {r["reason"] for r in rejects}

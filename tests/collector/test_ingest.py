@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import msgpack
 
@@ -82,16 +83,14 @@ async def test_batches_arrive_as_exact_rows_and_acks_carry_counts(dbs: Databases
         (a.seq, a.result, a.accepted, a.rejected) for a in sorted(acks, key=lambda a: a.seq)
     ] == [(seq, AckResult.OK, 7, 0) for seq in range(4)]
     rows = await dbs.fetch(
-        "SELECT device_id, metric, value, value_text FROM telemetry ORDER BY time, metric"
+        "SELECT device_id, metric, value, value_text FROM readings ORDER BY time, metric"
     )
     assert len(rows) == 28
-    temps = await dbs.fetch(
-        "SELECT value FROM telemetry WHERE metric = 'temperature' ORDER BY time"
-    )
+    temps = await dbs.fetch("SELECT value FROM readings WHERE metric = 'temperature' ORDER BY time")
     assert [r["value"] for r in temps][:5] == [20.5, 21.0, 22.25, -3.0, 0.0]
-    modes = await dbs.fetch("SELECT value, value_text FROM telemetry WHERE metric = 'mode'")
+    modes = await dbs.fetch("SELECT value, value_text FROM readings WHERE metric = 'mode'")
     assert {(r["value"], r["value_text"]) for r in modes} == {(None, "auto")}
-    doors = await dbs.fetch("SELECT value FROM telemetry WHERE metric = 'door'")
+    doors = await dbs.fetch("SELECT value FROM readings WHERE metric = 'door'")
     assert {r["value"] for r in doors} == {1.0}
     assert 4 == len(await dbs.fetch("SELECT * FROM events"))
     assert 4 == len(await dbs.fetch("SELECT * FROM device_status_history WHERE status = 'error'"))
@@ -101,6 +100,37 @@ async def test_batches_arrive_as_exact_rows_and_acks_carry_counts(dbs: Databases
     ]
     dirty = await dbs.fetch("SELECT count(*) AS n FROM ingest_dirty")
     assert dirty[0]["n"] > 0
+    latest = await dbs.fetch(
+        "SELECT device_id, metric, kind, time, value, value_text FROM latest_readings ORDER BY metric"
+    )
+    newest = t0 + 3 * 10_000_000 + 4  # seq 3, its fifth temperature reading
+    assert [
+        (fleet.devices[1], "door", "boolean", t0 + 3, 1.0, None),
+        (fleet.devices[1], "mode", "text", t0 + 3, None, "auto"),
+        (fleet.devices[0], "temperature", "number", newest, 0.0, None),
+    ] == [
+        (r["device_id"], r["metric"], r["kind"], _us(r["time"]), r["value"], r["value_text"])
+        for r in latest
+    ]
+
+
+async def test_late_readings_never_move_the_latest_value_back(dbs: Databases) -> None:
+    """A backlog delivered after newer readings is stored, but latest_readings keeps the newest."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    p = prefix()
+    t0 = now_us() - 600_000_000
+    new = make_batch(fleet, 1, uuid.uuid4(), values=[5.0, 6.0], start=t0)
+    late = make_batch(fleet, 1, uuid.uuid4(), values=[1.0, 2.0], start=t0 - 300_000_000)
+    async with running(collector_settings(dbs, *SYSTEM_MQTT, p)):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(new)
+            await asyncio.to_thread(gw.wait_acks, 1)
+            gw.publish(late)
+            await asyncio.to_thread(gw.wait_acks, 1)
+    assert 4 == (await dbs.fetch("SELECT count(*) AS n FROM readings"))[0]["n"]
+    latest = await dbs.fetch("SELECT time, value FROM latest_readings")
+    assert [(t0 + 1000 + 1_000_000, 6.0)] == [(_us(r["time"]), r["value"]) for r in latest]
 
 
 async def test_redelivered_batch_is_stored_once_and_acked_duplicate(dbs: Databases) -> None:
@@ -115,7 +145,7 @@ async def test_redelivered_batch_is_stored_once_and_acked_duplicate(dbs: Databas
                 gw.publish(batch)
             acks = await asyncio.to_thread(gw.wait_acks, 3)
     assert sorted(a.result.value for a in acks) == ["duplicate", "duplicate", "ok"]
-    assert [r["n"] for r in await dbs.fetch("SELECT count(*) AS n FROM telemetry")] == [25]
+    assert [r["n"] for r in await dbs.fetch("SELECT count(*) AS n FROM readings")] == [25]
     assert [r["n"] for r in await dbs.fetch("SELECT count(*) AS n FROM ingest_ledger")] == [1]
 
 
@@ -154,7 +184,7 @@ async def test_two_collectors_in_one_group_store_each_batch_once(dbs: Databases)
     assert {seq: sorted(r) for seq, r in by_seq.items()} == {
         seq: ["duplicate", "ok"] for seq in range(20)
     }
-    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM readings")
     assert (rows[0]["n"], rows[0]["t"]) == (1000, 1000)
 
 
@@ -214,7 +244,7 @@ async def test_invalid_points_are_refused_and_valid_ones_of_the_batch_stored(
         "unknown_metric": (1, 0),
     } == ack.reasons
     stored = await dbs.fetch(
-        "SELECT metric, coalesce(value::text, value_text) AS v FROM telemetry ORDER BY metric, time"
+        "SELECT metric, coalesce(value::text, value_text) AS v FROM readings ORDER BY metric, time"
     )
     assert [(r["metric"], r["v"]) for r in stored] == [
         ("count", "3"),
@@ -247,8 +277,12 @@ async def test_invalid_points_are_refused_and_valid_ones_of_the_batch_stored(
     assert [] == await dbs.fetch("SELECT * FROM ingest_rejects")
 
 
+def _us(t: datetime) -> int:
+    return (t - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
 async def test_flush_hook_and_dirty_table_name_what_was_written(dbs: Databases) -> None:
-    """After a commit, the hook and ingest_dirty both name the (device, metric, hour) ranges written."""
+    """After a commit, the hook and ingest_dirty both name the (series, hour) ranges written."""
     fleet = dbs.fleet
     assert fleet is not None
     p = prefix()
@@ -287,8 +321,13 @@ async def test_flush_hook_and_dirty_table_name_what_was_written(dbs: Databases) 
         (fleet.devices[1], "humidity", start + hour, start + hour),
         (fleet.devices[0], "temperature", t1, t1 + 1_000_000),
     ] == ranges
-    rows = await dbs.fetch("SELECT device_id, metric, first_time, last_time FROM ingest_dirty")
-    assert len(rows) == 3
+    rows = await dbs.fetch(
+        "SELECT s.device_id, s.metric, d.first_time, d.last_time "
+        "FROM ingest_dirty d JOIN series s ON s.id = d.series_id"
+    )
+    assert sorted(ranges) == sorted(
+        (r["device_id"], r["metric"], _us(r["first_time"]), _us(r["last_time"])) for r in rows
+    )
 
 
 async def test_a_refused_device_costs_only_its_own_readings(dbs: Databases) -> None:
@@ -347,7 +386,7 @@ async def test_a_refused_device_costs_only_its_own_readings(dbs: Databases) -> N
         ack.rejected,
         ack.reason,
     )
-    stored = await dbs.fetch("SELECT device_id, value FROM telemetry ORDER BY time")
+    stored = await dbs.fetch("SELECT device_id, value FROM readings ORDER BY time")
     assert [(fleet.devices[0], 20.0), (fleet.devices[0], 21.0)] == [tuple(r) for r in stored]
     # A device of another tenant is a security refusal; the rest waits in quarantine.
     rejects = await dbs.fetch("SELECT device_id, reason, points FROM ingest_rejects")

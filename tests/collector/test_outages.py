@@ -58,7 +58,7 @@ async def test_database_outage_mid_stream_loses_and_duplicates_nothing(
             private_postgres.start()
             rest = await publishing
     assert set(rest) == set(range(20, 60))
-    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM readings")
     assert (rows[0]["n"], rows[0]["t"]) == (1200, 1200)
     ledger = await dbs.fetch("SELECT count(*) AS n FROM ingest_ledger")
     assert ledger[0]["n"] == 60
@@ -118,7 +118,7 @@ async def test_a_hung_database_times_out_and_catches_up_when_it_wakes(
                     os.kill(pid, signal.SIGCONT)
             rest = await asyncio.to_thread(deliver_all, gw, batches[10:], 60.0, 5.0)
     assert set(rest) == set(range(10, 30))
-    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM readings")
     assert (600, 600) == (rows[0]["n"], rows[0]["t"])
 
 
@@ -198,7 +198,7 @@ async def test_collector_killed_mid_stream_and_restarted_stores_every_batch_once
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
     assert set(results) == set(range(10, 150))
-    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM readings")
     assert (rows[0]["n"], rows[0]["t"]) == (7500, 7500)
     assert (await dbs.fetch("SELECT count(*) AS n FROM ingest_ledger"))[0]["n"] == 150
 
@@ -252,5 +252,5 @@ async def test_broker_restart_mid_stream_stores_every_batch_once(
             await asyncio.to_thread(private_broker.start)
             results = await sender
     assert set(range(80)) == set(results)
-    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM telemetry")
+    rows = await dbs.fetch("SELECT count(*) AS n, count(DISTINCT time) AS t FROM readings")
     assert (1600, 1600) == (rows[0]["n"], rows[0]["t"])

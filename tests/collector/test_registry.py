@@ -84,7 +84,7 @@ async def test_device_registered_while_running_is_accepted_within_two_seconds(
     assert AckResult.DUPLICATE == again.result
     assert 0 == held[0]["n"]
     replayed = await dbs.fetch(
-        "SELECT time, value FROM telemetry WHERE device_id = $1 AND time <= $2 ORDER BY time",
+        "SELECT time, value FROM readings WHERE device_id = $1 AND time <= $2 ORDER BY time",
         new_device,
         to_datetime(early.series[0].timestamps[-1]),
     )

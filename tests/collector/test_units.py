@@ -17,6 +17,7 @@ import pytest
 from collector import copy_format, migrations
 from collector.errors import MigrationError
 from collector.sd_notify import Notifier
+from collector.series import SeriesCatalog, value_kind
 from collector.service import Collector
 from collector.validation import SchemaError, check_series, compile_schema
 from protocol import Reason, Value
@@ -38,16 +39,26 @@ async def test_binary_copy_rows_read_back_exactly(scratch_db: str) -> None:
         ("mode", [t0 + 8], ["auto ✓"]),
         ("mixed", [t0 + 9, t0 + 10], ["on", 3.5]),
     ]
-    data = b"".join(copy_format.series_rows(tenant, device, m, ts, vs) for m, ts, vs in series)
     conn = await asyncpg.connect(scratch_db)
     try:
-        await conn.copy_to_table(
-            "telemetry",
-            source=_aiter([copy_format.HEADER, data, copy_format.TRAILER]),
-            columns=copy_format.COLUMNS,
-            format="binary",
-        )
-        rows = await conn.fetch("SELECT * FROM telemetry ORDER BY time")
+        async with conn.transaction():
+            ids = await SeriesCatalog().resolve(
+                conn, {(tenant, device, m): value_kind(vs) for m, _, vs in series}
+            )
+            parts = [
+                copy_format.series_rows(ids[(tenant, device, m)], ts, vs) for m, ts, vs in series
+            ]
+            for table, data in (
+                ("telemetry", b"".join(p[0] for p in parts)),
+                ("telemetry_text", b"".join(p[1] for p in parts)),
+            ):
+                await conn.copy_to_table(
+                    table,
+                    source=_aiter([copy_format.HEADER, data, copy_format.TRAILER]),
+                    columns=copy_format.COLUMNS,
+                    format="binary",
+                )
+        rows = await conn.fetch("SELECT * FROM readings ORDER BY time")
     finally:
         await conn.close()
     expected = []
@@ -210,6 +221,7 @@ async def test_chunk_interval_is_configurable(scratch_db: str) -> None:
         "events": timedelta(hours=6),
         "metrics": timedelta(hours=42),
         "telemetry": timedelta(hours=6),
+        "telemetry_text": timedelta(hours=6),
     } == {r["hypertable_name"]: r["time_interval"] for r in rows}
 
 
@@ -221,8 +233,10 @@ async def test_collectors_starting_together_set_the_chunk_interval_without_confl
     await asyncio.gather(*(Collector(settings)._set_chunk_interval() for _ in range(6)))
     intervals = await dbs.fetch(
         "SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions "
-        "WHERE hypertable_name IN ('telemetry', 'events') ORDER BY 1"
+        "WHERE hypertable_name IN ('telemetry', 'telemetry_text', 'events') ORDER BY 1"
     )
-    assert [("events", timedelta(hours=6)), ("telemetry", timedelta(hours=6))] == [
-        tuple(r) for r in intervals
-    ]
+    assert [
+        ("events", timedelta(hours=6)),
+        ("telemetry", timedelta(hours=6)),
+        ("telemetry_text", timedelta(hours=6)),
+    ] == [tuple(r) for r in intervals]

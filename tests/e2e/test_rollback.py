@@ -110,7 +110,7 @@ async def test_a_restored_buffer_backup_loses_and_doubles_nothing(
     assert 0 == second["readings"] == third["readings"], (second, third)
     produced = int(second["produced"]) + int(third["produced"]) - int(first["produced"])
     rows = await dbs.fetch(
-        "SELECT count(*) AS n, count(DISTINCT (device_id, metric, time)) AS d FROM telemetry"
+        "SELECT count(*) AS n, count(DISTINCT (device_id, metric, time)) AS d FROM readings"
     )
     assert (produced, produced) == (rows[0]["n"], rows[0]["d"])
     assert "sensormine_collector_conflicts_total 0.0" not in body

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from collector import migrations
+from collector.series import SeriesCatalog, value_kind
 from tests.conftest import create_database, drop_database
 from tests.services import SYSTEM_PG_DSN
 
@@ -79,30 +80,24 @@ async def write_readings(
     points: list[tuple[datetime, Any]],
 ) -> None:
     """Write readings and their dirty range in one transaction, as the collector's writer does."""
-    records = [
-        (
-            t,
-            tenant_id,
-            device_id,
-            metric,
-            None if isinstance(v, str) else float(v),
-            v if isinstance(v, str) else None,
-        )
-        for t, v in points
-    ]
+    key = (tenant_id, device_id, metric)
     times = [t for t, _ in points]
     async with conn.transaction():
-        await conn.copy_records_to_table(
-            "telemetry",
-            records=records,
-            columns=("time", "tenant_id", "device_id", "metric", "value", "value_text"),
-        )
+        ids = await SeriesCatalog().resolve(conn, {key: value_kind(v for _, v in points)})
+        sid = ids[key]
+        numbers = [(t, sid, float(v)) for t, v in points if not isinstance(v, str)]
+        texts = [(t, sid, v) for t, v in points if isinstance(v, str)]
+        if numbers:
+            await conn.copy_records_to_table(
+                "telemetry", records=numbers, columns=("time", "series_id", "value")
+            )
+        if texts:
+            await conn.copy_records_to_table(
+                "telemetry_text", records=texts, columns=("time", "series_id", "value")
+            )
         await conn.execute(
-            "INSERT INTO ingest_dirty (tenant_id, device_id, metric, first_time, last_time) "
-            "VALUES ($1, $2, $3, $4, $5)",
-            tenant_id,
-            device_id,
-            metric,
+            "INSERT INTO ingest_dirty (series_id, first_time, last_time) VALUES ($1, $2, $3)",
+            sid,
             min(times),
             max(times),
         )

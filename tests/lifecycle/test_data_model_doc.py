@@ -39,7 +39,8 @@ def test_the_doc_has_the_examples_operators_need() -> None:
     for needle in (
         "DISTINCT ON",
         "time_bucket",
-        "FROM metrics",
+        "FROM rollups",
+        "FROM latest_readings",
         "device_status_history",
         "ingest_rejects",
     ):
@@ -76,6 +77,6 @@ async def test_every_sql_example_runs(ts: asyncpg.Connection, metadata_dsn: str)
     finally:
         await meta.close()
     rows = await ts.fetch(
-        "SELECT bucket FROM metrics WHERE period = interval '1 hour' AND device_id = $1", DEVICE
+        "SELECT bucket FROM rollups WHERE period = interval '1 hour' AND device_id = $1", DEVICE
     )
     assert 2 <= len(rows)

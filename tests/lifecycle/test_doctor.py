@@ -90,11 +90,8 @@ async def test_doctor_reports_the_edition_and_true_chunk_counts_and_asks_for_job
     try:
         now = datetime.now(UTC)
         await conn.executemany(
-            "INSERT INTO telemetry (time, tenant_id, device_id, metric, value) VALUES ($1, $2, $2, 'm', 1)",
-            [
-                (now - timedelta(days=d), "11111111-1111-4111-8111-111111111111")
-                for d in (0, 1, 2, 3)
-            ],
+            "INSERT INTO telemetry (time, series_id, value) VALUES ($1, 1, 1)",
+            [(now - timedelta(days=d),) for d in (0, 1, 2, 3)],
         )
         await conn.execute(
             "INSERT INTO ingest_rejects (reason, points) VALUES ('out_of_range', 3), ('out_of_range', 2), ('unknown_device', 1)"
@@ -191,9 +188,8 @@ async def test_doctor_flags_a_failed_job_and_a_stalled_rollup(
             "UPDATE lifecycle_jobs SET last_result = 'error', last_error = 'disk full' WHERE job = 'ledger'"
         )
         await conn.execute(
-            "INSERT INTO ingest_dirty (flushed_at, tenant_id, device_id, metric, first_time, last_time) "
-            "VALUES (now() - interval '1 hour', $1, $1, 'm', now(), now())",
-            "11111111-1111-4111-8111-111111111111",
+            "INSERT INTO ingest_dirty (flushed_at, series_id, first_time, last_time) "
+            "VALUES (now() - interval '1 hour', 1, now(), now())"
         )
     finally:
         await conn.close()
@@ -239,9 +235,7 @@ async def test_doctor_notices_retention_and_housekeeping_not_running(
     conn = await asyncpg.connect(ts)
     try:
         await conn.execute(
-            "INSERT INTO telemetry (time, tenant_id, device_id, metric, value) "
-            "VALUES (now() - interval '200 days', $1, $1, 'm', 1)",
-            "11111111-1111-4111-8111-111111111111",
+            "INSERT INTO telemetry (time, series_id, value) VALUES (now() - interval '200 days', 1, 1)"
         )
         await conn.execute(
             "INSERT INTO ingest_ledger (gateway_id, stream, seq, tenant_id, result, received_at) "

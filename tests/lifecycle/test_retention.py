@@ -33,8 +33,8 @@ DEVICE = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
 async def _fill_telemetry(conn: asyncpg.Connection, days_ago: list[float]) -> None:
     now = datetime.now(UTC)
     await conn.executemany(
-        "INSERT INTO telemetry (time, tenant_id, device_id, metric, value) VALUES ($1, $2, $3, 't', 1)",
-        [(now - timedelta(days=d), TENANT, DEVICE) for d in days_ago],
+        "INSERT INTO telemetry (time, series_id, value) VALUES ($1, 1, 1)",
+        [(now - timedelta(days=d),) for d in days_ago],
     )
 
 

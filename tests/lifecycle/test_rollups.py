@@ -31,7 +31,7 @@ async def _metrics(
 ) -> dict[tuple[float, str, str, datetime], tuple[object, ...]]:
     rows = await conn.fetch(
         "SELECT extract(epoch FROM period) AS period, device_id, metric, bucket, count, sum, min, max, last, "
-        "xmin::text AS xmin FROM metrics"
+        "m.xmin::text AS xmin FROM metrics m JOIN series s ON s.id = m.series_id"
     )
     return {
         (float(r["period"]), str(r["device_id"]), r["metric"], r["bucket"]): (
@@ -117,7 +117,8 @@ async def test_redelivered_dirty_ranges_do_not_double_count(ts: asyncpg.Connecti
     # Three more dirty rows over the same minutes, as several flushes of one series leave behind.
     for lo, hi in ((5, 15), (40, 70), (0, 119)):
         await ts.execute(
-            "INSERT INTO ingest_dirty (tenant_id, device_id, metric, first_time, last_time) VALUES ($1, $2, 'temp', $3, $4)",
+            "INSERT INTO ingest_dirty (series_id, first_time, last_time) "
+            "SELECT id, $3, $4 FROM series WHERE tenant_id = $1 AND device_id = $2 AND metric = 'temp'",
             TENANT,
             DEV_A,
             t0 + timedelta(seconds=lo),
@@ -195,16 +196,16 @@ def test_bucket_ranges_merge_touching_and_overlapping_ranges() -> None:
     s = timedelta(seconds=1)
     ranges = bucket_ranges(
         [
-            (DEV_A, "x", t0 + 10 * s, t0 + 20 * s),
-            (DEV_A, "x", t0 + 40 * s, t0 + 70 * s),
-            (DEV_A, "x", t0 + 300 * s, t0 + 301 * s),
-            (DEV_B, "x", t0 + 59 * s, t0 + 59 * s),
+            (1, t0 + 10 * s, t0 + 20 * s),
+            (1, t0 + 40 * s, t0 + 70 * s),
+            (1, t0 + 300 * s, t0 + 301 * s),
+            (2, t0 + 59 * s, t0 + 59 * s),
         ],
         MINUTE,
     )
     assert {
-        (DEV_A, "x"): [(t0, t0 + 2 * MINUTE), (t0 + 5 * MINUTE, t0 + 6 * MINUTE)],
-        (DEV_B, "x"): [(t0, t0 + MINUTE)],
+        1: [(t0, t0 + 2 * MINUTE), (t0 + 5 * MINUTE, t0 + 6 * MINUTE)],
+        2: [(t0, t0 + MINUTE)],
     } == ranges
 
 
@@ -246,11 +247,11 @@ async def test_rollups_equal_a_direct_aggregate_whatever_the_arrival_order(
         direct = await ts.fetch(
             "SELECT time_bucket($1::interval, time) AS bucket, device_id, metric, count(*) AS count, "
             "sum(value) AS sum, min(value) AS min, max(value) AS max, last(value, time) AS last "
-            "FROM telemetry GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            "FROM readings GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
             width,
         )
         rolled = await ts.fetch(
-            "SELECT bucket, device_id, metric, count, sum, min, max, last FROM metrics "
+            "SELECT bucket, device_id, metric, count, sum, min, max, last FROM rollups "
             "WHERE period = $1::interval ORDER BY 1, 2, 3",
             width,
         )

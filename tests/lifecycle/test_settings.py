@@ -23,6 +23,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert 30.0 == lc.rollups.lag
     assert {
         "telemetry": 90 * 86400.0,
+        "telemetry_text": 90 * 86400.0,
         "events": 365 * 86400.0,
         "metrics": 730 * 86400.0,
         "device_status_history": 365 * 86400.0,

@@ -135,7 +135,7 @@ class Meter:
         """Count what is stored now (the snapshot is taken after ``at``)."""
         at = time.time()
         rows = await self.conn.fetch(
-            "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id"
+            "SELECT device_id, count(*) AS n FROM readings GROUP BY device_id"
         )
         per_device = {r["device_id"]: int(r["n"]) for r in rows}
         stored = {
@@ -160,7 +160,7 @@ class Meter:
         """Every stored reading's timestamp per gateway, sorted (all are stored by now)."""
         for gateway, devices in self.site.devices.items():
             rows = await self.conn.fetch(
-                "SELECT extract(epoch FROM time)::float8 AS t FROM telemetry"
+                "SELECT extract(epoch FROM time)::float8 AS t FROM readings"
                 " WHERE device_id = ANY($1::uuid[]) ORDER BY time",
                 devices,
             )
@@ -236,11 +236,11 @@ async def tally(dbs: Databases, agents: list[AgentProcess], site: Site) -> Tally
         stored = {
             r["device_id"]: int(r["n"])
             for r in await conn.fetch(
-                "SELECT device_id, count(*) AS n FROM telemetry GROUP BY device_id"
+                "SELECT device_id, count(*) AS n FROM readings GROUP BY device_id"
             )
         }
         distinct = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM telemetry) AS d"
+            "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM readings) AS d"
         )
         rejects = await conn.fetchval("SELECT count(*) FROM ingest_rejects")
     finally:

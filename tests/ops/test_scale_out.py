@@ -291,9 +291,9 @@ async def test_three_collectors_store_a_million_readings_exactly_despite_a_sigki
 
         conn = await asyncpg.connect(databases.timeseries)
         try:
-            stored = await conn.fetchval("SELECT count(*) FROM telemetry")
+            stored = await conn.fetchval("SELECT count(*) FROM readings")
             distinct = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM telemetry) AS d"
+                "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM readings) AS d"
             )
             ledger = await conn.fetchval("SELECT count(*) FROM ingest_ledger")
             rejects = await conn.fetchval("SELECT count(*) FROM ingest_rejects")
