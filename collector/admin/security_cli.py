@@ -11,6 +11,7 @@ printed and never stored in the database.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -440,6 +441,12 @@ def broker_sync(
     crl_pem: bytes | None = None
     ca_pem: bytes | None = None
     if layout.cert_listener is not None:
+        if not access.files.cert.exists():
+            raise click.ClickException(
+                f"{access.files.cert}: no CA here for the certificate listener; create one with"
+                " `pki init` (see --pki-dir), or give --cert-listen off for gateways with"
+                " passwords only"
+            )
         ca_cert = access.cert()
         ca_pem = pki.cert_pem(ca_cert)
         if crl_file is not None:
@@ -451,8 +458,10 @@ def broker_sync(
             if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
                 raise click.ClickException(f"{crl_file} is not signed by {access.files.cert}")
         else:
-            ca_cert, ca_private = access.load()
-            crl_pem = pki.crl_pem(pki.build_crl(ca_cert, ca_private, view.revoked, crl_days))
+            crl_pem = _current_crl(directory / brokerfiles.CRL, ca_cert, view.revoked, crl_days)
+            if crl_pem is None:
+                ca_cert, ca_private = access.load()
+                crl_pem = pki.crl_pem(pki.build_crl(ca_cert, ca_private, view.revoked, crl_days))
 
     passwords = [(str(g.id), g.password_hash) for g in view.gateways if g.password_hash]
     files: list[tuple[str, bytes, int]] = [
@@ -504,6 +513,31 @@ def broker_sync(
         click.echo(
             f"{brokerfiles.LISTENERS} changed: restart the broker (a reload keeps the old listeners)"
         )
+
+
+def _current_crl(
+    path: Path, ca_cert: x509.Certificate, revoked: list[pki.RevokedEntry], days: int
+) -> bytes | None:
+    """The CRL already written, when it lists exactly ``revoked`` and has more than half of its
+    validity left: then nothing changes and the broker need not re-read it."""
+    try:
+        data = path.read_bytes()
+        crl = x509.load_pem_x509_crl(data)
+    except (OSError, ValueError):
+        return None
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        return None
+    next_update = crl.next_update_utc
+    if next_update is None or next_update - datetime.now(UTC) < timedelta(days=days / 2):
+        return None
+    listed = set()
+    for entry in crl:
+        try:
+            reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        except x509.ExtensionNotFound:
+            reason = x509.ReasonFlags.unspecified
+        listed.add((entry.serial_number, reason))
+    return data if listed == {(e.serial, e.reason) for e in revoked} else None
 
 
 def _collector_hash(layout: brokerfiles.BrokerLayout, password_file: Path) -> str:

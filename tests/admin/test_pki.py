@@ -207,3 +207,53 @@ def test_crl_names_revoked_held_and_ceased_certificates(registry: Admin, tmp_pat
     listed = registry.data("pki list --all")
     assert {"certificate"} == {r["kind"] for r in listed}
     assert not any("PRIVATE" in str(r) for r in listed)
+
+
+def test_broker_sync_files_idempotent_and_with_a_crl_made_elsewhere(
+    registry: Admin, tmp_path: Path
+) -> None:
+    """broker sync writes its files with their modes, changes nothing on a second run, takes a
+    CRL made where the CA key is (--crl) without the key, refuses one of another CA, and serves
+    password-only deployments with --cert-listen off."""
+    pki, broker = tmp_path / "pki", tmp_path / "broker"
+    registry.run(f"pki server-cert localhost --pki-dir {pki} --out {tmp_path / 'certs'}")
+    registry.run(
+        f"gateways provision plant-1 --tenant acme --credential password --pki-dir {pki}"
+        f" --output {tmp_path / 'plant-1.toml'}"
+    )
+    (tmp_path / "collector-password").write_text("collector-secret\n")
+    sync = (
+        f"broker sync --no-reload --dir {broker} --server-cert {tmp_path / 'certs/broker.pem'}"
+        f" --server-key {tmp_path / 'certs/broker.key'} --collector-password-file"
+        f" {tmp_path / 'collector-password'} --json"
+    )
+    first = registry.data(f"{sync} --pki-dir {pki}")
+    assert (1, 1, True) == (first["gateways"], first["with_password"], first["restart_needed"])
+    modes = {p.name: _mode(p) for p in broker.iterdir()}
+    assert {
+        "gateways.passwd": 0o640,
+        "collectors.passwd": 0o640,
+        "acl": 0o640,
+        "crl.pem": 0o644,
+        "ca.pem": 0o644,
+        "listeners.conf": 0o644,
+    } == modes
+    second = registry.data(f"{sync} --pki-dir {pki}")
+    assert ([], False) == (second["changed"], second["restart_needed"])
+
+    registry.run(f"pki crl --pki-dir {pki} --output {tmp_path / 'crl.pem'}")
+    elsewhere = registry.data(
+        f"{sync} --pki-dir {pki} --ca-key {tmp_path / 'absent.key'} --crl {tmp_path / 'crl.pem'}"
+    )
+    assert ["crl.pem"] == elsewhere["changed"]
+    registry.run(f"pki init --pki-dir {tmp_path / 'other'}")
+    registry.run(f"pki crl --pki-dir {tmp_path / 'other'} --output {tmp_path / 'other.pem'}")
+    assert "is not signed by" in registry.fail(
+        f"{sync} --pki-dir {pki} --crl {tmp_path / 'other.pem'}"
+    )
+
+    no_ca = tmp_path / "no-ca"
+    assert "--cert-listen off" in registry.fail(f"{sync} --pki-dir {no_ca}")
+    registry.data(f"{sync} --pki-dir {no_ca} --cert-listen off")
+    listeners = (broker / "listeners.conf").read_text()
+    assert "require_certificate true" not in listeners and "listener 8884" in listeners
