@@ -18,6 +18,7 @@ from collector import __version__, layout, migrations
 from collector.admin.cli import register as register_admin
 from collector.errors import CollectorError
 from collector.lifecycle.doctor import doctor
+from collector.names import fetch_names
 from collector.observability import configure_logging
 from collector.quarantine_cli import quarantine as quarantine_group
 from collector.service import Collector, db_kwargs, migrate_all
@@ -198,9 +199,9 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         doubled = await concurrent_streams(conn)
     finally:
         await conn.close()
-    names = await gateway_names(settings)
+    names = await fetch_names(settings)
     for entry in doubled:
-        entry["name"] = names.get(entry["gateway_id"])
+        entry["name"] = names.name(entry["gateway_id"])
     return {
         "ledger": {
             "batches": int(totals["batches"]),
@@ -221,7 +222,7 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         "gateways": [
             {
                 "gateway_id": str(g["gateway_id"]),
-                "name": names.get(str(g["gateway_id"])),
+                "name": names.name(g["gateway_id"]),
                 "stream": str(g["stream"]),
                 "seq": int(g["seq"]),
                 "result": g["result"],
@@ -235,27 +236,6 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         ],
         "concurrent_streams": doubled,
     }
-
-
-async def gateway_names(settings: Settings) -> dict[str, str]:
-    """Gateway id → name from the metadata database (empty when it cannot be asked: the report
-    then shows ids only)."""
-    try:
-        conn = await asyncpg.connect(**db_kwargs(settings, "metadata"))
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return {}
-    try:
-        rows = await conn.fetch("SELECT id, name FROM gateways")
-    except asyncpg.PostgresError:
-        return {}
-    finally:
-        await conn.close()
-    return {str(r["id"]): str(r["name"]) for r in rows}
-
-
-def named(name: str | None, ident: str) -> str:
-    """``name [uuid]`` where the name is known, else the uuid."""
-    return f"{name} [{ident}]" if name else ident
 
 
 @main.command()
@@ -281,14 +261,14 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo("last batch per gateway:")
     for g in report["gateways"]:
         click.echo(
-            f"  {named(g['name'], g['gateway_id'])}  stream {g['stream']} seq {g['seq']}"
+            f"  {_named(g['name'], g['gateway_id'])}  stream {g['stream']} seq {g['seq']}"
             f" {g['result']} at {g['received_at']}"
         )
     if report["concurrent_streams"]:
         click.echo("TWO AGENTS WITH ONE GATEWAY ID (batches from two streams at once):")
         for g in report["concurrent_streams"]:
             streams = ", ".join(f"{s} ({n} batches)" for s, n in g["streams"].items())
-            click.echo(f"  {named(g['name'], g['gateway_id'])}: {streams}")
+            click.echo(f"  {_named(g['name'], g['gateway_id'])}: {streams}")
     click.echo("quarantine by reason (sensormine-collector quarantine list):")
     for r in report["quarantine"]:
         click.echo(
@@ -297,6 +277,10 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo("refused by reason:")
     for r in report["rejects"]:
         click.echo(f"  {r['reason']:<26} {r['messages']} messages, {r['points']} readings")
+
+
+def _named(name: str | None, ident: str) -> str:
+    return f"{name} [{ident}]" if name else ident
 
 
 @main.command("check-config")

@@ -502,10 +502,11 @@ class Pipeline:
         if gateway.tenant_id != address.tenant_id:
             raise Refused(
                 Reason.TENANT_MISMATCH,
-                f"topic names tenant {address.tenant_id}, gateway {gateway.id} belongs to {gateway.tenant_id}",
+                f"topic names tenant {address.tenant_id}, gateway {gateway.label()} belongs to"
+                f" {gateway.tenant_id}",
             )
         if not gateway.enabled:
-            raise Refused(Reason.GATEWAY_DISABLED, f"gateway {gateway.id} is disabled")
+            raise Refused(Reason.GATEWAY_DISABLED, f"gateway {gateway.label()} is disabled")
 
     async def gateway_refusal(self, address: TopicAddress) -> Refused | None:
         """Why the registry refuses ``address``'s gateway as a whole, or ``None``."""
@@ -538,21 +539,27 @@ class Pipeline:
             elif device.tenant_id != address.tenant_id:
                 refused[ident] = (
                     Reason.DEVICE_TENANT_MISMATCH,
-                    f"device {ident} belongs to tenant {device.tenant_id}, not {address.tenant_id}",
+                    f"device {device.label()} belongs to tenant {device.tenant_id}, not"
+                    f" {address.tenant_id}",
                 )
             elif not device.enabled:
-                refused[ident] = (Reason.DEVICE_DISABLED, f"device {ident} is disabled")
+                refused[ident] = (Reason.DEVICE_DISABLED, f"device {device.label()} is disabled")
             elif device.gateway_id is not None and device.gateway_id != address.gateway_id:
+                assigned = await self.registry.gateway(device.gateway_id)
+                here = await self.registry.gateway(address.gateway_id)
                 refused[ident] = (
                     Reason.DEVICE_GATEWAY_MISMATCH,
-                    f"device {ident} is assigned to gateway {device.gateway_id}, not {address.gateway_id}",
+                    f"device {device.label()} is assigned to gateway"
+                    f" {assigned.label() if assigned else device.gateway_id}, not"
+                    f" {here.label() if here else address.gateway_id}",
                 )
             else:
                 dtype = await self.registry.device_type(device.device_type_id)
                 if dtype is not None and not dtype.enabled:
                     refused[ident] = (
                         Reason.DEVICE_DISABLED,
-                        f"device {ident} is of device type {dtype.id}, which is disabled",
+                        f"device {device.label()} is of device type {dtype.label()}, which is"
+                        " disabled",
                     )
                 else:
                     allowed[ident] = device

@@ -22,6 +22,7 @@ import asyncpg
 import click
 
 from collector.errors import CollectorError, DatabaseUnavailable
+from collector.names import Names, fetch_names
 from collector.quarantine import Filters, payload_preview, purge, replay, rows, summary
 from collector.service import build_pipeline, build_registry, db_kwargs
 from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
@@ -174,7 +175,11 @@ def list_(config_path: Path, filters: Filters, as_rows: bool, limit: int, as_jso
         found = _run(settings, lambda conn: rows(conn, filters, limit))
     else:
         found = _run(settings, lambda conn: summary(conn, filters))
+    names = asyncio.run(fetch_names(settings)) if found else Names()
     data = [{k: _jsonable(v) for k, v in r.items()} for r in found]
+    for r in data:
+        for kind in ("tenant", "gateway", "device"):
+            r[f"{kind}_name"] = names.name(r.get(f"{kind}_id"))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -185,14 +190,15 @@ def list_(config_path: Path, filters: Filters, as_rows: bool, limit: int, as_jso
         if as_rows:
             click.echo(
                 f"{r['id']:>8}  {r['received_at']}  {r['reason']:<24} {r['kind']:<8}"
-                f" gateway {r['gateway_id']} device {r['device_id'] or '-'}"
+                f" gateway {names.label(r['gateway_id'])} device {names.label(r['device_id'])}"
                 f" metric {r['metric'] or '-'}  {r['points']} readings"
             )
         else:
             click.echo(
-                f"{r['reason']:<24} tenant {r['tenant_id']} gateway {r['gateway_id']}"
-                f" device {r['device_id'] or '-'}: {r['rows']} rows, {r['points']} readings,"
-                f" {r['bytes']} bytes, {r['first_received']} .. {r['last_received']}"
+                f"{r['reason']:<24} tenant {names.label(r['tenant_id'])}"
+                f" gateway {names.label(r['gateway_id'])} device {names.label(r['device_id'])}:"
+                f" {r['rows']} rows, {r['points']} readings, {r['bytes']} bytes,"
+                f" {r['first_received']} .. {r['last_received']}"
             )
 
 

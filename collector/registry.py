@@ -32,6 +32,11 @@ CHANNEL = "sensormine_registry"
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
+def named(name: str, ident: uuid.UUID) -> str:
+    """``name [id]`` where the name is known, else the id."""
+    return f"{name} [{ident}]" if name else str(ident)
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayEntry:
     """A registered gateway."""
@@ -39,6 +44,11 @@ class GatewayEntry:
     id: uuid.UUID
     tenant_id: uuid.UUID
     enabled: bool
+    name: str = ""
+
+    def label(self) -> str:
+        """``name [id]`` for messages an operator reads."""
+        return named(self.name, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,11 @@ class DeviceEntry:
     gateway_id: uuid.UUID | None
     device_type_id: uuid.UUID
     enabled: bool
+    name: str = ""
+
+    def label(self) -> str:
+        """``name [id]`` for messages an operator reads."""
+        return named(self.name, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +75,11 @@ class DeviceTypeEntry:
     tenant_id: uuid.UUID
     schema_id: uuid.UUID | None
     enabled: bool
+    name: str = ""
+
+    def label(self) -> str:
+        """``name [id]`` for messages an operator reads."""
+        return named(self.name, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,10 +255,12 @@ class Registry:
             return entry
         epoch = self._epoch
         rows = await self._query(
-            "SELECT id, tenant_id, enabled FROM gateways WHERE id = $1", gateway_id
+            "SELECT id, tenant_id, enabled, name FROM gateways WHERE id = $1", gateway_id
         )
         entry = (
-            GatewayEntry(rows[0]["id"], rows[0]["tenant_id"], rows[0]["enabled"]) if rows else None
+            GatewayEntry(rows[0]["id"], rows[0]["tenant_id"], rows[0]["enabled"], rows[0]["name"])
+            if rows
+            else None
         )
         if epoch == self._epoch:
             self._gateways.put(gateway_id, entry)
@@ -260,12 +282,18 @@ class Registry:
         if missing:
             epoch = self._epoch
             rows = await self._query(
-                "SELECT id, tenant_id, gateway_id, device_type_id, enabled FROM devices WHERE id = ANY($1::uuid[])",
+                "SELECT id, tenant_id, gateway_id, device_type_id, enabled, name FROM devices"
+                " WHERE id = ANY($1::uuid[])",
                 missing,
             )
             for r in rows:
                 out[r["id"]] = DeviceEntry(
-                    r["id"], r["tenant_id"], r["gateway_id"], r["device_type_id"], r["enabled"]
+                    r["id"],
+                    r["tenant_id"],
+                    r["gateway_id"],
+                    r["device_type_id"],
+                    r["enabled"],
+                    r["name"],
                 )
             if epoch == self._epoch:
                 for ident in missing:
@@ -279,11 +307,16 @@ class Registry:
             return entry
         epoch = self._epoch
         rows = await self._query(
-            "SELECT id, tenant_id, schema_id, enabled FROM device_types WHERE id = $1", type_id
+            "SELECT id, tenant_id, schema_id, enabled, name FROM device_types WHERE id = $1",
+            type_id,
         )
         entry = (
             DeviceTypeEntry(
-                rows[0]["id"], rows[0]["tenant_id"], rows[0]["schema_id"], rows[0]["enabled"]
+                rows[0]["id"],
+                rows[0]["tenant_id"],
+                rows[0]["schema_id"],
+                rows[0]["enabled"],
+                rows[0]["name"],
             )
             if rows
             else None

@@ -206,3 +206,33 @@ async def test_watch_prints_a_gateways_frames_decoded(tmp_path: Path) -> None:
         lines[1]["series"][0]["last_value"],
     )
     assert ("ok", 1) == (lines[2]["result"], lines[2]["accepted"])
+
+
+async def test_quarantine_messages_and_list_name_gateways_and_devices(
+    dbs: Databases, tmp_path: Path
+) -> None:
+    """A disabled device's readings are quarantined with a message that names the device, and
+    ``quarantine list`` names tenant, gateway and device (ids in brackets)."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    disabled = fleet.devices[1]
+    await dbs.meta("UPDATE devices SET enabled = false WHERE id = $1", disabled)
+    host, port = SYSTEM_MQTT
+    p = f"q{uuid.uuid4().hex[:10]}"
+    async with running(collector_settings(dbs, host, port, p)):
+        with GatewayClient(host, port, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(make_batch(fleet, 1, uuid.uuid4(), points=3, device=disabled))
+            await asyncio.to_thread(gw.wait_acks, 1)
+    (message,) = [r["message"] for r in await dbs.fetch("SELECT message FROM quarantine")]
+    assert f"device dev1 [{disabled}] is disabled" == message
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[metadata]\ndsn = "{dbs.metadata}"\n[timeseries]\ndsn = "{dbs.timeseries}"\n'
+        f'[mqtt]\nprefix = "{p}"\n'
+    )
+    listed = _cli("quarantine", "list", "--config", str(config))
+    assert 0 == listed.returncode, listed.stderr
+    assert (
+        f"tenant acme [{fleet.tenant}] gateway gw1 [{fleet.gateway}] device dev1 [{disabled}]:"
+        in listed.stdout
+    )
