@@ -190,6 +190,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
             ("a", "acme", "certificate"),
             ("b", "acme", "certificate"),
             ("c", "acme", "password"),
+            ("d", "acme", "password"),
             ("x", "globex", "certificate"),
             ("revoked", "acme", "certificate"),
             ("disabled", "acme", "certificate"),
@@ -495,6 +496,74 @@ def test_a_gateway_cannot_use_the_collectors_listener(
     wrong = Client(broker, c, password="not-the-password")
     clients.append(wrong)
     assert not wrong.accepted()
+
+
+def test_forged_identities_are_refused(
+    broker: SecureBroker, clients: list[Client], tmp_path: Path
+) -> None:
+    """A certificate with CN = B's id from a CA of the attacker's own, and C logging in as D
+    with C's password, are refused at connect."""
+    b, c, d = (broker.gateways[n] for n in ("b", "c", "d"))
+    own_ca = tmp_path / "own-ca"
+    broker.cli(f"pki init --pki-dir {own_ca}")
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", f"/CN={b.id}", "-keyout", str(tmp_path / "forged.key"),
+         "-out", str(tmp_path / "forged.csr")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", str(tmp_path / "forged.csr"), "-CA",
+         str(own_ca / "ca.pem"), "-CAkey", str(own_ca / "ca.key"), "-CAcreateserial",
+         "-days", "2", "-out", str(tmp_path / "forged.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    forged_files = tmp_path / "forged"
+    forged_files.mkdir()
+    shutil.copy(b.files / "ca.pem", forged_files / "ca.pem")
+    shutil.copy(tmp_path / "forged.pem", forged_files / "gateway.pem")
+    shutil.copy(tmp_path / "forged.key", forged_files / "gateway.key")
+    forged = Client(broker, Gateway("forged", b.id, b.tenant_id, "certificate", forged_files))
+    clients.append(forged)
+    assert not forged.accepted()
+    password_of_c = (c.files / "mqtt-password").read_text().strip()
+    impostor = Client(broker, d, password=password_of_c)
+    clients.append(impostor)
+    assert not impostor.accepted()
+
+
+def test_a_cannot_forge_bs_status_through_its_will(
+    broker: SecureBroker, clients: list[Client]
+) -> None:
+    """A sets its MQTT will on B's status topic and drops its connection: the will is not
+    delivered (the ACL applies to wills too), while its own will is."""
+    a, b = broker.gateways["a"], broker.gateways["b"]
+    collector = connect(clients, broker, collector=True)
+    collector.subscribe(f"$share/{GROUP}/sensormine/v1/+/+/status")
+    for will_topic in (b.topic("status"), a.topic("status")):
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=a.id, protocol=mqtt.MQTTv5)
+        client.tls_set(
+            ca_certs=str(a.files / "ca.pem"),
+            certfile=str(a.files / "gateway.pem"),
+            keyfile=str(a.files / "gateway.key"),
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+        client.will_set(will_topic, b"will " + will_topic.encode(), qos=1)
+        connected = threading.Event()
+        client.on_connect = lambda cl, u, f, reason, p, done=connected: done.set()
+        client.connect("127.0.0.1", broker.ports["cert"])
+        client.loop_start()
+        connected.wait(10)
+        client.loop_stop()
+        sock = client.socket()
+        assert sock is not None
+        sock.close()  # an unclean end: the broker publishes the will
+    deadline = time.monotonic() + 15
+    while True:
+        topic, payload = collector.received(timeout=max(0.1, deadline - time.monotonic()))
+        assert topic != b.topic("status"), payload
+        if topic == a.topic("status") and payload.startswith(b"will"):
+            break
 
 
 def test_revoked_disabled_and_deleted_gateways_are_refused(
