@@ -240,6 +240,12 @@ def test_broker_sync_files_idempotent_and_with_a_crl_made_elsewhere(
     } == modes
     second = registry.data(f"{sync} --pki-dir {pki}")
     assert ([], False) == (second["changed"], second["restart_needed"])
+    registry.run("tenants disable acme")
+    tenant_off = registry.data(f"{sync} --pki-dir {pki}")
+    assert (0, ["gateways.passwd", "acl"]) == (tenant_off["gateways"], tenant_off["changed"])
+    assert _gateway_id(registry) not in (broker / "acl").read_text()
+    registry.run("tenants enable acme")
+    assert 1 == registry.data(f"{sync} --pki-dir {pki}")["gateways"]
 
     registry.run(f"pki crl --pki-dir {pki} --output {tmp_path / 'crl.pem'}")
     elsewhere = registry.data(
