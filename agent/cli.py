@@ -24,7 +24,13 @@ from agent.errors import AgentError, BufferFileError, ConfigError
 from agent.inputs.base import InputContext, kind, kinds
 from agent.log import configure
 from agent.runtime import rss_bytes, store_figures
-from agent.settings import DEFAULT_CONFIG_PATH, Settings, effective_config, load_settings
+from agent.settings import (
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    effective_config,
+    exposed_credentials,
+    load_settings,
+)
 from protocol import Batch, ProtocolError, decode_batch
 
 CONFIG_OPTION = click.option(
@@ -124,6 +130,12 @@ def check_config(config_path: Path) -> None:
         _fail(f"{config_path}: {exc}")
         return
     click.echo(json.dumps(data, indent=2))
+    for key, path, mode in exposed_credentials(settings.mqtt):
+        click.echo(
+            f"warning: {key}: {path} is readable by other users (mode {mode}):"
+            f" chmod 0600 {path} (or 0640 with the service's group)",
+            err=True,
+        )
     click.echo(f"{config_path}: configuration is valid", err=True)
 
 

@@ -745,6 +745,7 @@ def test_no_secret_in_logs_or_status_and_exposed_credentials_warned(
     texts = [log.read_text(), *(r.stdout + r.stderr for r in shown), *broker.outputs]
     assert [] == [s for s in secrets for text in texts if s in text]
     assert "********" in shown[2].stdout
+    assert "mqtt.password_file" in shown[2].stderr and "0644" in shown[2].stderr
 
 
 def test_collector_logs_and_status_show_no_secret(broker: SecureBroker, tmp_path: Path) -> None:
