@@ -116,27 +116,77 @@ def run(config_path: Path) -> None:
 
 @main.command("check-config")
 @CONFIG_OPTION
-def check_config(config_path: Path) -> None:
-    """Validate the configuration and print it with defaults filled in and secrets masked.
+@click.option(
+    "--user",
+    "user",
+    default=None,
+    help="Judge access to the files for this account (default: the service's user sensormine"
+    " when it exists and you are root, else you).",
+)
+@click.option(
+    "--root",
+    "root",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=Path("/"),
+    show_default=True,
+    help="Take the configuration's paths (and the account) from the system image under this"
+    " directory, as install-agent --root does.",
+)
+def check_config(config_path: Path, user: str | None, root: Path) -> None:
+    """Validate the configuration and every file it names, then print it with defaults filled
+    in and secrets masked.
 
-    Exit status 0 when valid, 1 with a message naming the file, the key and the problem.
+    Besides the keys, it checks that each file and directory the configuration names exists and
+    that the service's user may use it: the configuration file, the buffer's directory
+    (writable), the password and TLS files, each input's program, working directory, serial
+    port and sysfs files. Errors go to stderr, one per line; warnings too (a serial adapter not
+    plugged in, a path the unit's sandbox hides). Exit status 0 when valid, 1 when anything is
+    an error.
     """
+    from agent.filecheck import check_files, default_account, find_account
+
     settings = _settings(config_path)
+    account = default_account(root) if user is None else find_account(user, root)
+    if account is None:
+        _fail(f"--user {user}: no such user in {root / 'etc/passwd'}")
+        return
+    problems = check_files(settings, config_path, account, root)
+    for problem in problems:
+        click.echo(f"{problem.severity}: {config_path}: {problem}", err=True)
+    if any(p.severity == "error" for p in problems):
+        click.echo(
+            f"{config_path}: files checked as user {account.name} (uid {account.uid}): not valid",
+            err=True,
+        )
+        sys.exit(1)
     try:
         for config in settings.inputs:
             kind(config.type)
-        data = effective_config(settings)
+        data = effective_config(_on_image(settings, root))
     except (ConfigError, AgentError) as exc:
         _fail(f"{config_path}: {exc}")
         return
+    if settings.mqtt.password_file is not None:
+        data["mqtt"]["password_file"] = str(settings.mqtt.password_file)  # as written, not rooted
     click.echo(json.dumps(data, indent=2))
-    for key, path, mode in exposed_credentials(settings.mqtt):
+    for key, path, mode in exposed_credentials(_on_image(settings, root).mqtt):
         click.echo(
             f"warning: {key}: {path} is readable by other users (mode {mode}):"
             f" chmod 0600 {path} (or 0640 with the service's group)",
             err=True,
         )
-    click.echo(f"{config_path}: configuration is valid", err=True)
+    click.echo(
+        f"{config_path}: configuration is valid (files checked as user {account.name})", err=True
+    )
+
+
+def _on_image(settings: Settings, root: Path) -> Settings:
+    """``settings`` with the password file read from the system image under ``root``."""
+    password = settings.mqtt.password_file
+    if root == Path("/") or password is None or not password.is_absolute():
+        return settings
+    mqtt = settings.mqtt.model_copy(update={"password_file": root / password.relative_to("/")})
+    return settings.model_copy(update={"mqtt": mqtt})
 
 
 def _iso(us: int | None) -> str | None:

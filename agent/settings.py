@@ -10,9 +10,12 @@ else ``$SENSORMINE_MQTT_PASSWORD``, else ``$CREDENTIALS_DIRECTORY/mqtt-password`
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
 import tomllib
+import typing
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -273,21 +276,30 @@ class Settings(_Section):
                 continue
             if not isinstance(item, dict):
                 raise ValueError(f"inputs[{i}] must be a table")
+            label = input_label(i, item.get("name"))
             if "type" not in item:
-                raise ValueError(f"inputs[{i}] has no 'type'")
+                raise ValueError(f"{label} has no 'type'")
             try:
                 model = kind(str(item["type"])).config_model
             except RegistryError as exc:
-                raise ValueError(f"inputs[{i}].type: {exc}") from None
+                raise ValueError(f"{label}.type: {exc}") from None
             try:
                 config = model.model_validate(item)
             except ValidationError as exc:
-                raise ValueError(_describe(exc, prefix=f"inputs[{i}]")) from None
+                raise ValueError(_describe(exc, prefix=label, model=model)) from None
             if config.name in names:
-                raise ValueError(f"inputs[{i}].name: {config.name!r} is used by another input")
+                raise ValueError(f"{label}.name: {config.name!r} is used by another input")
             names.add(config.name)
             built.append(config)
         return built
+
+
+def input_label(index: int, name: Any) -> str:
+    """How errors name an input: by its ``name`` (``inputs["boiler"]``), by its position only
+    when it has none."""
+    if isinstance(name, str) and name:
+        return f"inputs[{json.dumps(name, ensure_ascii=False)}]"
+    return f"inputs[{index}] (no name)"
 
 
 def _location(loc: tuple[Any, ...], prefix: str = "") -> str:
@@ -303,16 +315,54 @@ def _location(loc: tuple[Any, ...], prefix: str = "") -> str:
     return ".".join(parts)
 
 
-def _describe(exc: ValidationError, prefix: str = "") -> str:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``Model``, ``list[Model]``, unions, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
+    """The keys allowed in the table at ``loc`` under ``model``."""
+    models = [model]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        inner = [
+            m
+            for owner in models
+            if part in owner.model_fields
+            for m in _models_in(owner.model_fields[part].annotation)
+        ]
+        # Anything else is a list index, a dict key or a union's tag: the same tables.
+        if inner:
+            models = inner
+    return {name for m in models for name in m.model_fields}
+
+
+def unknown_key_message(key: str, allowed: set[str]) -> str:
+    """``unknown key`` with the closest allowed key, or the allowed keys when none is close."""
+    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (allowed here: {', '.join(sorted(allowed))})"
+
+
+def _describe(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
-        key = _location(tuple(err["loc"]), prefix) or "(top level)"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
+        loc = tuple(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if loc == ("inputs",) and err["type"] == "value_error":
+            lines.append(message)  # one input's own errors, already located by its name
+            continue
+        key = _location(loc, prefix) or "(top level)"
+        if err["type"] == "extra_forbidden" and model is not None:
+            message = unknown_key_message(str(loc[-1]), _keys_at(model, loc[:-1]))
+        elif err["type"] == "extra_forbidden":
             message = "unknown key (not allowed here)"
         elif err["type"] == "missing":
             message = "required key is missing"
-        message = message.removeprefix("Value error, ")
         lines.append(f"{key}: {message}")
     return "; ".join(lines)
 
@@ -337,7 +387,7 @@ def settings_from_dict(data: dict[str, Any], source: str = "<config>") -> Settin
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        raise ConfigError(f"{source}: {_describe(exc, model=Settings)}") from None
 
 
 def mqtt_password(settings: MqttSettings) -> str | None:

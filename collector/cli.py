@@ -17,6 +17,7 @@ import structlog
 from collector import __version__, layout, migrations
 from collector.admin.cli import register as register_admin
 from collector.errors import CollectorError
+from collector.filecheck import check_files, current_account, default_account, find_account
 from collector.lifecycle.doctor import doctor
 from collector.names import fetch_names
 from collector.observability import configure_logging
@@ -69,6 +70,12 @@ def main() -> None:
 def run(config_path: Path) -> None:
     """Consume batches until SIGTERM/SIGINT, then drain (flush, commit, ack) and exit 0."""
     settings = _load(config_path)
+    # A file it cannot read stops it here, before it migrates or connects anywhere.
+    missing = [
+        p for p in check_files(settings, config_path, current_account()) if p.severity == "error"
+    ]
+    if missing:
+        raise click.ClickException("\n".join(f"{config_path}: {p}" for p in missing))
     configure_logging(settings.log.level, settings.log.format)
 
     async def serve() -> None:
@@ -285,10 +292,31 @@ def _named(name: str | None, ident: str) -> str:
 
 @main.command("check-config")
 @_CONFIG
-def check_config(config_path: Path) -> None:
-    """Validate the configuration file (and environment overrides) without connecting anywhere."""
+@click.option(
+    "--user",
+    default=None,
+    help="Judge access to the files for this account (default: the service's user sensormine"
+    " when it exists and you are root, else you).",
+)
+def check_config(config_path: Path, user: str | None) -> None:
+    """Validate the configuration file (and environment overrides) without connecting anywhere.
+
+    Also checks that the configuration file and every file it names (password files, TLS
+    files) exist and that the service's user can read them; each problem is one line on
+    stderr, and any error makes the exit status 1.
+    """
     settings = _load(config_path)
-    click.echo(f"{config_path}: ok")
+    account = default_account() if user is None else find_account(user)
+    if account is None:
+        raise click.ClickException(f"--user {user}: no such user")
+    problems = check_files(settings, config_path, account)
+    for problem in problems:
+        click.echo(f"{problem.severity}: {config_path}: {problem}", err=True)
+    if any(p.severity == "error" for p in problems):
+        raise click.ClickException(
+            f"{config_path}: files checked as user {account.name} (uid {account.uid}): not valid"
+        )
+    click.echo(f"{config_path}: ok (files checked as user {account.name})")
     click.echo(f"  metadata:   {settings.metadata.redacted()}")
     click.echo(f"  timeseries: {settings.timeseries.redacted()}")
     click.echo(

@@ -15,8 +15,10 @@ passwords may be part of the connection setting, else come from
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -343,11 +345,44 @@ def apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[s
     return out
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (``Model``, ``Model | None``, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _keys_at(loc: tuple[Any, ...]) -> set[str]:
+    """The keys allowed in the table at ``loc`` of the configuration."""
+    models: list[type[BaseModel]] = [Settings]
+    for part in loc:
+        inner = [
+            m
+            for owner in models
+            if isinstance(part, str) and part in owner.model_fields
+            for m in _models_in(owner.model_fields[part].annotation)
+        ]
+        if inner:
+            models = inner
+    return {name for m in models for name in m.model_fields}
+
+
+def _unknown_key(key: str, allowed: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (allowed here: {', '.join(sorted(allowed))})"
+
+
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{source}: {key}: {err['msg']}")
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden" and loc:
+            message = _unknown_key(str(loc[-1]), _keys_at(loc[:-1]))
+        lines.append(f"{source}: {key}: {message}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ restarting the input after a pause, without touching the other inputs.
 
 from __future__ import annotations
 
+import difflib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,24 @@ class InputContext:
     stats: Callable[[], dict[str, float]] = lambda: {}
 
 
+PathUse = Literal["read", "program", "directory", "device"]
+
+
+@dataclass(frozen=True, slots=True)
+class NamedPath:
+    """A file or directory an input's configuration names and what the input does with it, for
+    ``check-config``: ``read`` a file, run a ``program`` (a bare name is looked up in ``PATH``),
+    list a ``directory``, open a ``device`` for reading and writing. ``present=False`` marks
+    what may appear only later (a probe not wired yet, an adapter not plugged in): its absence
+    is a warning, not an error."""
+
+    key: str
+    path: str
+    use: PathUse
+    present: bool = True
+    search_path: str | None = None
+
+
 class InputConfig(BaseModel):
     """Fields every input kind's configuration has; kinds subclass it and narrow ``type``."""
 
@@ -95,6 +114,10 @@ class InputConfig(BaseModel):
 
     type: str
     name: str
+
+    def named_paths(self) -> list[NamedPath]:
+        """The files and directories this input uses (keys relative to the input's table)."""
+        return []
 
 
 Factory = Callable[[Any, InputContext], Input]
@@ -137,6 +160,8 @@ def kind(name: str) -> InputKind:
     try:
         return known[name]
     except KeyError:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise RegistryError(
-            f"unknown input type {name!r}; known types: {', '.join(sorted(known))}"
+            f"unknown input type {name!r}{hint}; known types: {', '.join(sorted(known))}"
         ) from None

@@ -125,7 +125,7 @@ def test_bad_configuration_exits_1_naming_file_key_and_problem(tmp_path: Path) -
         "unknown": (
             text.replace("[batch]\n", "[batch]\nmax_point = 5\n"),
             "batch.max_point",
-            "unknown key",
+            "unknown key (did you mean 'max_points'?)",
         ),
         "duration": (
             text.replace('reconnect_min = "100ms"', 'reconnect_min = "5 parsecs"'),
@@ -139,10 +139,14 @@ def test_bad_configuration_exits_1_naming_file_key_and_problem(tmp_path: Path) -
         ),
         "input": (
             text.replace('type = "simulated"', 'type = "telepathy"'),
-            "inputs[0].type",
-            "unknown input type",
+            'inputs["sim"].type',
+            "unknown input type 'telepathy'",
         ),
-        "input_key": (text.replace("seed = 7", "sede = 7"), "inputs[0].sede", "unknown key"),
+        "input_key": (
+            text.replace("seed = 7", "sede = 7"),
+            'inputs["sim"].sede',
+            "unknown key (did you mean 'seed'?)",
+        ),
         "uuid": (text.replace('[gateway]\nid = "', '[gateway]\nid = "x'), "gateway.id", "UUID"),
     }
     for name, (content, key, problem) in cases.items():

@@ -78,8 +78,10 @@ def test_errors_name_the_key() -> None:
     """A bad value is reported with its source and dotted key."""
     with pytest.raises(ConfigError, match=r"site.toml: writer.max_age: .*not a duration"):
         parse_settings(_minimal(writer={"max_age": "soon"}), "site.toml")
-    with pytest.raises(ConfigError, match=r"mqtt.colour: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"mqtt.colour: unknown key \(allowed here: .*host"):
         parse_settings(_minimal(mqtt={"colour": 1}), "site.toml")
+    with pytest.raises(ConfigError, match=r"mqtt.hots: unknown key \(did you mean 'host'\?\)"):
+        parse_settings(_minimal(mqtt={"hots": "broker"}), "site.toml")
 
 
 def test_environment_overrides_keys(tmp_path: Path) -> None:

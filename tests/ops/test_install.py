@@ -24,6 +24,18 @@ UNIT = "sensormine-agent.service"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the installer sets owners: run as root")
 
+# A site's configuration that reads the broker password itself, from the one place for it: the
+# installer refuses a configuration whose files the service's user cannot use.
+SITE_CONFIG = """# the site's own configuration
+[gateway]
+id = "3b0f8d4e-8c1a-4f7e-9d2b-5a6c7e8f9012"
+tenant_id = "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+
+[mqtt]
+username = "3b0f8d4e-8c1a-4f7e-9d2b-5a6c7e8f9012"
+password_file = "/etc/sensormine/credentials/mqtt-password"
+"""
+
 
 def install(
     *args: str,
@@ -73,7 +85,7 @@ def layout(root: Path) -> dict[str, tuple[str, int, int, str]]:
 def site_config(tmp_path: Path) -> Path:
     """A gateway's own configuration file, as an operator would pass it with --config."""
     path = tmp_path / "site.toml"
-    path.write_text("# the site's own configuration\n")
+    path.write_text(SITE_CONFIG)
     return path
 
 
@@ -162,7 +174,7 @@ def test_upgrade_keeps_configuration_credentials_and_buffer(
     install("--root", str(root), "--config", str(site_config))
     buffer = root / "var/lib/sensormine/buffer.db"
     buffer.write_bytes(b"SQLite format 3\x00 buffered readings")
-    (root / "etc/sensormine/agent.toml").write_text("# edited on site\n")
+    (root / "etc/sensormine/agent.toml").write_text("# edited on site\n" + SITE_CONFIG)
     password = root / "etc/sensormine/credentials/mqtt-password"
     password.write_text("s3cret\n")
     # As an earlier installer left it: root only, which the service user cannot read.
@@ -174,12 +186,20 @@ def test_upgrade_keeps_configuration_credentials_and_buffer(
     marker.write_text("")
 
     other_config = tmp_path / "other.toml"
-    other_config.write_text("# must not replace the site's file\n")
+    other_config.write_text("# must not replace the site's file\n" + SITE_CONFIG)
     result = install("--root", str(root), "--config", str(other_config))
 
-    assert "kept the existing configuration" in result.stdout
+    assert (
+        "install-agent: kept the existing configuration /etc/sensormine/agent.toml and IGNORED"
+        f" --config {other_config}, which differs from it"
+    ) in result.stdout
     assert b"SQLite format 3\x00 buffered readings" == buffer.read_bytes()
-    assert "# edited on site\n" == (root / "etc/sensormine/agent.toml").read_text()
+    # Written by root above (as by a run of the agent as root): given back to the service.
+    assert (int(account(root)[2]), int(account(root)[3])) == (
+        buffer.stat().st_uid,
+        buffer.stat().st_gid,
+    )
+    assert "# edited on site\n" + SITE_CONFIG == (root / "etc/sensormine/agent.toml").read_text()
     assert "s3cret\n" == password.read_text()
     gid = int(account(root)[3])
     assert (0o640, 0, gid) == (
@@ -194,6 +214,59 @@ def test_upgrade_keeps_configuration_credentials_and_buffer(
         if line.startswith("sensormine:")
     )
     assert os.access(root / "opt/sensormine/venv/bin/sensormine-agent", os.X_OK)
+
+
+def test_installer_refuses_a_configuration_the_agent_refuses(
+    tmp_path: Path, site_config: Path
+) -> None:
+    """A configuration naming a program that does not exist stops the installer with exit
+    status 1, naming the input by its name; the file is not installed and neither is the unit.
+    An existing configuration the agent refuses stops an upgrade the same way, and the
+    installer says plainly that it kept it and ignored the new one."""
+    root = tmp_path / "root"
+    broken = tmp_path / "broken.toml"
+    broken.write_text(
+        SITE_CONFIG
+        + '[[inputs]]\ntype = "command"\nname = "tank-level"\ncommand = ["/usr/local/bin/read-tank"]\n'
+        + '[[inputs.devices]]\nid = "6f1c2b8e-3d4a-4f5b-9c6d-7e8f9a0b1c2d"\nname = "tank"\n'
+    )
+
+    def run(config: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(INSTALLER), "--root", str(root), "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+
+    result = run(broken)
+    assert 1 == result.returncode, result.stdout
+    assert (
+        f"install-agent: error: the agent refuses {broken}:\nerror: {broken}:"
+        ' inputs["tank-level"].command[0]: /usr/local/bin/read-tank: does not exist\n'
+    ) in result.stderr
+    assert (
+        f"install-agent: error: {broken} was not installed: fix it (sensormine-agent"
+        f" check-config --config {broken}) and run install-agent again; the unit was neither"
+        " installed nor started\n"
+    ) in result.stderr
+    assert [] == list((root / "etc/sensormine").glob("agent.toml*"))
+    assert not (root / "etc/systemd/system" / UNIT).exists()
+
+    (root / "etc/sensormine/agent.toml").write_text(broken.read_text())
+    result = run(site_config)
+    assert 1 == result.returncode, result.stdout
+    assert (
+        "install-agent: kept the existing configuration /etc/sensormine/agent.toml and IGNORED"
+        f" --config {site_config}, which differs from it"
+    ) in result.stdout
+    assert (
+        "install-agent: error: the agent refuses /etc/sensormine/agent.toml:\nerror:"
+        ' /etc/sensormine/agent.toml: inputs["tank-level"].command[0]:'
+        " /usr/local/bin/read-tank: does not exist\n"
+    ) in result.stderr
+    assert not (root / "etc/systemd/system" / UNIT).exists()
 
 
 def test_uninstall_keeps_data_and_purge_removes_it(tmp_path: Path, site_config: Path) -> None:

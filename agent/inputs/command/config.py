@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from agent.inputs.base import InputConfig
+from agent.inputs.base import InputConfig, NamedPath
 from agent.inputs.common import DeviceConfig, Duration, TimeZoneName
 
 
@@ -54,3 +54,12 @@ class CommandConfig(InputConfig):
         if len(ids) != len(set(ids)):
             raise ValueError("devices: two devices have the same id")
         return self
+
+    def named_paths(self) -> list[NamedPath]:
+        """The program (looked up in the input's ``PATH`` when it has no slash) and working_dir."""
+        paths = [
+            NamedPath("command[0]", self.command[0], "program", search_path=self.env.get("PATH"))
+        ]
+        if self.working_dir is not None:
+            paths.append(NamedPath("working_dir", self.working_dir, "directory"))
+        return paths

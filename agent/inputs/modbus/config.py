@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.inputs.base import InputConfig
+from agent.inputs.base import InputConfig, NamedPath
 from agent.inputs.common import DeviceConfig, Duration, MetricName
 
 Table = Literal["holding", "input", "coil", "discrete"]
@@ -154,3 +154,9 @@ class ModbusConfig(InputConfig):
         if len(ids) != len(set(ids)):
             raise ValueError("devices: two devices have the same id")
         return self
+
+    def named_paths(self) -> list[NamedPath]:
+        """The serial port of an RTU bus (a USB adapter may be plugged in later)."""
+        if self.transport != "rtu" or self.serial_port is None:
+            return []
+        return [NamedPath("serial_port", self.serial_port, "device", present=False)]

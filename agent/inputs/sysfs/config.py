@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from agent.inputs.base import InputConfig
+from agent.inputs.base import InputConfig, NamedPath
 from agent.inputs.common import DeviceConfig, Duration, MetricName
 
 Scale = Annotated[float, Field(allow_inf_nan=False, ge=-1e12, le=1e12)]
@@ -74,3 +74,19 @@ class SysfsConfig(InputConfig):
         if len(ids) != len(set(ids)):
             raise ValueError("devices: two devices have the same id")
         return self
+
+    def named_paths(self) -> list[NamedPath]:
+        """The root, and each device's file (a probe may be wired, a module loaded, later)."""
+        paths = [NamedPath("root", self.root, "directory")]
+        for i, device in enumerate(self.devices):
+            if isinstance(device, W1Device):
+                file = f"/sys/bus/w1/devices/{device.sensor}/w1_slave"
+            elif isinstance(device, ThermalDevice):
+                file = f"/sys/class/thermal/thermal_zone{device.zone}/temp"
+            elif isinstance(device, FileDevice):
+                file = device.path
+            else:
+                continue  # hwmon chips are found by name at run time
+            located = f"{self.root.rstrip('/')}/{file.lstrip('/')}"
+            paths.append(NamedPath(f"devices[{i}]", located, "read", present=False))
+        return paths
