@@ -1,10 +1,13 @@
 """The registry's administration commands of ``sensormine-collector``.
 
 ``tenants``, ``gateways``, ``schemas``, ``device-types``, ``devices`` and ``alert-rules`` manage
-the metadata database; ``gateways provision`` writes a gateway's ``agent.toml``; ``seed`` applies
-a seed file. Each command connects to the metadata database named by the collector's
-configuration (``--config`` or ``$SENSORMINE_COLLECTOR_CONFIG``, with its environment overrides).
-:data:`COMMANDS` lists them for the collector's click group.
+the metadata database: their ``list``, ``show``, ``create``, ``update``, ``delete``, ``enable``
+and ``disable`` are generated from the table of kinds (:mod:`collector.admin.kinds`); what is
+specific to one kind is written here by hand (``gateways provision`` writes a gateway's
+``agent.toml``, ``schemas check``/``create``/``add-version``/``show``, ``device-types
+history``); ``seed`` applies a seed file. Each command connects to the metadata database named
+by the collector's configuration (``--config`` or ``$SENSORMINE_COLLECTOR_CONFIG``, with its
+environment overrides). :data:`COMMANDS` lists them for the collector's click group.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from collector.admin.credentials import (
     write_secret,
 )
 from collector.admin.identity import issue_password
+from collector.admin.kinds import KINDS, REQUIRED, Field, Kind
 from collector.admin.pki import CLIENT_DAYS
 from collector.admin.provision import (
     DEFAULT_BUFFER_PATH,
@@ -44,25 +48,14 @@ from collector.admin.provision import (
 )
 from collector.admin.schemafile import SchemaFileError, load_schema_file, metrics_of
 from collector.admin.seed import DEMO_SEED, apply_seed, load_seed
-from collector.admin.store import (
-    ALERT_RULE,
-    CONDITIONS,
-    DEVICE,
-    DEVICE_TYPE,
-    GATEWAY,
-    SEVERITIES,
-    TENANT,
-    Kind,
-    RegistryStore,
-    Row,
-    connect,
-)
+from collector.admin.store import RegistryStore, Row, connect
 from collector.errors import CollectorError
 from collector.quantities import parse_duration
 from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[Any], Any]
 
 
 def _default_actor() -> str:
@@ -221,219 +214,173 @@ def _document(path: Path) -> dict[str, Any]:
         raise click.ClickException(str(exc)) from None
 
 
-def _attributes(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="--attributes") from None
-    if not isinstance(value, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--attributes")
-    return value
+def _read(field: Field, text: Any) -> Any:
+    """An option's value as the store takes it: a duration in seconds, a JSON object."""
+    if field.value == "duration":
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=field.flag) from None
+    if field.value == "json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc.msg}", param_hint=field.flag) from None
+        if not isinstance(value, dict):
+            raise click.BadParameter("must be a JSON object", param_hint=field.flag)
+        return value
+    return text
 
 
-def _seconds(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--duration") from None
+# --- the commands every kind has, generated from its row of the table -------------------------
 
 
-# --- tenants ----------------------------------------------------------------------------------
+def _field_option(field: Field, updating: bool) -> Callable[[F], F]:
+    help_text = field.update_help if updating and field.update_help is not None else field.help
+    kwargs: dict[str, Any] = {"help": help_text or None}
+    if field.choices:
+        kwargs["type"] = click.Choice(field.choices)
+    elif field.value == "float":
+        kwargs["type"] = float
+    if not updating and field.default is REQUIRED:
+        kwargs["required"] = True
+    elif not updating and field.shown_default is not None:
+        kwargs.update(default=field.shown_default, show_default=True)
+    return click.option(field.flag, field.name, **kwargs)
 
 
-@click.group()
-def tenants() -> None:
-    """Tenants: the owners of gateways, schemas, device types and devices."""
-
-
-@tenants.command("create")
-@click.argument("name")
-@_id_option
-@_json_option
-@_config_option
-def tenant_create(name: str, ident: str | None, as_json: bool, config_path: Path) -> None:
-    """Create a tenant called NAME."""
-    row = _run(config_path, lambda s: s.create_tenant(name, id=ident))
-    _done("created tenant", row, as_json)
-
-
-@tenants.command("list")
-@_json_option
-@_config_option
-def tenant_list(as_json: bool, config_path: Path) -> None:
-    """List tenants with their gateway and device counts."""
-    rows = _run(config_path, lambda s: s.list_tenants())
-    _listing(rows, as_json, ("id", "name", "enabled", "gateways", "devices"))
-
-
-@tenants.command("show")
-@click.argument("tenant")
-@_json_option
-@_config_option
-def tenant_show(tenant: str, as_json: bool, config_path: Path) -> None:
-    """Show TENANT (name or id) and how much it owns."""
-    _show(_run(config_path, lambda s: s.show_tenant(tenant)), as_json)
-
-
-@tenants.command("update")
-@click.argument("tenant")
-@click.option("--name", help="New name.")
-@_json_option
-@_config_option
-def tenant_update(tenant: str, name: str | None, as_json: bool, config_path: Path) -> None:
-    """Rename TENANT."""
-    row = _run(config_path, lambda s: s.update_tenant(tenant, name=name))
-    _done("updated tenant", row, as_json)
-
-
-def _enable_commands(group: click.Group, kind: Kind) -> None:
-    """Add ``enable`` and ``disable`` to ``group``."""
-    for enabled in (False, True):
-        verb = "enable" if enabled else "disable"
-
-        def command(
-            ref: str,
-            tenant: str | None,
-            actor: str,
-            config_path: Path,
-            enabled: bool = enabled,
-            verb: str = verb,
-        ) -> None:
-            row = _run(config_path, lambda s: s.set_enabled(kind, ref, enabled, tenant), actor)
-            click.echo(f"{verb}d {kind.label} {row['name']} {row['id']}")
-
-        help_text = f"{verb.capitalize()} the {kind.label} REF (name or id)" + (
-            ": the collector refuses readings of a disabled one."
-            if not enabled and kind.label != "alert rule"
-            else "."
-        )
-        cmd = click.Command(
-            verb,
-            callback=command,
-            help=help_text,
-            params=[
-                click.Argument(["ref"]),
-                click.Option(
-                    ["--tenant"], help="The tenant (name or id) in which names are looked up."
-                ),
-                click.Option(
-                    ["--actor"],
-                    default=_default_actor,
-                    show_default="the OS user",
-                    help="Who makes the change (recorded in a device type's audit log).",
-                ),
-                click.Option(
-                    ["--config", "config_path"],
-                    type=click.Path(dir_okay=False, path_type=Path),
-                    default=DEFAULT_CONFIG_PATH,
-                    show_default=True,
-                    envvar="SENSORMINE_COLLECTOR_CONFIG",
-                    help="Collector configuration file (TOML).",
-                ),
-            ],
-        )
-        group.add_command(cmd)
-
-
-_enable_commands(tenants, TENANT)
-
-
-@tenants.command("delete")
-@click.argument("tenant")
-@_config_option
-def tenant_delete(tenant: str, config_path: Path) -> None:
-    """Delete TENANT; refused while it still owns anything."""
-    row = _run(config_path, lambda s: s.delete_tenant(tenant))
-    click.echo(f"deleted tenant {row['name']} {row['id']}")
-
-
-# --- gateways ---------------------------------------------------------------------------------
-
-
-@click.group()
-def gateways() -> None:
-    """Gateways: the site computers that run sensormine-agent."""
-
-
-@gateways.command("create")
-@click.argument("name")
-@_tenant_option(required=True)
-@click.option("--description", default="", help="Free text, e.g. the site.")
-@_id_option
-@_json_option
-@_config_option
-def gateway_create(
-    name: str, tenant: str, description: str, ident: str | None, as_json: bool, config_path: Path
-) -> None:
-    """Register a gateway called NAME."""
-    row = _run(
-        config_path, lambda s: s.create_gateway(tenant, name, description=description, id=ident)
+def _clear_option(field: Field) -> Callable[[F], F]:
+    return click.option(
+        f"--no-{field.flag[2:]}", f"no_{field.name}", is_flag=True, help=field.clear_help
     )
-    _done("created gateway", row, as_json)
 
 
-@gateways.command("list")
-@_tenant_option()
-@_json_option
-@_config_option
-def gateway_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
-    """List gateways with their device counts."""
-    rows = _run(config_path, lambda s: s.list_gateways(tenant))
-    _listing(rows, as_json, ("id", "name", "tenant", "enabled", "devices"))
+def _given(fields: Sequence[Field], params: dict[str, Any]) -> Row:
+    """The fields given on the command line (a ``--no-<field>`` flag: ``None``)."""
+    given: Row = {}
+    for field in fields:
+        value, cleared = params.get(field.name), params.get(f"no_{field.name}", False)
+        if value is not None and cleared:
+            raise click.UsageError(f"{field.flag} and --no-{field.flag[2:]} exclude each other")
+        if cleared:
+            given[field.name] = None
+        elif value is not None:
+            given[field.name] = _read(field, value)
+    return given
 
 
-@gateways.command("show")
-@click.argument("gateway")
-@_tenant_option()
-@_json_option
-@_config_option
-def gateway_show(gateway: str, tenant: str | None, as_json: bool, config_path: Path) -> None:
-    """Show GATEWAY (name or id) and the devices assigned to it."""
-    row = _run(config_path, lambda s: s.show_gateway(gateway, tenant))
-    for device in row["devices"]:
-        device.pop("json_schema", None)
-        device.pop("attributes", None)
-    _show(row, as_json)
+def _command(
+    name: str, help_text: str, callback: Callable[..., None], options: Sequence[Decorator]
+) -> click.Command:
+    for decorate in reversed(options):
+        callback = decorate(callback)
+    return click.command(name, help=help_text)(callback)
 
 
-@gateways.command("update")
-@click.argument("gateway")
-@_tenant_option()
-@click.option("--name", help="New name.")
-@click.option("--description", help="New description.")
-@_json_option
-@_config_option
-def gateway_update(
-    gateway: str,
-    tenant: str | None,
-    name: str | None,
-    description: str | None,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Rename or describe GATEWAY."""
-    row = _run(
-        config_path,
-        lambda s: s.update_gateway(gateway, tenant=tenant, name=name, description=description),
+def kind_group(kind: Kind) -> click.Group:
+    """The command group of ``kind`` with the commands its row of the table asks for."""
+    group = click.Group(kind.command, help=kind.help)
+    ref = click.argument("ref", metavar=kind.metavar)
+    scope = [_tenant_option()] if kind.owned else []
+    audit = [_actor_option] if kind.audited else []
+    fields = [f for f in kind.fields if f.on_cli and f.name != "name"]
+    updatable = [f for f in kind.fields if f.on_cli and f.updatable]
+
+    def create(name: str, **p: Any) -> None:
+        given = _given(fields, p)
+        row = _run(
+            p["config_path"],
+            lambda s: s.create(kind, p.get("tenant"), name, given, id=p["ident"]),
+            p.get("actor", ""),
+        )
+        _done(f"created {kind.label}", row, p["as_json"])
+
+    def list_(**p: Any) -> None:
+        filters = {f.name: p[f.name] for f in kind.filters}
+        rows = _run(p["config_path"], lambda s: s.listing(kind, p.get("tenant"), **filters))
+        _listing(rows, p["as_json"], kind.columns)
+
+    def show(ref: str, **p: Any) -> None:
+        _show(_run(p["config_path"], lambda s: s.show(kind, ref, p.get("tenant"))), p["as_json"])
+
+    def update(ref: str, **p: Any) -> None:
+        given = _given(updatable, p)
+        row = _run(
+            p["config_path"],
+            lambda s: s.update(kind, ref, given, p.get("tenant")),
+            p.get("actor", ""),
+        )
+        if kind.audited and not p["as_json"]:
+            click.echo(f"{kind.label} {row['name']} {row['id']} is at version {row['version']}")
+        else:
+            _done(f"updated {kind.label}", row, p["as_json"])
+
+    def delete(ref: str, **p: Any) -> None:
+        row = _run(
+            p["config_path"], lambda s: s.delete(kind, ref, p.get("tenant")), p.get("actor", "")
+        )
+        click.echo(f"deleted {kind.label} {row['name']} {row['id']}")
+
+    required = [_tenant_option(required=True)] if kind.owned else []
+    create_options = [*(_field_option(f, False) for f in fields), _id_option]
+    update_options = [
+        *(
+            o
+            for f in updatable
+            for o in (_field_option(f, True), *([_clear_option(f)] if f.nullable else []))
+        ),
+    ]
+    commands: dict[str, tuple[Callable[..., None], list[Decorator]]] = {
+        "create": (
+            create,
+            [click.argument("name"), *required, *create_options, *audit, _json_option],
+        ),
+        "list": (list_, [*scope, *(_field_option(f, True) for f in kind.filters), _json_option]),
+        "show": (show, [ref, *scope, _json_option]),
+        "update": (update, [ref, *scope, *update_options, *audit, _json_option]),
+        "delete": (delete, [ref, *scope, *audit]),
+    }
+    for name, help_text in kind.helps.items():
+        callback, options = commands[name]
+        group.add_command(_command(name, help_text, callback, [*options, _config_option]))
+    if kind.switchable:
+        for enabled in (False, True):
+            _switch_command(group, kind, enabled)
+    return group
+
+
+def _switch_command(group: click.Group, kind: Kind, enabled: bool) -> None:
+    verb = "enable" if enabled else "disable"
+
+    def switch(ref: str, actor: str, config_path: Path, tenant: str | None = None) -> None:
+        row = _run(config_path, lambda s: s.update(kind, ref, {"enabled": enabled}, tenant), actor)
+        click.echo(f"{verb}d {kind.label} {row['name']} {row['id']}")
+
+    help_text = f"{verb.capitalize()} the {kind.label} REF (name or id)" + (
+        ": the collector refuses readings of a disabled one."
+        if not enabled and kind.label != "alert rule"
+        else "."
     )
-    _done("updated gateway", row, as_json)
+    actor = click.option(
+        "--actor",
+        default=_default_actor,
+        show_default="the OS user",
+        help="Who makes the change (recorded in a device type's audit log).",
+    )
+    scope = [_tenant_option()] if kind.owned else []
+    options = [click.argument("ref"), *scope, actor, _config_option]
+    group.add_command(_command(verb, help_text, switch, options))
 
 
-_enable_commands(gateways, GATEWAY)
+GROUPS = {kind.table: kind_group(kind) for kind in KINDS}
 
 
-@gateways.command("delete")
-@click.argument("gateway")
-@_tenant_option()
-@_config_option
-def gateway_delete(gateway: str, tenant: str | None, config_path: Path) -> None:
-    """Delete GATEWAY; refused while devices are assigned to it."""
-    row = _run(config_path, lambda s: s.delete_gateway(gateway, tenant))
-    click.echo(f"deleted gateway {row['name']} {row['id']}")
+gateways = GROUPS["gateways"]
+schemas = GROUPS["schemas"]
+device_types = GROUPS["device_types"]
+
+
+# --- what is specific to one kind ---------------------------------------------------------------
 
 
 @gateways.command("provision")
@@ -658,17 +605,7 @@ def gateway_provision(
         )
 
 
-# --- schemas ----------------------------------------------------------------------------------
-
-
-@click.group()
-def schemas() -> None:
-    """Schemas: JSON Schema documents of a device type's telemetry, versioned.
-
-    A schema's content changes only by adding a version (`add-version`); the highest version is
-    the one the collector validates against. Schemas have no enabled flag: disable the device
-    types that use one instead.
-    """
+# --- schema versions ----------------------------------------------------------------------------
 
 
 @schemas.command("check")
@@ -708,7 +645,7 @@ def schema_create(
     row = _run(
         config_path,
         lambda s: s.create_schema(
-            tenant, name, description=description, id=ident, document=document
+            tenant, name, {"description": description}, id=ident, document=document
         ),
         actor,
     )
@@ -736,16 +673,6 @@ def schema_add_version(
         click.echo(f"unchanged: {file} is the current version {row['version']} of schema {schema}")
 
 
-@schemas.command("list")
-@_tenant_option()
-@_json_option
-@_config_option
-def schema_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
-    """List schemas with their current version and how many device types use them."""
-    rows = _run(config_path, lambda s: s.list_schemas(tenant))
-    _listing(rows, as_json, ("id", "name", "tenant", "version", "device_types"))
-
-
 @schemas.command("show")
 @click.argument("schema")
 @_tenant_option()
@@ -763,148 +690,6 @@ def schema_show(
     _record(row, skip=("json_schema",))
     click.echo("json_schema:")
     click.echo(json.dumps(row["json_schema"], indent=2, ensure_ascii=False))
-
-
-@schemas.command("update")
-@click.argument("schema")
-@_tenant_option()
-@click.option("--name", help="New name.")
-@click.option("--description", help="New description.")
-@_json_option
-@_config_option
-def schema_update(
-    schema: str,
-    tenant: str | None,
-    name: str | None,
-    description: str | None,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Rename or describe SCHEMA (its content changes with add-version)."""
-    row = _run(
-        config_path,
-        lambda s: s.update_schema(schema, tenant=tenant, name=name, description=description),
-    )
-    _done("updated schema", row, as_json)
-
-
-@schemas.command("delete")
-@click.argument("schema")
-@_tenant_option()
-@_config_option
-def schema_delete(schema: str, tenant: str | None, config_path: Path) -> None:
-    """Delete SCHEMA and its versions; refused while a device type uses it."""
-    row = _run(config_path, lambda s: s.delete_schema(schema, tenant))
-    click.echo(f"deleted schema {row['name']} {row['id']}")
-
-
-# --- device types -----------------------------------------------------------------------------
-
-
-@click.group("device-types")
-def device_types() -> None:
-    """Device types: a kind of device and the schema its telemetry follows.
-
-    Every change bumps the type's version, stores a snapshot (device_type_versions) and an audit
-    row (device_type_audit_logs: who, when, what changed); see `history`.
-    """
-
-
-@device_types.command("create")
-@click.argument("name")
-@_tenant_option(required=True)
-@click.option("--schema", help="The schema (name or id) its telemetry follows.")
-@click.option("--description", default="", help="Free text.")
-@_id_option
-@_actor_option
-@_json_option
-@_config_option
-def device_type_create(
-    name: str,
-    tenant: str,
-    schema: str | None,
-    description: str,
-    ident: str | None,
-    actor: str,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Create a device type called NAME."""
-    row = _run(
-        config_path,
-        lambda s: s.create_device_type(
-            tenant, name, schema=schema, description=description, id=ident
-        ),
-        actor,
-    )
-    _done("created device type", row, as_json)
-
-
-@device_types.command("list")
-@_tenant_option()
-@_json_option
-@_config_option
-def device_type_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
-    """List device types with their schema and device counts."""
-    rows = _run(config_path, lambda s: s.list_device_types(tenant))
-    _listing(
-        rows,
-        as_json,
-        ("id", "name", "tenant", "schema", "schema_version", "version", "enabled", "devices"),
-    )
-
-
-@device_types.command("show")
-@click.argument("device_type", metavar="TYPE")
-@_tenant_option()
-@_json_option
-@_config_option
-def device_type_show(
-    device_type: str, tenant: str | None, as_json: bool, config_path: Path
-) -> None:
-    """Show the device type TYPE (name or id)."""
-    _show(_run(config_path, lambda s: s.show_device_type(device_type, tenant)), as_json)
-
-
-@device_types.command("update")
-@click.argument("device_type", metavar="TYPE")
-@_tenant_option()
-@click.option("--name", help="New name.")
-@click.option("--description", help="New description.")
-@click.option("--schema", help="Another schema (name or id).")
-@click.option("--no-schema", is_flag=True, help="Detach the schema: any metric is accepted.")
-@_actor_option
-@_json_option
-@_config_option
-def device_type_update(
-    device_type: str,
-    tenant: str | None,
-    name: str | None,
-    description: str | None,
-    schema: str | None,
-    no_schema: bool,
-    actor: str,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Change TYPE; the change is versioned and audited."""
-    if schema is not None and no_schema:
-        raise click.UsageError("--schema and --no-schema exclude each other")
-    kwargs: dict[str, Any] = {"tenant": tenant, "name": name, "description": description}
-    if schema is not None or no_schema:
-        kwargs["schema"] = schema
-
-    async def work(s: RegistryStore) -> Row:
-        return await s.update_device_type(device_type, **kwargs)
-
-    row = _run(config_path, work, actor)
-    if as_json:
-        click.echo(to_json(row))
-    else:
-        click.echo(f"device type {row['name']} {row['id']} is at version {row['version']}")
-
-
-_enable_commands(device_types, DEVICE_TYPE)
 
 
 @device_types.command("history")
@@ -926,292 +711,6 @@ def device_type_history(
             f"  {_text(entry['created_at'])}  {entry['actor'] or '-'}  {entry['action']}  "
             f"{json.dumps(entry['changes'], ensure_ascii=False)}"
         )
-
-
-@device_types.command("delete")
-@click.argument("device_type", metavar="TYPE")
-@_tenant_option()
-@_actor_option
-@_config_option
-def device_type_delete(device_type: str, tenant: str | None, actor: str, config_path: Path) -> None:
-    """Delete TYPE; refused while a device or an alert rule uses it."""
-    row = _run(config_path, lambda s: s.delete_device_type(device_type, tenant), actor)
-    click.echo(f"deleted device type {row['name']} {row['id']}")
-
-
-# --- devices ----------------------------------------------------------------------------------
-
-
-@click.group()
-def devices() -> None:
-    """Devices: the sensors and meters whose readings the collector stores."""
-
-
-@devices.command("create")
-@click.argument("name")
-@_tenant_option(required=True)
-@click.option("--type", "device_type", required=True, help="Its device type (name or id).")
-@click.option("--gateway", help="The gateway that reads it (name or id).")
-@click.option("--description", default="", help="Free text.")
-@click.option("--attributes", help='JSON object of attributes, e.g. \'{"room": "B12"}\'.')
-@_id_option
-@_json_option
-@_config_option
-def device_create(
-    name: str,
-    tenant: str,
-    device_type: str,
-    gateway: str | None,
-    description: str,
-    attributes: str | None,
-    ident: str | None,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Register a device called NAME."""
-    attrs = _attributes(attributes)
-    row = _run(
-        config_path,
-        lambda s: s.create_device(
-            tenant,
-            name,
-            device_type,
-            gateway=gateway,
-            description=description,
-            attributes=attrs,
-            id=ident,
-        ),
-    )
-    _done("created device", row, as_json)
-
-
-@devices.command("list")
-@_tenant_option()
-@click.option("--gateway", help="Only the devices of this gateway (name or id).")
-@click.option("--type", "device_type", help="Only the devices of this type (name or id).")
-@_json_option
-@_config_option
-def device_list(
-    tenant: str | None,
-    gateway: str | None,
-    device_type: str | None,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """List devices."""
-    rows = _run(config_path, lambda s: s.list_devices(tenant, gateway, device_type))
-    _listing(rows, as_json, ("id", "name", "tenant", "device_type", "gateway", "enabled"))
-
-
-@devices.command("show")
-@click.argument("device")
-@_tenant_option()
-@_json_option
-@_config_option
-def device_show(device: str, tenant: str | None, as_json: bool, config_path: Path) -> None:
-    """Show DEVICE (name or id)."""
-    _show(_run(config_path, lambda s: s.show_device(device, tenant)), as_json)
-
-
-@devices.command("update")
-@click.argument("device")
-@_tenant_option()
-@click.option("--name", help="New name.")
-@click.option("--description", help="New description.")
-@click.option("--type", "device_type", help="Another device type (name or id).")
-@click.option("--gateway", help="Assign to this gateway (name or id).")
-@click.option("--no-gateway", is_flag=True, help="Assign to no gateway.")
-@click.option("--attributes", help="Replace the attributes with this JSON object.")
-@_json_option
-@_config_option
-def device_update(
-    device: str,
-    tenant: str | None,
-    name: str | None,
-    description: str | None,
-    device_type: str | None,
-    gateway: str | None,
-    no_gateway: bool,
-    attributes: str | None,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Change DEVICE."""
-    if gateway is not None and no_gateway:
-        raise click.UsageError("--gateway and --no-gateway exclude each other")
-    kwargs: dict[str, Any] = {
-        "tenant": tenant,
-        "name": name,
-        "description": description,
-        "device_type": device_type,
-        "attributes": _attributes(attributes),
-    }
-    if gateway is not None or no_gateway:
-        kwargs["gateway"] = gateway
-
-    async def work(s: RegistryStore) -> Row:
-        return await s.update_device(device, **kwargs)
-
-    _done("updated device", _run(config_path, work), as_json)
-
-
-_enable_commands(devices, DEVICE)
-
-
-@devices.command("delete")
-@click.argument("device")
-@_tenant_option()
-@_config_option
-def device_delete(device: str, tenant: str | None, config_path: Path) -> None:
-    """Delete DEVICE (its stored telemetry stays); refused while an alert rule names it."""
-    row = _run(config_path, lambda s: s.delete_device(device, tenant))
-    click.echo(f"deleted device {row['name']} {row['id']}")
-
-
-# --- alert rules ------------------------------------------------------------------------------
-
-
-@click.group("alert-rules")
-def alert_rules() -> None:
-    """Alert rules: a condition on a metric of a device type, of one device, or tenant-wide."""
-
-
-@alert_rules.command("create")
-@click.argument("name")
-@_tenant_option(required=True)
-@click.option("--metric", required=True, help="The metric it watches.")
-@click.option("--condition", required=True, type=click.Choice(CONDITIONS), help="Comparison.")
-@click.option("--threshold", required=True, type=float, help="Value compared against.")
-@click.option(
-    "--duration", default="0s", show_default=True, help="How long the condition must hold."
-)
-@click.option("--severity", type=click.Choice(SEVERITIES), default="warning", show_default=True)
-@click.option("--device-type", help="Only devices of this type (name or id).")
-@click.option("--device", help="Only this device (name or id).")
-@_id_option
-@_json_option
-@_config_option
-def alert_rule_create(
-    name: str,
-    tenant: str,
-    metric: str,
-    condition: str,
-    threshold: float,
-    duration: str,
-    severity: str,
-    device_type: str | None,
-    device: str | None,
-    ident: str | None,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Create an alert rule called NAME."""
-    seconds = _seconds(duration) or 0.0
-    row = _run(
-        config_path,
-        lambda s: s.create_alert_rule(
-            tenant,
-            name,
-            metric=metric,
-            condition=condition,
-            threshold=threshold,
-            duration=seconds,
-            severity=severity,
-            device_type=device_type,
-            device=device,
-            id=ident,
-        ),
-    )
-    _done("created alert rule", row, as_json)
-
-
-@alert_rules.command("list")
-@_tenant_option()
-@_json_option
-@_config_option
-def alert_rule_list(tenant: str | None, as_json: bool, config_path: Path) -> None:
-    """List alert rules."""
-    rows = _run(config_path, lambda s: s.list_alert_rules(tenant))
-    _listing(
-        rows,
-        as_json,
-        (
-            "id",
-            "name",
-            "tenant",
-            "device_type",
-            "device",
-            "metric",
-            "condition",
-            "threshold",
-            "severity",
-            "enabled",
-        ),
-    )
-
-
-@alert_rules.command("show")
-@click.argument("rule")
-@_tenant_option()
-@_json_option
-@_config_option
-def alert_rule_show(rule: str, tenant: str | None, as_json: bool, config_path: Path) -> None:
-    """Show the alert rule RULE (name or id)."""
-    _show(_run(config_path, lambda s: s.show_alert_rule(rule, tenant)), as_json)
-
-
-@alert_rules.command("update")
-@click.argument("rule")
-@_tenant_option()
-@click.option("--name", help="New name.")
-@click.option("--metric", help="Another metric.")
-@click.option("--condition", type=click.Choice(CONDITIONS))
-@click.option("--threshold", type=float)
-@click.option("--duration")
-@click.option("--severity", type=click.Choice(SEVERITIES))
-@_json_option
-@_config_option
-def alert_rule_update(
-    rule: str,
-    tenant: str | None,
-    name: str | None,
-    metric: str | None,
-    condition: str | None,
-    threshold: float | None,
-    duration: str | None,
-    severity: str | None,
-    as_json: bool,
-    config_path: Path,
-) -> None:
-    """Change RULE."""
-    seconds = _seconds(duration)
-    row = _run(
-        config_path,
-        lambda s: s.update_alert_rule(
-            rule,
-            tenant=tenant,
-            name=name,
-            metric=metric,
-            condition=condition,
-            threshold=threshold,
-            duration=seconds,
-            severity=severity,
-        ),
-    )
-    _done("updated alert rule", row, as_json)
-
-
-_enable_commands(alert_rules, ALERT_RULE)
-
-
-@alert_rules.command("delete")
-@click.argument("rule")
-@_tenant_option()
-@_config_option
-def alert_rule_delete(rule: str, tenant: str | None, config_path: Path) -> None:
-    """Delete RULE."""
-    row = _run(config_path, lambda s: s.delete_alert_rule(rule, tenant))
-    click.echo(f"deleted alert rule {row['name']} {row['id']}")
 
 
 # --- seed -------------------------------------------------------------------------------------
@@ -1249,15 +748,7 @@ def seed(file: Path | None, demo: bool, actor: str, as_json: bool, config_path: 
     click.echo(report.summary())
 
 
-COMMANDS: list[click.Command] = [
-    tenants,
-    gateways,
-    schemas,
-    device_types,
-    devices,
-    alert_rules,
-    seed,
-]
+COMMANDS: list[click.Command] = [*GROUPS.values(), seed]
 
 
 def register(group: click.Group) -> None:

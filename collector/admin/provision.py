@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from collector.admin.store import GATEWAY, RegistryStore, Row
+from collector.admin.kinds import GATEWAY
+from collector.admin.store import RegistryStore, Row
 
 DEFAULT_BUFFER_PATH = "/var/lib/sensormine/buffer.db"
 # A simulated metric swings over this share of its range around its centre, and never more

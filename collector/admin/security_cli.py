@@ -42,7 +42,8 @@ from collector.admin.credentials import (
     write_public,
     write_secret,
 )
-from collector.admin.store import GATEWAY, RegistryStore, Row, connect
+from collector.admin.kinds import GATEWAY
+from collector.admin.store import RegistryStore, Row, connect
 from collector.errors import CollectorError
 from collector.settings import MQTT_CREDENTIAL
 

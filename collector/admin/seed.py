@@ -18,19 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from collector.admin.errors import AdminError
+from collector.admin.kinds import ALERT_RULE, DEVICE, DEVICE_TYPE, GATEWAY, SCHEMA, TENANT, Kind
 from collector.admin.schemafile import SchemaFileError, load_schema_file
-from collector.admin.store import (
-    ALERT_RULE,
-    DEVICE,
-    DEVICE_TYPE,
-    GATEWAY,
-    SCHEMA,
-    TENANT,
-    AdminError,
-    Kind,
-    RegistryStore,
-    Row,
-)
+from collector.admin.store import RegistryStore, Row
 from collector.quantities import parse_duration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +37,10 @@ class _Entry(BaseModel):
 
     id: uuid.UUID
     name: str = Field(min_length=1, max_length=128)
+
+    def values(self) -> Row:
+        """The entry's fields as the store takes them (see :mod:`collector.admin.kinds`)."""
+        return self.model_dump(exclude={"id", "name", "tenant"})
 
 
 class _Owned(_Entry):
@@ -71,6 +66,10 @@ class SeedSchema(_Owned):
     description: str = ""
     file: Path
 
+    def values(self) -> Row:
+        """The schema's description (its file becomes a version)."""
+        return {"description": self.description}
+
 
 class SeedDeviceType(_Owned):
     """A device type and the schema its telemetry follows."""
@@ -78,6 +77,10 @@ class SeedDeviceType(_Owned):
     description: str = ""
     schema_: str | None = Field(default=None, alias="schema")
     enabled: bool = True
+
+    def values(self) -> Row:
+        """The type's fields, its schema by name."""
+        return {"description": self.description, "schema": self.schema_, "enabled": self.enabled}
 
 
 class SeedDevice(_Owned):
@@ -88,6 +91,12 @@ class SeedDevice(_Owned):
     description: str = ""
     attributes: dict[str, Any] = Field(default_factory=dict)
     enabled: bool = True
+
+    def values(self) -> Row:
+        """The device's fields, its type as ``device_type``."""
+        values = super().values()
+        values["device_type"] = values.pop("type")
+        return values
 
 
 class SeedAlertRule(_Owned):
@@ -101,6 +110,10 @@ class SeedAlertRule(_Owned):
     device_type: str | None = None
     device: str | None = None
     enabled: bool = True
+
+    def values(self) -> Row:
+        """The rule's fields, its duration in seconds."""
+        return super().values() | {"duration": parse_duration(self.duration)}
 
 
 class SeedFile(BaseModel):
@@ -180,224 +193,51 @@ class SeedReport:
         )
 
 
-async def _existing(store: RegistryStore, kind: Kind, ident: uuid.UUID) -> Row | None:
-    record = await store.conn.fetchrow(f"SELECT * FROM {kind.table} WHERE id = $1", ident)
-    return None if record is None else dict(record.items())
-
-
-def _changed(row: Row, wanted: Row) -> Row:
-    return {k: v for k, v in wanted.items() if row[k] != v}
-
-
-async def _same_tenant_or_refuse(store: RegistryStore, kind: Kind, row: Row, tenant: str) -> None:
-    tenant_id = await store.tenant_ref(tenant)
-    if row["tenant_id"] != tenant_id:
-        raise SeedError(
-            f"{kind.label} {row['id']} exists in another tenant; a seed does not move rows between tenants"
-        )
-
-
 async def apply_seed(
     store: RegistryStore, seed: SeedFile, documents: dict[uuid.UUID, dict[str, Any]]
 ) -> SeedReport:
     """Upsert every entry of ``seed`` in one transaction; return what was done."""
     report = SeedReport()
+    groups: tuple[tuple[Kind, list[Any]], ...] = (
+        (TENANT, seed.tenants),
+        (GATEWAY, seed.gateways),
+        (SCHEMA, seed.schemas),
+        (DEVICE_TYPE, seed.device_types),
+        (DEVICE, seed.devices),
+        (ALERT_RULE, seed.alert_rules),
+    )
     async with store.conn.transaction():
-        for tenant in seed.tenants:
-            await _step(report, TENANT, tenant.name, _tenant(store, tenant))
-        for gateway in seed.gateways:
-            await _step(report, GATEWAY, gateway.name, _gateway(store, gateway))
-        for schema in seed.schemas:
-            await _step(report, SCHEMA, schema.name, _schema(store, schema, documents[schema.id]))
-        for device_type in seed.device_types:
-            await _step(report, DEVICE_TYPE, device_type.name, _device_type(store, device_type))
-        for device in seed.devices:
-            await _step(report, DEVICE, device.name, _device(store, device))
-        for rule in seed.alert_rules:
-            await _step(report, ALERT_RULE, rule.name, _alert_rule(store, rule))
+        for kind, entries in groups:
+            for entry in entries:
+                try:
+                    outcome = await _upsert(store, kind, entry, documents.get(entry.id))
+                except SeedError:
+                    raise
+                except AdminError as exc:
+                    raise SeedError(f"{kind.label} {entry.name}: {exc}") from None
+                report.add(kind, outcome)
     return report
 
 
-async def _step(report: SeedReport, kind: Kind, name: str, work: Any) -> None:
-    try:
-        outcome = await work
-    except SeedError:
-        raise
-    except AdminError as exc:
-        raise SeedError(f"{kind.label} {name}: {exc}") from None
-    report.add(kind, outcome)
-
-
-async def _tenant(store: RegistryStore, entry: SeedTenant) -> str:
-    row = await _existing(store, TENANT, entry.id)
+async def _upsert(
+    store: RegistryStore, kind: Kind, entry: _Entry, document: dict[str, Any] | None
+) -> str:
+    """Create the entry's row, or change it to match the entry: what was done."""
+    tenant = getattr(entry, "tenant", None)
+    given = entry.values()
+    row = await store.get(kind, entry.id)
     if row is None:
-        await store.create_tenant(entry.name, id=entry.id)
-        if not entry.enabled:
-            await store.set_enabled(TENANT, str(entry.id), False)
+        if kind is SCHEMA:
+            await store.create_schema(tenant, entry.name, given, id=entry.id, document=document)
+        else:
+            await store.create(kind, tenant, entry.name, given, id=entry.id)
         return "created"
-    changes = _changed(row, {"name": entry.name, "enabled": entry.enabled})
-    if not changes:
-        return "unchanged"
-    await store.update_tenant(str(entry.id), name=changes.get("name"))
-    if "enabled" in changes:
-        await store.set_enabled(TENANT, str(entry.id), entry.enabled)
-    return "updated"
-
-
-async def _gateway(store: RegistryStore, entry: SeedGateway) -> str:
-    row = await _existing(store, GATEWAY, entry.id)
-    if row is None:
-        await store.create_gateway(
-            entry.tenant, entry.name, description=entry.description, id=entry.id
+    if tenant is not None and row["tenant_id"] != await store.tenant_ref(tenant):
+        raise SeedError(
+            f"{kind.label} {row['id']} exists in another tenant; a seed does not move rows between tenants"
         )
-        if not entry.enabled:
-            await store.set_enabled(GATEWAY, str(entry.id), False)
-        return "created"
-    await _same_tenant_or_refuse(store, GATEWAY, row, entry.tenant)
-    changes = _changed(
-        row, {"name": entry.name, "description": entry.description, "enabled": entry.enabled}
-    )
-    if not changes:
-        return "unchanged"
-    await store.update_gateway(
-        str(entry.id), name=changes.get("name"), description=changes.get("description")
-    )
-    if "enabled" in changes:
-        await store.set_enabled(GATEWAY, str(entry.id), entry.enabled)
-    return "updated"
-
-
-async def _schema(store: RegistryStore, entry: SeedSchema, document: dict[str, Any]) -> str:
-    row = await _existing(store, SCHEMA, entry.id)
-    if row is None:
-        await store.create_schema(
-            entry.tenant, entry.name, description=entry.description, id=entry.id, document=document
-        )
-        return "created"
-    await _same_tenant_or_refuse(store, SCHEMA, row, entry.tenant)
-    changes = _changed(row, {"name": entry.name, "description": entry.description})
-    if changes:
-        await store.update_schema(
-            str(entry.id), name=changes.get("name"), description=changes.get("description")
-        )
-    _, added = await store.add_schema_version(str(entry.id), document)
-    return "updated" if changes or added else "unchanged"
-
-
-async def _device_type(store: RegistryStore, entry: SeedDeviceType) -> str:
-    row = await _existing(store, DEVICE_TYPE, entry.id)
-    if row is None:
-        await store.create_device_type(
-            entry.tenant,
-            entry.name,
-            schema=entry.schema_,
-            description=entry.description,
-            id=entry.id,
-        )
-        if not entry.enabled:
-            await store.update_device_type(str(entry.id), enabled=False)
-        return "created"
-    await _same_tenant_or_refuse(store, DEVICE_TYPE, row, entry.tenant)
-    after = await store.update_device_type(
-        str(entry.id),
-        name=entry.name,
-        description=entry.description,
-        schema=entry.schema_,
-        enabled=entry.enabled,
-    )
-    return "updated" if after["version"] != row["version"] else "unchanged"
-
-
-async def _device(store: RegistryStore, entry: SeedDevice) -> str:
-    row = await _existing(store, DEVICE, entry.id)
-    if row is None:
-        await store.create_device(
-            entry.tenant,
-            entry.name,
-            entry.type,
-            gateway=entry.gateway,
-            description=entry.description,
-            attributes=entry.attributes,
-            id=entry.id,
-        )
-        if not entry.enabled:
-            await store.set_enabled(DEVICE, str(entry.id), False)
-        return "created"
-    await _same_tenant_or_refuse(store, DEVICE, row, entry.tenant)
-    type_id = (await store.resolve(DEVICE_TYPE, entry.type, row["tenant_id"]))["id"]
-    gateway_id = (
-        None
-        if entry.gateway is None
-        else (await store.resolve(GATEWAY, entry.gateway, row["tenant_id"]))["id"]
-    )
-    changes = _changed(
-        row,
-        {
-            "name": entry.name,
-            "description": entry.description,
-            "device_type_id": type_id,
-            "gateway_id": gateway_id,
-            "attributes": entry.attributes,
-            "enabled": entry.enabled,
-        },
-    )
-    if not changes:
-        return "unchanged"
-    await store.update_device(
-        str(entry.id),
-        name=changes.get("name"),
-        description=changes.get("description"),
-        device_type=entry.type if "device_type_id" in changes else None,
-        gateway=entry.gateway,
-        attributes=changes.get("attributes"),
-    )
-    if "enabled" in changes:
-        await store.set_enabled(DEVICE, str(entry.id), entry.enabled)
-    return "updated"
-
-
-async def _alert_rule(store: RegistryStore, entry: SeedAlertRule) -> str:
-    row = await _existing(store, ALERT_RULE, entry.id)
-    duration = parse_duration(entry.duration)
-    if row is None:
-        await store.create_alert_rule(
-            entry.tenant,
-            entry.name,
-            metric=entry.metric,
-            condition=entry.condition,
-            threshold=entry.threshold,
-            duration=duration,
-            severity=entry.severity,
-            device_type=entry.device_type,
-            device=entry.device,
-            id=entry.id,
-        )
-        if not entry.enabled:
-            await store.set_enabled(ALERT_RULE, str(entry.id), False)
-        return "created"
-    await _same_tenant_or_refuse(store, ALERT_RULE, row, entry.tenant)
-    wanted = {
-        "name": entry.name,
-        "metric": entry.metric,
-        "condition": entry.condition,
-        "threshold": entry.threshold,
-        "severity": entry.severity,
-        "enabled": entry.enabled,
-    }
-    changes = _changed(row, wanted)
-    if row["duration"].total_seconds() != duration:
-        changes["duration"] = duration
-    if not changes:
-        return "unchanged"
-    await store.update_alert_rule(
-        str(entry.id),
-        name=changes.get("name"),
-        metric=changes.get("metric"),
-        condition=changes.get("condition"),
-        threshold=changes.get("threshold"),
-        duration=changes.get("duration"),
-        severity=changes.get("severity"),
-    )
-    if "enabled" in changes:
-        await store.set_enabled(ALERT_RULE, str(entry.id), entry.enabled)
-    return "updated"
+    changes = {"name": entry.name} | {k: v for k, v in given.items() if kind.field(k).updatable}
+    changed = await store.change(kind, row, changes) is not None
+    if document is not None:
+        changed = (await store.add_schema_version(str(entry.id), document))[1] or changed
+    return "updated" if changed else "unchanged"

@@ -6,8 +6,10 @@ services, and none from a device type to its schema), so a refusal says exactly 
 Every change of a device type writes, in the same transaction, a ``device_type_versions``
 snapshot and a ``device_type_audit_logs`` row (actor, action, a JSON diff of what changed).
 
-Any reference argument is an id or, where that is unambiguous, a name (within ``tenant`` when
-one is given).
+``listing``, ``show``, ``create``, ``update`` and ``delete`` work on any kind of
+:mod:`collector.admin.kinds`; schema versions, a device type's history and the devices of a
+gateway are their own methods. Any reference argument is an id or, where that is unambiguous,
+a name (within ``tenant`` when one is given).
 """
 
 from __future__ import annotations
@@ -16,56 +18,28 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
-from collector.errors import CollectorError, DatabaseUnavailable
+from collector.admin.errors import AdminError as AdminError
+from collector.admin.errors import NotFound as NotFound
+from collector.admin.errors import Refused as Refused
+from collector.admin.kinds import (
+    ALERT_RULE,
+    DEVICE_TYPE,
+    GATEWAY,
+    OWNED_BY_TENANT,
+    REQUIRED,
+    SCHEMA,
+    TENANT,
+    Kind,
+    parse_uuid,
+)
+from collector.errors import DatabaseUnavailable
 
 Row = dict[str, Any]
-
-CONDITIONS = (">", ">=", "<", "<=", "==", "!=")
-SEVERITIES = ("info", "warning", "error", "critical")
-_UNSET: Any = object()
-
-
-class AdminError(CollectorError):
-    """An administration request that was refused; the message says why."""
-
-
-class NotFound(AdminError):
-    """A reference names nothing (``<kind> <ref> not found``)."""
-
-
-class Refused(AdminError):
-    """A change that would break the registry's rules; the message says which and what to do."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    """A registry table as the administration sees it."""
-
-    table: str
-    label: str
-
-
-TENANT = Kind("tenants", "tenant")
-GATEWAY = Kind("gateways", "gateway")
-SCHEMA = Kind("schemas", "schema")
-DEVICE_TYPE = Kind("device_types", "device type")
-DEVICE = Kind("devices", "device")
-ALERT_RULE = Kind("alert_rules", "alert rule")
-KINDS = {k.table: k for k in (TENANT, GATEWAY, SCHEMA, DEVICE_TYPE, DEVICE, ALERT_RULE)}
-
-
-def parse_uuid(text: str) -> uuid.UUID | None:
-    """The UUID that ``text`` spells, or ``None`` when it is a name."""
-    try:
-        return uuid.UUID(text.strip())
-    except ValueError:
-        return None
 
 
 def new_id(given: str | uuid.UUID | None) -> uuid.UUID:
@@ -106,6 +80,11 @@ def _row(record: asyncpg.Record | None) -> Row:
     return dict(record.items())
 
 
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class RegistryStore:
     """Checked reads and writes of the registry over one connection."""
 
@@ -121,28 +100,30 @@ class RegistryStore:
         """The row that ``ref`` (an id, or a name unique within ``tenant_id`` or overall) names."""
         ident = ref if isinstance(ref, uuid.UUID) else parse_uuid(ref)
         if ident is not None:
-            record = await self.conn.fetchrow(f"SELECT * FROM {kind.table} WHERE id = $1", ident)
-            if record is None:
+            row = await self.get(kind, ident)
+            if row is None:
                 raise NotFound(f"{kind.label} {ref} not found")
-            return _row(record)
-        if kind is TENANT or tenant_id is None:
-            records = await self.conn.fetch(f"SELECT * FROM {kind.table} WHERE name = $1", ref)
-        else:
-            records = await self.conn.fetch(
-                f"SELECT * FROM {kind.table} WHERE name = $1 AND tenant_id = $2", ref, tenant_id
-            )
+            return row
+        scoped = kind.owned and tenant_id is not None
+        records = await self.conn.fetch(
+            f"SELECT * FROM {kind.table} WHERE name = $1"
+            + (" AND tenant_id = $2" if scoped else ""),
+            ref,
+            *([tenant_id] if scoped else []),
+        )
         if not records:
-            where = (
-                ""
-                if tenant_id is None or kind is TENANT
-                else f" in tenant {await self._tenant_name(tenant_id)}"
-            )
+            where = f" in tenant {await self._tenant_name(tenant_id)}" if scoped else ""
             raise NotFound(f"{kind.label} {ref} not found{where}")
         if len(records) > 1:
             raise Refused(
                 f"{kind.label} name {ref!r} is used in {len(records)} tenants; give its id or --tenant"
             )
         return _row(records[0])
+
+    async def get(self, kind: Kind, ident: uuid.UUID) -> Row | None:
+        """The row of ``kind`` with id ``ident``, or ``None``."""
+        record = await self.conn.fetchrow(f"SELECT * FROM {kind.table} WHERE id = $1", ident)
+        return None if record is None else dict(record.items())
 
     async def tenant_ref(self, ref: str | uuid.UUID | None) -> uuid.UUID | None:
         """The id of the tenant that ``ref`` names (``None`` stays ``None``)."""
@@ -151,7 +132,7 @@ class RegistryStore:
         tenant: uuid.UUID = (await self.resolve(TENANT, ref))["id"]
         return tenant
 
-    async def _tenant_name(self, tenant_id: uuid.UUID) -> str:
+    async def _tenant_name(self, tenant_id: uuid.UUID | None) -> str:
         name = await self.conn.fetchval("SELECT name FROM tenants WHERE id = $1", tenant_id)
         return str(name) if name is not None else str(tenant_id)
 
@@ -163,6 +144,167 @@ class RegistryStore:
                 f"{kind.label} {ref} belongs to tenant {await self._tenant_name(row['tenant_id'])}, "
                 f"not to tenant {await self._tenant_name(tenant_id)}"
             )
+        return row
+
+    async def _values(
+        self, kind: Kind, given: Row, tenant_id: uuid.UUID | None, current: Row
+    ) -> Row:
+        """The column values of ``given`` (by field name) for ``current`` (``{}``: a new row)."""
+        values: Row = {}
+        for field in kind.fields:
+            if field.name not in given:
+                continue
+            value = given[field.name]
+            if field.ref is not None and value is not None:
+                assert tenant_id is not None
+                value = (await self._same_tenant(field.ref, value, tenant_id))["id"]
+            elif field.ref is None:
+                value = field.checked(value)
+            values[field.column] = value
+        if kind is ALERT_RULE:
+            await self._check_rule(given, values, current)
+        return values
+
+    async def _names_of(self, sql: str, *args: Any) -> list[str]:
+        return [str(r[0]) for r in await self.conn.fetch(sql, *args)]
+
+    # --- any kind -----------------------------------------------------------------------------
+
+    async def listing(
+        self,
+        kind: Kind,
+        tenant: str | None = None,
+        *,
+        ident: uuid.UUID | None = None,
+        **filters: str | None,
+    ) -> list[Row]:
+        """Rows of ``kind`` (of one tenant, or narrowed by ``kind.filters``) with their counts."""
+        tenant_id = await self.tenant_ref(tenant)
+        a = kind.alias
+        where: list[str] = []
+        args: list[Any] = []
+        narrowed = [("id", ident), ("tenant_id", tenant_id if kind.owned else None)]
+        for field in kind.filters:
+            ref = filters.get(field.name)
+            assert field.ref is not None
+            found = None if ref is None else await self.resolve(field.ref, ref, tenant_id)
+            narrowed.append((field.column, None if found is None else found["id"]))
+        for column, value in narrowed:
+            if value is not None:
+                args.append(value)
+                where.append(f"{a}.{column} = ${len(args)}")
+        records = await self.conn.fetch(
+            kind.listing
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + (f" ORDER BY t.name, {a}.name" if kind.owned else " ORDER BY t.name"),
+            *args,
+        )
+        return [dict(r.items()) for r in records]
+
+    async def show(self, kind: Kind, ref: str, tenant: str | None = None) -> Row:
+        """A row as its listing shows it; a tenant with what it owns, a gateway with its devices."""
+        row = await self.resolve(kind, ref, await self.tenant_ref(tenant))
+        if kind is TENANT:
+            for table in OWNED_BY_TENANT:
+                row[table] = await self.conn.fetchval(
+                    f"SELECT count(*) FROM {table} WHERE tenant_id = $1", row["id"]
+                )
+            return row
+        (listed,) = await self.listing(kind, ident=row["id"])
+        if kind is GATEWAY:
+            listed["devices"] = [
+                {k: v for k, v in device.items() if k not in ("json_schema", "attributes")}
+                for device in await self.gateway_devices(row["id"])
+            ]
+        return listed
+
+    async def create(
+        self,
+        kind: Kind,
+        tenant: str | None,
+        name: str,
+        given: Row | None = None,
+        *,
+        id: str | uuid.UUID | None = None,
+    ) -> Row:
+        """Create a row of ``kind`` called ``name`` of ``tenant`` from the ``given`` fields.
+
+        References must name rows of the same tenant; fields not given take their defaults.
+        """
+        given = {"name": name, **(given or {})}
+        for field in kind.fields:
+            if field.name not in given:
+                if field.default is REQUIRED:
+                    raise Refused(f"a {kind.label} needs {field.flag}")
+                given[field.name] = field.default
+        async with self.conn.transaction():
+            row: Row = {"id": new_id(id)}
+            tenant_id = None
+            if kind.owned:
+                assert tenant is not None
+                row["tenant_id"] = tenant_id = await self.tenant_ref(tenant)
+            row.update(await self._values(kind, given, tenant_id, {}))
+            created = await self._insert(kind, row)
+            if kind.audited:
+                await self._record_change(None, created, "create")
+        return created
+
+    async def update(self, kind: Kind, ref: str, given: Row, tenant: str | None = None) -> Row:
+        """Change the ``given`` fields of the row ``ref`` names (a field given ``None``: cleared)."""
+        row = await self.resolve(kind, ref, await self.tenant_ref(tenant))
+        return await self.change(kind, row, given) or row
+
+    async def change(self, kind: Kind, row: Row, given: Row) -> Row | None:
+        """Change the ``given`` fields of ``row``; ``None`` when none differs.
+
+        A device type's change bumps its version, snapshots it and is audited.
+        """
+        for name in given:
+            if not kind.field(name).updatable:
+                raise Refused(f"the {name} of a {kind.label} is set when it is created")
+        async with self.conn.transaction():
+            before = _row(
+                await self.conn.fetchrow(
+                    f"SELECT * FROM {kind.table} WHERE id = $1 FOR UPDATE", row["id"]
+                )
+            )
+            values = await self._values(kind, given, before.get("tenant_id"), before)
+            values = {k: v for k, v in values.items() if before[k] != v}
+            if not values:
+                return None
+            if kind.audited:
+                values["version"] = before["version"] + 1
+            after = await self._update(kind, before["id"], values)
+            if kind.audited:
+                action = "update"
+                if set(values) == {"enabled", "version"}:
+                    action = "enable" if after["enabled"] else "disable"
+                await self._record_change(before, after, action)
+        return after
+
+    async def delete(self, kind: Kind, ref: str, tenant: str | None = None) -> Row:
+        """Delete the row ``ref`` names when nothing refers to it any more."""
+        async with self.conn.transaction():
+            row = await self.resolve(kind, ref, await self.tenant_ref(tenant))
+            if kind is TENANT:
+                owned = await self.show(TENANT, str(row["id"]))
+                counts = [f"{owned[t]} {t.replace('_', ' ')}" for t in OWNED_BY_TENANT if owned[t]]
+                if counts:
+                    raise Refused(
+                        f"tenant {ref} still owns {', '.join(counts)}; delete those first "
+                        "(or disable the tenant instead)"
+                    )
+            for dependent in kind.dependents:
+                names = await self._names_of(dependent.query, row["id"])
+                if names:
+                    refusal = dependent.refusal.format(n=len(names), names=_names(names))
+                    raise Refused(f"{kind.label} {ref} {refusal}")
+            # No foreign keys (the seed's decision): what belongs to the row goes explicitly.
+            for table, column in kind.cascade:
+                await self.conn.execute(f"DELETE FROM {table} WHERE {column} = $1", row["id"])
+            await self.conn.execute(f"DELETE FROM {kind.table} WHERE id = $1", row["id"])
+            if kind.audited:
+                await self._audit(row, "delete", {k: _plain(v) for k, v in row.items()})
         return row
 
     async def _insert(self, kind: Kind, values: Row) -> Row:
@@ -178,10 +320,6 @@ class RegistryStore:
         return _row(record)
 
     async def _update(self, kind: Kind, ident: uuid.UUID, values: Row) -> Row:
-        if not values:
-            return _row(
-                await self.conn.fetchrow(f"SELECT * FROM {kind.table} WHERE id = $1", ident)
-            )
         sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(values, start=2))
         try:
             record = await self.conn.fetchrow(
@@ -200,117 +338,7 @@ class RegistryStore:
         scope = "" if kind is TENANT else " in this tenant"
         return Refused(f"{kind.label} name {values.get('name')!r} is already used{scope}")
 
-    async def _count(self, sql: str, *args: Any) -> list[str]:
-        return [str(r[0]) for r in await self.conn.fetch(sql, *args)]
-
-    @staticmethod
-    def _listing(names: list[str], limit: int = 5) -> str:
-        shown = ", ".join(names[:limit])
-        return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-    async def set_enabled(
-        self, kind: Kind, ref: str, enabled: bool, tenant: str | None = None
-    ) -> Row:
-        """Enable or disable a tenant, gateway, device or alert rule (device types: see below)."""
-        if kind is DEVICE_TYPE:
-            return await self.update_device_type(ref, tenant=tenant, enabled=enabled)
-        row = await self.resolve(kind, ref, await self.tenant_ref(tenant))
-        return await self._update(kind, row["id"], {"enabled": enabled})
-
-    # --- tenants ------------------------------------------------------------------------------
-
-    async def create_tenant(self, name: str, *, id: str | uuid.UUID | None = None) -> Row:
-        """Create a tenant."""
-        return await self._insert(TENANT, {"id": new_id(id), "name": _name(name)})
-
-    async def list_tenants(self) -> list[Row]:
-        """Every tenant with how many gateways and devices it has."""
-        records = await self.conn.fetch(
-            """
-            SELECT t.*,
-                   (SELECT count(*) FROM gateways g WHERE g.tenant_id = t.id) AS gateways,
-                   (SELECT count(*) FROM devices d WHERE d.tenant_id = t.id) AS devices
-            FROM tenants t ORDER BY t.name
-            """
-        )
-        return [dict(r.items()) for r in records]
-
-    async def show_tenant(self, ref: str) -> Row:
-        """A tenant with the counts of what it owns."""
-        row = await self.resolve(TENANT, ref)
-        for table in ("gateways", "schemas", "device_types", "devices", "alert_rules"):
-            row[table] = await self.conn.fetchval(
-                f"SELECT count(*) FROM {table} WHERE tenant_id = $1", row["id"]
-            )
-        return row
-
-    async def update_tenant(self, ref: str, *, name: str | None = None) -> Row:
-        """Rename a tenant."""
-        row = await self.resolve(TENANT, ref)
-        return await self._update(TENANT, row["id"], {} if name is None else {"name": _name(name)})
-
-    async def delete_tenant(self, ref: str) -> Row:
-        """Delete a tenant that owns nothing any more."""
-        row = await self.show_tenant(ref)
-        owned = [
-            f"{row[t]} {t.replace('_', ' ')}"
-            for t in ("gateways", "schemas", "device_types", "devices", "alert_rules")
-            if row[t]
-        ]
-        if owned:
-            raise Refused(
-                f"tenant {ref} still owns {', '.join(owned)}; delete those first "
-                "(or disable the tenant instead)"
-            )
-        # No foreign keys (the seed's decision): what belongs to the row goes explicitly.
-        async with self.conn.transaction():
-            await self.conn.execute("DELETE FROM users WHERE tenant_id = $1", row["id"])
-            await self.conn.execute("DELETE FROM tenants WHERE id = $1", row["id"])
-        return row
-
     # --- gateways -----------------------------------------------------------------------------
-
-    async def create_gateway(
-        self,
-        tenant: str,
-        name: str,
-        *,
-        description: str = "",
-        id: str | uuid.UUID | None = None,
-    ) -> Row:
-        """Register a gateway of ``tenant``."""
-        tenant_id = await self.tenant_ref(tenant)
-        return await self._insert(
-            GATEWAY,
-            {
-                "id": new_id(id),
-                "tenant_id": tenant_id,
-                "name": _name(name),
-                "description": description,
-            },
-        )
-
-    async def list_gateways(self, tenant: str | None = None) -> list[Row]:
-        """Gateways (of one tenant, or all) with how many devices each has."""
-        tenant_id = await self.tenant_ref(tenant)
-        records = await self.conn.fetch(
-            """
-            SELECT g.*, t.name AS tenant,
-                   (SELECT count(*) FROM devices d WHERE d.gateway_id = g.id) AS devices
-            FROM gateways g JOIN tenants t ON t.id = g.tenant_id
-            WHERE $1::uuid IS NULL OR g.tenant_id = $1
-            ORDER BY t.name, g.name
-            """,
-            tenant_id,
-        )
-        return [dict(r.items()) for r in records]
-
-    async def show_gateway(self, ref: str, tenant: str | None = None) -> Row:
-        """A gateway with the devices assigned to it."""
-        row = await self.resolve(GATEWAY, ref, await self.tenant_ref(tenant))
-        row["tenant"] = await self._tenant_name(row["tenant_id"])
-        row["devices"] = await self.gateway_devices(row["id"])
-        return row
 
     async def gateway_devices(self, gateway_id: uuid.UUID) -> list[Row]:
         """The devices assigned to a gateway, with their type and the type's current schema."""
@@ -332,61 +360,20 @@ class RegistryStore:
         )
         return [dict(r.items()) for r in records]
 
-    async def update_gateway(
-        self,
-        ref: str,
-        *,
-        tenant: str | None = None,
-        name: str | None = None,
-        description: str | None = None,
-    ) -> Row:
-        """Rename or describe a gateway."""
-        row = await self.resolve(GATEWAY, ref, await self.tenant_ref(tenant))
-        values: Row = {}
-        if name is not None:
-            values["name"] = _name(name)
-        if description is not None:
-            values["description"] = description
-        return await self._update(GATEWAY, row["id"], values)
-
-    async def delete_gateway(self, ref: str, tenant: str | None = None) -> Row:
-        """Delete a gateway that has no device assigned."""
-        row = await self.resolve(GATEWAY, ref, await self.tenant_ref(tenant))
-        names = await self._count(
-            "SELECT name FROM devices WHERE gateway_id = $1 ORDER BY name", row["id"]
-        )
-        if names:
-            raise Refused(
-                f"gateway {ref} has {len(names)} device(s) assigned ({self._listing(names)}); "
-                "move them to another gateway (`devices update <device> --gateway ...`) "
-                "or unassign them (`--no-gateway`) first"
-            )
-        await self.conn.execute("DELETE FROM gateways WHERE id = $1", row["id"])
-        return row
-
-    # --- schemas ------------------------------------------------------------------------------
+    # --- schema versions ----------------------------------------------------------------------
 
     async def create_schema(
         self,
-        tenant: str,
+        tenant: str | None,
         name: str,
+        given: Row | None = None,
         *,
-        description: str = "",
         id: str | uuid.UUID | None = None,
         document: dict[str, Any] | None = None,
     ) -> Row:
         """Create a schema, with a first version when ``document`` (already checked) is given."""
-        tenant_id = await self.tenant_ref(tenant)
         async with self.conn.transaction():
-            row = await self._insert(
-                SCHEMA,
-                {
-                    "id": new_id(id),
-                    "tenant_id": tenant_id,
-                    "name": _name(name),
-                    "description": description,
-                },
-            )
+            row = await self.create(SCHEMA, tenant, name, given, id=id)
             if document is not None:
                 version, _ = await self.add_schema_version(str(row["id"]), document)
                 row["version"] = version["version"]
@@ -427,22 +414,6 @@ class RegistryStore:
             )
             return _row(record), True
 
-    async def list_schemas(self, tenant: str | None = None) -> list[Row]:
-        """Schemas with their current version and how many device types use each."""
-        tenant_id = await self.tenant_ref(tenant)
-        records = await self.conn.fetch(
-            """
-            SELECT s.*, t.name AS tenant,
-                   (SELECT max(version) FROM schema_versions v WHERE v.schema_id = s.id) AS version,
-                   (SELECT count(*) FROM device_types dt WHERE dt.schema_id = s.id) AS device_types
-            FROM schemas s JOIN tenants t ON t.id = s.tenant_id
-            WHERE $1::uuid IS NULL OR s.tenant_id = $1
-            ORDER BY t.name, s.name
-            """,
-            tenant_id,
-        )
-        return [dict(r.items()) for r in records]
-
     async def show_schema(
         self, ref: str, tenant: str | None = None, version: int | None = None
     ) -> Row:
@@ -454,7 +425,7 @@ class RegistryStore:
             row["id"],
         )
         row["versions"] = [dict(v.items()) for v in versions]
-        row["device_types"] = await self._count(
+        row["device_types"] = await self._names_of(
             "SELECT name FROM device_types WHERE schema_id = $1 ORDER BY name", row["id"]
         )
         if version is None:
@@ -472,60 +443,10 @@ class RegistryStore:
         row["json_schema"] = None if current is None else current["json_schema"]
         return row
 
-    async def update_schema(
-        self,
-        ref: str,
-        *,
-        tenant: str | None = None,
-        name: str | None = None,
-        description: str | None = None,
-    ) -> Row:
-        """Rename or describe a schema (its content changes only by adding a version)."""
-        row = await self.resolve(SCHEMA, ref, await self.tenant_ref(tenant))
-        values: Row = {}
-        if name is not None:
-            values["name"] = _name(name)
-        if description is not None:
-            values["description"] = description
-        return await self._update(SCHEMA, row["id"], values)
+    # --- device-type history ------------------------------------------------------------------
 
-    async def delete_schema(self, ref: str, tenant: str | None = None) -> Row:
-        """Delete a schema and its versions when no device type refers to it."""
-        row = await self.resolve(SCHEMA, ref, await self.tenant_ref(tenant))
-        names = await self._count(
-            "SELECT name FROM device_types WHERE schema_id = $1 ORDER BY name", row["id"]
-        )
-        if names:
-            raise Refused(
-                f"schema {ref} is used by {len(names)} device type(s) ({self._listing(names)}); "
-                "point them at another schema (`device-types update <type> --schema ...`) first"
-            )
-        async with self.conn.transaction():
-            await self.conn.execute("DELETE FROM schema_versions WHERE schema_id = $1", row["id"])
-            await self.conn.execute("DELETE FROM schemas WHERE id = $1", row["id"])
-        return row
-
-    # --- device types -------------------------------------------------------------------------
-
-    async def _schema_for(self, ref: str | None, tenant_id: uuid.UUID) -> uuid.UUID | None:
-        if ref is None:
-            return None
-        ident = parse_uuid(ref)
-        try:
-            row = await self.resolve(SCHEMA, ident or ref, tenant_id)
-        except NotFound:
-            raise NotFound(f"schema {ref} not found") from None
-        if row["tenant_id"] != tenant_id:
-            raise Refused(
-                f"schema {ref} belongs to tenant {await self._tenant_name(row['tenant_id'])}, "
-                f"not to tenant {await self._tenant_name(tenant_id)}"
-            )
-        schema_id: uuid.UUID = row["id"]
-        return schema_id
-
-    async def _record_type_change(
-        self, before: Row | None, after: Row, action: str
-    ) -> dict[str, Any]:
+    async def _record_change(self, before: Row | None, after: Row, action: str) -> None:
+        """A device type's snapshot at its new version and the audit row of the change."""
         fields = ("name", "description", "schema_id", "enabled")
         changes = {
             f: {"old": _plain(None if before is None else before[f]), "new": _plain(after[f])}
@@ -546,111 +467,20 @@ class RegistryStore:
             snapshot,
             self.actor,
         )
+        await self._audit(after, action, changes)
+
+    async def _audit(self, row: Row, action: str, changes: dict[str, Any]) -> None:
         await self.conn.execute(
             """
             INSERT INTO device_type_audit_logs (device_type_id, tenant_id, actor, action, changes)
             VALUES ($1, $2, $3, $4, $5)
             """,
-            after["id"],
-            after["tenant_id"],
+            row["id"],
+            row["tenant_id"],
             self.actor,
             action,
             changes,
         )
-        return changes
-
-    async def create_device_type(
-        self,
-        tenant: str,
-        name: str,
-        *,
-        schema: str | None = None,
-        description: str = "",
-        id: str | uuid.UUID | None = None,
-    ) -> Row:
-        """Create a device type; ``schema`` must exist in the same tenant."""
-        async with self.conn.transaction():
-            tenant_id = await self.tenant_ref(tenant)
-            assert tenant_id is not None
-            schema_id = await self._schema_for(schema, tenant_id)
-            row = await self._insert(
-                DEVICE_TYPE,
-                {
-                    "id": new_id(id),
-                    "tenant_id": tenant_id,
-                    "name": _name(name),
-                    "description": description,
-                    "schema_id": schema_id,
-                    "version": 1,
-                },
-            )
-            await self._record_type_change(None, row, "create")
-        return row
-
-    async def update_device_type(
-        self,
-        ref: str,
-        *,
-        tenant: str | None = None,
-        name: str | None = None,
-        description: str | None = None,
-        schema: str | None = _UNSET,
-        enabled: bool | None = None,
-    ) -> Row:
-        """Change a device type; a change bumps its version, snapshots it and is audited."""
-        async with self.conn.transaction():
-            found = await self.resolve(DEVICE_TYPE, ref, await self.tenant_ref(tenant))
-            before = _row(
-                await self.conn.fetchrow(
-                    "SELECT * FROM device_types WHERE id = $1 FOR UPDATE", found["id"]
-                )
-            )
-            values: Row = {}
-            if name is not None:
-                values["name"] = _name(name)
-            if description is not None:
-                values["description"] = description
-            if schema is not _UNSET:
-                values["schema_id"] = await self._schema_for(schema, before["tenant_id"])
-            if enabled is not None:
-                values["enabled"] = enabled
-            values = {k: v for k, v in values.items() if before[k] != v}
-            if not values:
-                return before
-            values["version"] = before["version"] + 1
-            after = await self._update(DEVICE_TYPE, before["id"], values)
-            action = "update"
-            if set(values) == {"enabled", "version"}:
-                action = "enable" if enabled else "disable"
-            await self._record_type_change(before, after, action)
-        return after
-
-    async def list_device_types(self, tenant: str | None = None) -> list[Row]:
-        """Device types with their schema's name and current version and their device count."""
-        tenant_id = await self.tenant_ref(tenant)
-        records = await self.conn.fetch(
-            """
-            SELECT dt.*, t.name AS tenant, s.name AS schema,
-                   (SELECT max(version) FROM schema_versions v WHERE v.schema_id = dt.schema_id)
-                       AS schema_version,
-                   (SELECT count(*) FROM devices d WHERE d.device_type_id = dt.id) AS devices
-            FROM device_types dt
-            JOIN tenants t ON t.id = dt.tenant_id
-            LEFT JOIN schemas s ON s.id = dt.schema_id
-            WHERE $1::uuid IS NULL OR dt.tenant_id = $1
-            ORDER BY t.name, dt.name
-            """,
-            tenant_id,
-        )
-        return [dict(r.items()) for r in records]
-
-    async def show_device_type(self, ref: str, tenant: str | None = None) -> Row:
-        """A device type with its schema, current schema version and device count."""
-        row = await self.resolve(DEVICE_TYPE, ref, await self.tenant_ref(tenant))
-        for item in await self.list_device_types(None):
-            if item["id"] == row["id"]:
-                return item
-        return row
 
     async def device_type_history(self, ref: str, tenant: str | None = None) -> Row:
         """A device type's version snapshots and audit log, oldest first."""
@@ -670,331 +500,40 @@ class RegistryStore:
             "audit": [dict(a.items()) for a in audit],
         }
 
-    async def delete_device_type(self, ref: str, tenant: str | None = None) -> Row:
-        """Delete a device type that no device and no alert rule uses (the audit log stays)."""
-        async with self.conn.transaction():
-            row = await self.resolve(DEVICE_TYPE, ref, await self.tenant_ref(tenant))
-            names = await self._count(
-                "SELECT name FROM devices WHERE device_type_id = $1 ORDER BY name", row["id"]
-            )
-            if names:
-                raise Refused(
-                    f"device type {ref} is used by {len(names)} device(s) ({self._listing(names)}); "
-                    "give them another type or delete them first"
-                )
-            rules = await self._count(
-                "SELECT name FROM alert_rules WHERE device_type_id = $1 ORDER BY name", row["id"]
-            )
-            if rules:
-                raise Refused(
-                    f"device type {ref} is used by {len(rules)} alert rule(s) ({self._listing(rules)}); "
-                    "delete them first"
-                )
-            await self.conn.execute("DELETE FROM device_types WHERE id = $1", row["id"])
-            await self.conn.execute(
-                """
-                INSERT INTO device_type_audit_logs (device_type_id, tenant_id, actor, action, changes)
-                VALUES ($1, $2, $3, 'delete', $4)
-                """,
-                row["id"],
-                row["tenant_id"],
-                self.actor,
-                {k: _plain(v) for k, v in row.items()},
-            )
-        return row
-
-    # --- devices ------------------------------------------------------------------------------
-
-    async def create_device(
-        self,
-        tenant: str,
-        name: str,
-        device_type: str,
-        *,
-        gateway: str | None = None,
-        description: str = "",
-        attributes: dict[str, Any] | None = None,
-        id: str | uuid.UUID | None = None,
-    ) -> Row:
-        """Register a device; its type and gateway must belong to its tenant."""
-        tenant_id = await self.tenant_ref(tenant)
-        assert tenant_id is not None
-        type_row = await self._same_tenant(DEVICE_TYPE, device_type, tenant_id)
-        gateway_id = None
-        if gateway is not None:
-            gateway_id = (await self._same_tenant(GATEWAY, gateway, tenant_id))["id"]
-        return await self._insert(
-            DEVICE,
-            {
-                "id": new_id(id),
-                "tenant_id": tenant_id,
-                "device_type_id": type_row["id"],
-                "gateway_id": gateway_id,
-                "name": _name(name),
-                "description": description,
-                "attributes": attributes or {},
-            },
-        )
-
-    async def list_devices(
-        self,
-        tenant: str | None = None,
-        gateway: str | None = None,
-        device_type: str | None = None,
-    ) -> list[Row]:
-        """Devices, optionally of one tenant, gateway or device type."""
-        tenant_id = await self.tenant_ref(tenant)
-        gateway_id = (
-            None if gateway is None else (await self.resolve(GATEWAY, gateway, tenant_id))["id"]
-        )
-        type_id = (
-            None
-            if device_type is None
-            else (await self.resolve(DEVICE_TYPE, device_type, tenant_id))["id"]
-        )
-        records = await self.conn.fetch(
-            """
-            SELECT d.*, t.name AS tenant, dt.name AS device_type, g.name AS gateway
-            FROM devices d
-            JOIN tenants t ON t.id = d.tenant_id
-            JOIN device_types dt ON dt.id = d.device_type_id
-            LEFT JOIN gateways g ON g.id = d.gateway_id
-            WHERE ($1::uuid IS NULL OR d.tenant_id = $1)
-              AND ($2::uuid IS NULL OR d.gateway_id = $2)
-              AND ($3::uuid IS NULL OR d.device_type_id = $3)
-            ORDER BY t.name, d.name
-            """,
-            tenant_id,
-            gateway_id,
-            type_id,
-        )
-        return [dict(r.items()) for r in records]
-
-    async def show_device(self, ref: str, tenant: str | None = None) -> Row:
-        """A device with its tenant, type and gateway names."""
-        row = await self.resolve(DEVICE, ref, await self.tenant_ref(tenant))
-        for item in await self.list_devices(str(row["tenant_id"])):
-            if item["id"] == row["id"]:
-                return item
-        return row
-
-    async def update_device(
-        self,
-        ref: str,
-        *,
-        tenant: str | None = None,
-        name: str | None = None,
-        description: str | None = None,
-        device_type: str | None = None,
-        gateway: str | None = _UNSET,
-        attributes: dict[str, Any] | None = None,
-    ) -> Row:
-        """Change a device; a new type or gateway must belong to the device's tenant."""
-        row = await self.resolve(DEVICE, ref, await self.tenant_ref(tenant))
-        values: Row = {}
-        if name is not None:
-            values["name"] = _name(name)
-        if description is not None:
-            values["description"] = description
-        if device_type is not None:
-            values["device_type_id"] = (
-                await self._same_tenant(DEVICE_TYPE, device_type, row["tenant_id"])
-            )["id"]
-        if gateway is not _UNSET:
-            values["gateway_id"] = (
-                None
-                if gateway is None
-                else (await self._same_tenant(GATEWAY, gateway, row["tenant_id"]))["id"]
-            )
-        if attributes is not None:
-            values["attributes"] = attributes
-        return await self._update(DEVICE, row["id"], values)
-
-    async def delete_device(self, ref: str, tenant: str | None = None) -> Row:
-        """Delete a device that no alert rule names (its stored telemetry stays)."""
-        row = await self.resolve(DEVICE, ref, await self.tenant_ref(tenant))
-        rules = await self._count(
-            "SELECT name FROM alert_rules WHERE device_id = $1 ORDER BY name", row["id"]
-        )
-        if rules:
-            raise Refused(
-                f"device {ref} is named by {len(rules)} alert rule(s) ({self._listing(rules)}); "
-                "delete them first"
-            )
-        await self.conn.execute("DELETE FROM devices WHERE id = $1", row["id"])
-        return row
-
     # --- alert rules --------------------------------------------------------------------------
 
-    async def _check_metric(self, type_id: uuid.UUID | None, metric: str) -> None:
+    async def _check_rule(self, given: Row, values: Row, current: Row) -> None:
+        """A rule's device must be of its device type; its metric must be one of that type's."""
+        if "metric" not in values:
+            return
+        type_id = values.get("device_type_id", current.get("device_type_id"))
+        device_id = values.get("device_id", current.get("device_id"))
+        if device_id is not None:
+            device_type = await self.conn.fetchval(
+                "SELECT device_type_id FROM devices WHERE id = $1", device_id
+            )
+            if "device_id" in values and type_id is not None and device_type != type_id:
+                raise Refused(
+                    f"device {given['device']} is not of device type {given['device_type']}"
+                )
+            type_id = type_id or device_type
         if type_id is None:
             return
         type_row = _row(
             await self.conn.fetchrow("SELECT * FROM device_types WHERE id = $1", type_id)
         )
-        if type_row["schema_id"] is None:
+        schema = None
+        if type_row["schema_id"] is not None:
+            schema = await self.current_version(type_row["schema_id"])
+        if schema is None:
             return
-        current = await self.current_version(type_row["schema_id"])
-        if current is None:
-            return
-        properties = current["json_schema"].get("properties", {})
-        if metric not in properties and current["json_schema"].get("additionalProperties") is False:
+        properties = schema["json_schema"].get("properties", {})
+        metric = values["metric"]
+        if metric not in properties and schema["json_schema"].get("additionalProperties") is False:
             raise Refused(
                 f"metric {metric!r} is not a metric of device type {type_row['name']} "
-                f"(its schema version {current['version']} has: {', '.join(sorted(properties))})"
+                f"(its schema version {schema['version']} has: {', '.join(sorted(properties))})"
             )
-
-    async def _rule_targets(
-        self, tenant_id: uuid.UUID, device_type: str | None, device: str | None
-    ) -> tuple[uuid.UUID | None, uuid.UUID | None, uuid.UUID | None]:
-        type_id = device_id = None
-        checked_type = None
-        if device_type is not None:
-            type_id = (await self._same_tenant(DEVICE_TYPE, device_type, tenant_id))["id"]
-            checked_type = type_id
-        if device is not None:
-            device_row = await self._same_tenant(DEVICE, device, tenant_id)
-            device_id = device_row["id"]
-            if type_id is not None and device_row["device_type_id"] != type_id:
-                raise Refused(f"device {device} is not of device type {device_type}")
-            checked_type = device_row["device_type_id"]
-        return type_id, device_id, checked_type
-
-    async def create_alert_rule(
-        self,
-        tenant: str,
-        name: str,
-        *,
-        metric: str,
-        condition: str,
-        threshold: float,
-        duration: float = 0.0,
-        severity: str = "warning",
-        device_type: str | None = None,
-        device: str | None = None,
-        id: str | uuid.UUID | None = None,
-    ) -> Row:
-        """Create an alert rule on a metric of a device type, of one device, or tenant-wide."""
-        tenant_id = await self.tenant_ref(tenant)
-        assert tenant_id is not None
-        type_id, device_id, checked_type = await self._rule_targets(tenant_id, device_type, device)
-        await self._check_metric(checked_type, metric)
-        return await self._insert(
-            ALERT_RULE,
-            {
-                "id": new_id(id),
-                "tenant_id": tenant_id,
-                "name": _name(name),
-                "device_type_id": type_id,
-                "device_id": device_id,
-                "metric": _check_rule_metric(metric),
-                "condition": _check_condition(condition),
-                "threshold": float(threshold),
-                "duration": timedelta(seconds=_check_duration(duration)),
-                "severity": _check_severity(severity),
-            },
-        )
-
-    async def list_alert_rules(self, tenant: str | None = None) -> list[Row]:
-        """Alert rules with the names of what they watch."""
-        tenant_id = await self.tenant_ref(tenant)
-        records = await self.conn.fetch(
-            """
-            SELECT r.*, t.name AS tenant, dt.name AS device_type, d.name AS device
-            FROM alert_rules r
-            JOIN tenants t ON t.id = r.tenant_id
-            LEFT JOIN device_types dt ON dt.id = r.device_type_id
-            LEFT JOIN devices d ON d.id = r.device_id
-            WHERE $1::uuid IS NULL OR r.tenant_id = $1
-            ORDER BY t.name, r.name
-            """,
-            tenant_id,
-        )
-        return [dict(r.items()) for r in records]
-
-    async def show_alert_rule(self, ref: str, tenant: str | None = None) -> Row:
-        """An alert rule with the names of what it watches."""
-        row = await self.resolve(ALERT_RULE, ref, await self.tenant_ref(tenant))
-        for item in await self.list_alert_rules(str(row["tenant_id"])):
-            if item["id"] == row["id"]:
-                return item
-        return row
-
-    async def update_alert_rule(
-        self,
-        ref: str,
-        *,
-        tenant: str | None = None,
-        name: str | None = None,
-        metric: str | None = None,
-        condition: str | None = None,
-        threshold: float | None = None,
-        duration: float | None = None,
-        severity: str | None = None,
-    ) -> Row:
-        """Change an alert rule's name, metric, condition, threshold, duration or severity."""
-        row = await self.resolve(ALERT_RULE, ref, await self.tenant_ref(tenant))
-        values: Row = {}
-        if name is not None:
-            values["name"] = _name(name)
-        if metric is not None:
-            type_id = row["device_type_id"]
-            if type_id is None and row["device_id"] is not None:
-                type_id = await self.conn.fetchval(
-                    "SELECT device_type_id FROM devices WHERE id = $1", row["device_id"]
-                )
-            await self._check_metric(type_id, metric)
-            values["metric"] = _check_rule_metric(metric)
-        if condition is not None:
-            values["condition"] = _check_condition(condition)
-        if threshold is not None:
-            values["threshold"] = float(threshold)
-        if duration is not None:
-            values["duration"] = timedelta(seconds=_check_duration(duration))
-        if severity is not None:
-            values["severity"] = _check_severity(severity)
-        return await self._update(ALERT_RULE, row["id"], values)
-
-    async def delete_alert_rule(self, ref: str, tenant: str | None = None) -> Row:
-        """Delete an alert rule."""
-        row = await self.resolve(ALERT_RULE, ref, await self.tenant_ref(tenant))
-        await self.conn.execute("DELETE FROM alert_rules WHERE id = $1", row["id"])
-        return row
-
-
-def _name(name: str) -> str:
-    name = name.strip()
-    if not name:
-        raise Refused("a name must not be empty")
-    if parse_uuid(name) is not None:
-        raise Refused(f"a name must not be a UUID ({name!r}): ids and names must stay apart")
-    if len(name) > 128:
-        raise Refused(f"name {name[:20]!r}... is longer than 128 characters")
-    return name
-
-
-def _check_condition(condition: str) -> str:
-    if condition not in CONDITIONS:
-        raise Refused(f"condition {condition!r} is not one of {' '.join(CONDITIONS)}")
-    return condition
-
-
-def _check_severity(severity: str) -> str:
-    if severity not in SEVERITIES:
-        raise Refused(f"severity {severity!r} is not one of {', '.join(SEVERITIES)}")
-    return severity
-
-
-def _check_duration(seconds: float) -> float:
-    if seconds < 0:
-        raise Refused("a duration must not be negative")
-    return seconds
-
-
-def _check_rule_metric(metric: str) -> str:
-    if not metric.strip():
-        raise Refused("an alert rule needs a metric")
-    return metric
 
 
 def _plain(value: Any) -> Any:
