@@ -269,6 +269,61 @@ def test_installer_refuses_a_configuration_the_agent_refuses(
     assert not (root / "etc/systemd/system" / UNIT).exists()
 
 
+def test_credentials_of_a_provisioned_gateway_are_installed_before_the_check(
+    tmp_path: Path,
+) -> None:
+    """A configuration that logs in with a client certificate names files the fresh gateway
+    does not have: refused, naming the missing key. With ``--credentials`` (the directory
+    ``gateways provision`` writes) they are installed first, the key for the service's user
+    only, and the configuration passes."""
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        SITE_CONFIG.replace('password_file = "/etc/sensormine/credentials/mqtt-password"\n', "")
+        + "\n[mqtt.tls]\nenabled = true\n"
+        + 'ca_file = "/etc/sensormine/credentials/ca.pem"\n'
+        + 'cert_file = "/etc/sensormine/credentials/gateway.pem"\n'
+        + 'key_file = "/etc/sensormine/credentials/gateway.key"\n'
+    )
+    credentials = tmp_path / "agent-credentials"
+    credentials.mkdir()
+    for name in ("ca.pem", "gateway.pem", "gateway.key"):
+        (credentials / name).write_text(f"-----BEGIN {name}-----\n")
+    (credentials / "gateway.key").chmod(0o600)
+    root = tmp_path / "root"
+
+    refused = subprocess.run(
+        [str(INSTALLER), "--root", str(root), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert 1 == refused.returncode, refused.stdout
+    assert (
+        f"error: {config}: mqtt.tls.key_file: /etc/sensormine/credentials/gateway.key:"
+        " does not exist"
+    ) in refused.stderr
+
+    result = install(
+        "--root", str(root), "--config", str(config), "--credentials", str(credentials)
+    )
+    assert (
+        "install-agent: installed the credential /etc/sensormine/credentials/gateway.key (0640)"
+        f" from {credentials}/gateway.key"
+    ) in result.stdout
+    gid = int(account(root)[3])
+    installed = root / "etc/sensormine/credentials"
+    assert {
+        "ca.pem": (0o644, 0, gid),
+        "gateway.pem": (0o644, 0, gid),
+        "gateway.key": (0o640, 0, gid),
+        "mqtt-password": (0o640, 0, gid),
+    } == {
+        p.name: (stat.S_IMODE(p.stat().st_mode), p.stat().st_uid, p.stat().st_gid)
+        for p in installed.iterdir()
+    }
+
+
 def test_uninstall_keeps_data_and_purge_removes_it(tmp_path: Path, site_config: Path) -> None:
     """--uninstall removes program and unit and keeps configuration, buffer and user;
     --uninstall --purge removes those too."""
