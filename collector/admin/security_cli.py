@@ -11,8 +11,10 @@ printed and never stored in the database.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from cryptography import x509
@@ -46,6 +48,33 @@ from collector.admin.kinds import GATEWAY
 from collector.admin.store import RegistryStore, Row, connect
 from collector.errors import CollectorError
 from collector.settings import MQTT_CREDENTIAL
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _certificate_file_options(out_help: str, days: int) -> Callable[[F], F]:
+    """``--out`` (a directory), ``--days`` (the certificate's validity) and ``--force``."""
+
+    def decorate(f: F) -> F:
+        f = click.option("--force", is_flag=True, help="Replace existing files in --out.")(f)
+        f = click.option(
+            "--days", type=click.IntRange(1, 3650), default=days, show_default=True,
+            help="Validity of the certificate.",
+        )(f)  # fmt: skip
+        return click.option(
+            "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+            help=out_help,
+        )(f)  # fmt: skip
+
+    return decorate
+
+
+def _crl_days_option(flag: str, help_text: str) -> Callable[[F], F]:
+    """How many days a CRL made now is valid."""
+    return click.option(
+        flag, type=click.IntRange(1, 365), default=pki.CRL_DAYS, show_default=True, help=help_text
+    )
+
 
 # --- pki --------------------------------------------------------------------------------------
 
@@ -92,15 +121,9 @@ def pki_init(
     "--csr", type=click.Path(dir_okay=False, path_type=Path),
     help="The gateway's certificate signing request (its key stays on the gateway).",
 )  # fmt: skip
-@click.option(
-    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-    help="Directory for gateway.pem, ca.pem and, without --csr, gateway.key (0600).",
-)  # fmt: skip
-@click.option(
-    "--days", type=click.IntRange(1, 3650), default=pki.CLIENT_DAYS, show_default=True,
-    help="Validity of the certificate.",
-)  # fmt: skip
-@click.option("--force", is_flag=True, help="Replace existing files in --out.")
+@_certificate_file_options(
+    "Directory for gateway.pem, ca.pem and, without --csr, gateway.key (0600).", pki.CLIENT_DAYS
+)
 @_actor_option
 @_json_option
 @_config_option
@@ -153,15 +176,9 @@ def pki_issue(
 @pki_group.command("server-cert")
 @click.argument("names", nargs=-1, required=True)
 @pki_options
-@click.option(
-    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-    help="Directory for broker.pem (with the CA appended) and broker.key (0600).",
-)  # fmt: skip
-@click.option(
-    "--days", type=click.IntRange(1, 3650), default=pki.SERVER_DAYS, show_default=True,
-    help="Validity of the certificate.",
-)  # fmt: skip
-@click.option("--force", is_flag=True, help="Replace existing files in --out.")
+@_certificate_file_options(
+    "Directory for broker.pem (with the CA appended) and broker.key (0600).", pki.SERVER_DAYS
+)
 def pki_server_cert(
     names: tuple[str, ...],
     pki_dir: Path,
@@ -264,10 +281,7 @@ def pki_list(
     "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
     help="Where to write the CRL (PEM).",
 )  # fmt: skip
-@click.option(
-    "--days", type=click.IntRange(1, 365), default=pki.CRL_DAYS, show_default=True,
-    help="Validity of the CRL: publish a new one well before it ends.",
-)  # fmt: skip
+@_crl_days_option("--days", "Validity of the CRL: publish a new one well before it ends.")
 @_config_option
 def pki_crl(
     pki_dir: Path,
@@ -311,55 +325,64 @@ def _listener(text: str, option: str) -> brokerfiles.Listener | None:
     return brokerfiles.Listener(number, address.strip("[]"))
 
 
+def _listen_option(listener: str, port: int, what: str) -> Callable[[F], F]:
+    """``--<listener>-listen``: where a broker listener listens."""
+    return click.option(
+        f"--{listener}-listen",
+        default=str(port),
+        envvar=f"SENSORMINE_BROKER_{listener.upper()}_LISTEN",
+        show_default=True,
+        help=f"[ADDRESS:]PORT of {what}.",
+    )
+
+
+def _path_option(
+    flag: str,
+    env: str,
+    default: Path,
+    help_text: str,
+    dest: str | None = None,
+    directory: bool = False,
+) -> Callable[[F], F]:
+    """A path option of ``broker sync`` that ``$SENSORMINE_BROKER_<env>`` can also give."""
+    kind = click.Path(file_okay=not directory, dir_okay=directory, path_type=Path)
+    decls = [flag] if dest is None else [flag, dest]
+    return click.option(
+        *decls, type=kind, default=default, envvar=f"SENSORMINE_BROKER_{env}",
+        show_default=True, help=help_text,
+    )  # fmt: skip
+
+
 @broker_group.command("sync")
 @pki_options
-@click.option(
-    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-    default=brokerfiles.DEFAULT_BROKER_DIR,
-    envvar="SENSORMINE_BROKER_DIR", show_default=True,
-    help="Directory of the generated files (the main mosquitto.conf includes it).",
+@_path_option(
+    "--dir", "DIR", brokerfiles.DEFAULT_BROKER_DIR,
+    "Directory of the generated files (the main mosquitto.conf includes it).",
+    dest="directory", directory=True,
 )  # fmt: skip
-@click.option(
-    "--server-cert", type=click.Path(dir_okay=False, path_type=Path),
-    default=brokerfiles.DEFAULT_SERVER_CERT,
-    envvar="SENSORMINE_BROKER_CERT", show_default=True,
-    help="The broker's TLS certificate (pki server-cert, or your own).",
+@_path_option(
+    "--server-cert", "CERT", brokerfiles.DEFAULT_SERVER_CERT,
+    "The broker's TLS certificate (pki server-cert, or your own).",
 )  # fmt: skip
-@click.option(
-    "--server-key", type=click.Path(dir_okay=False, path_type=Path),
-    default=brokerfiles.DEFAULT_SERVER_KEY,
-    envvar="SENSORMINE_BROKER_KEY", show_default=True, help="Its key.",
-)  # fmt: skip
-@click.option(
-    "--cert-listen", default=str(brokerfiles.CERT_PORT),
-    envvar="SENSORMINE_BROKER_CERT_LISTEN", show_default=True,
-    help="[ADDRESS:]PORT of the listener for gateways with certificates, or off.",
-)  # fmt: skip
-@click.option(
-    "--password-listen", default=str(brokerfiles.PASSWORD_PORT),
-    envvar="SENSORMINE_BROKER_PASSWORD_LISTEN", show_default=True,
-    help="[ADDRESS:]PORT of the listener for gateways with passwords, or off.",
-)  # fmt: skip
-@click.option(
-    "--collector-listen", default=str(brokerfiles.COLLECTOR_PORT),
-    envvar="SENSORMINE_BROKER_COLLECTOR_LISTEN", show_default=True,
-    help="[ADDRESS:]PORT of the collectors' listener.",
-)  # fmt: skip
-@click.option(
-    "--collector-password-file", type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("/etc/sensormine/credentials") / MQTT_CREDENTIAL,
-    envvar="SENSORMINE_BROKER_COLLECTOR_PASSWORD_FILE", show_default=True,
-    help="The collectors' MQTT password (hashed into collectors.passwd); when absent, the"
+@_path_option("--server-key", "KEY", brokerfiles.DEFAULT_SERVER_KEY, "Its key.")
+@_listen_option(
+    "cert", brokerfiles.CERT_PORT, "the listener for gateways with certificates, or off"
+)
+@_listen_option(
+    "password", brokerfiles.PASSWORD_PORT, "the listener for gateways with passwords, or off"
+)
+@_listen_option("collector", brokerfiles.COLLECTOR_PORT, "the collectors' listener")
+@_path_option(
+    "--collector-password-file", "COLLECTOR_PASSWORD_FILE",
+    Path("/etc/sensormine/credentials") / MQTT_CREDENTIAL,
+    "The collectors' MQTT password (hashed into collectors.passwd); when absent, the"
     " existing collectors.passwd is kept.",
 )  # fmt: skip
 @click.option(
     "--crl", "crl_file", type=click.Path(dir_okay=False, path_type=Path),
     help="A CRL made by `pki crl` where the CA key is (default: made here from the CA key).",
 )  # fmt: skip
-@click.option(
-    "--crl-days", type=click.IntRange(1, 365), default=pki.CRL_DAYS, show_default=True,
-    help="Validity of the CRL made here: run sync (a timer) well within it.",
-)  # fmt: skip
+@_crl_days_option("--crl-days", "Validity of the CRL made here: run sync (a timer) well within it.")
 @click.option(
     "--group", default=None, envvar="SENSORMINE_BROKER_GROUP",
     help="Group of the password and ACL files (0640), e.g. mosquitto (default: the current one).",
