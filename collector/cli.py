@@ -16,9 +16,9 @@ import structlog
 
 from collector import __version__, layout, migrations
 from collector.admin.cli import register as register_admin
+from collector.doctor.command import doctor
 from collector.errors import CollectorError
 from collector.filecheck import check_files, current_account, default_account, find_account
-from collector.lifecycle.doctor import doctor
 from collector.names import fetch_names
 from collector.observability import configure_logging
 from collector.quarantine_cli import quarantine as quarantine_group

@@ -3,12 +3,17 @@
 Jobs, per edition:
 
 - ``rollups`` (both): every ``rollups.lag``, recompute the buckets the writer marked dirty.
-- ``retention`` (Apache-2): every ``retention.interval``, ``drop_chunks`` past each horizon.
-- ``policies`` (community/TSL): every ``policy_interval``, make the native retention and
-  compression policies match the settings (a no-op when they already do).
+- ``retention`` (both): every ``retention.interval``, ``drop_chunks`` past each horizon.
+- ``compression`` (community/TSL): every ``compression.interval``, compress the chunks past
+  ``compression.after`` (``metrics_after`` for ``metrics``), again those late data made partial.
 - ``ledger`` (both): every ``ledger.interval``, trim ``ingest_ledger`` and ``ingest_rejects``.
 - ``layout`` (both, only while tables of storage layout 1 remain): move their rows into the
   series catalog and narrow tables (:mod:`collector.layout`); rollups wait until it is done.
+
+Nothing depends on TimescaleDB's background scheduler: the jobs run here, under advisory locks,
+and remove native policies of the same kind where they find them. A job whose settings differ
+from those its last run applied (recorded in ``lifecycle_jobs``) runs at start, so a settings
+change reaches the database at the next start rather than an interval later.
 
 A database that is away only delays the jobs: the task reconnects with backoff and never ends
 the collector.
@@ -26,10 +31,12 @@ import asyncpg
 import structlog
 
 from collector import layout
+from collector.lifecycle.compression import compress_old_chunks
+from collector.lifecycle.compression import horizons as compression_ages
 from collector.lifecycle.edition import Edition, detect
-from collector.lifecycle.jobs import Job, JobRun, run_job
+from collector.lifecycle.jobs import Job, JobRun, job_states, run_job
 from collector.lifecycle.ledger import trim_ledger
-from collector.lifecycle.retention import drop_old_chunks, ensure_native_policies
+from collector.lifecycle.retention import drop_old_chunks
 from collector.lifecycle.rollups import rollup
 from collector.lifecycle.settings import LifecycleSettings
 
@@ -64,18 +71,19 @@ def lifecycle_jobs(
             return await rollup(conn, r.periods, r.claim_rows, stop=stop)
 
         jobs.append(Job("rollups", r.lag, rollups, retry_after=r.lag))
-    if edition.native_policies:
-
-        async def policies(conn: asyncpg.Connection) -> dict[str, Any]:
-            return await ensure_native_policies(conn, settings.retention, settings.compression)
-
-        jobs.append(Job("policies", settings.policy_interval, policies))
-    elif settings.retention.enabled:
+    if settings.retention.enabled:
 
         async def retention(conn: asyncpg.Connection) -> dict[str, Any]:
             return await drop_old_chunks(conn, settings.retention)
 
         jobs.append(Job("retention", settings.retention.interval, retention))
+    if edition.native_policies and settings.compression.enabled:
+        ages = compression_ages(settings.compression)
+
+        async def compression(conn: asyncpg.Connection) -> dict[str, Any]:
+            return await compress_old_chunks(conn, ages, stop)
+
+        jobs.append(Job("compression", settings.compression.interval, compression))
 
     async def ledger(conn: asyncpg.Connection) -> dict[str, Any]:
         return await trim_ledger(conn, settings.ledger)
@@ -140,6 +148,28 @@ async def run_lifecycle(
                     raise
 
 
+def applied_settings(settings: LifecycleSettings) -> dict[str, tuple[str, dict[str, float]]]:
+    """Per job, the detail key its runs record and the values these settings make it apply."""
+    return {
+        "retention": ("horizons", settings.retention.horizons()),
+        "compression": ("after", compression_ages(settings.compression)),
+    }
+
+
+async def changed_settings(conn: asyncpg.Connection, settings: LifecycleSettings) -> set[str]:
+    """Jobs whose last run applied other values than ``settings`` do (they run at once)."""
+    states = await job_states(conn)
+    changed: set[str] = set()
+    for job, (key, wanted) in applied_settings(settings).items():
+        state = states.get(job)
+        if state is None or state.last_result != "ok":
+            continue
+        last = state.last_detail.get(key)
+        if last is not None and {k: float(v) for k, v in last.items()} != wanted:
+            changed.add(job)
+    return changed
+
+
 async def _run_jobs(
     conn: asyncpg.Connection,
     lc: LifecycleSettings,
@@ -162,13 +192,18 @@ async def _run_jobs(
             detail="telemetry stays uncompressed: compression needs the community (TSL) edition",
         )
     next_at = {job.name: 0.0 for job in jobs}
+    force = await changed_settings(conn, lc)
+    if force:
+        log.info("lifecycle.settings_changed", jobs=sorted(force))
     while not stop.is_set():
         for job in jobs:
             if stop.is_set():
                 return
             if next_at[job.name] <= time.monotonic():
                 try:
-                    run = await run_job(conn, job, runner)
+                    run = await run_job(conn, job, runner, force=job.name in force)
+                    if run.ran:
+                        force.discard(job.name)
                     wait = run.wait
                     if run.ran and on_run is not None:
                         on_run(run)

@@ -69,10 +69,13 @@ class RetentionSettings(_Section):
 
 
 class CompressionSettings(_Section):
-    """Native compression of ``telemetry`` (community edition only; skipped on Apache-2)."""
+    """Compression of old chunks by the collector's ``compression`` job (community edition only;
+    skipped on Apache-2, which has none)."""
 
     enabled: bool = True
     after: Duration = 7 * DAY
+    metrics_after: Duration = 30 * DAY
+    interval: Duration = 3600.0
 
 
 class LedgerSettings(_Section):
@@ -95,4 +98,3 @@ class LifecycleSettings(_Section):
     retention: RetentionSettings = RetentionSettings()
     compression: CompressionSettings = CompressionSettings()
     ledger: LedgerSettings = LedgerSettings()
-    policy_interval: Duration = 3600.0

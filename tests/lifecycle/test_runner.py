@@ -29,7 +29,9 @@ async def test_the_task_runs_every_job_of_the_edition_and_stops_when_told(
     """Started against a migrated database, each job runs once and is recorded; stop ends the task."""
     stop = asyncio.Event()
     task = asyncio.create_task(run_lifecycle(_settings(ts_dsn), stop, runner="runner-test"))
-    expected = {"rollups", "ledger", "policies" if LICENSE == "timescale" else "retention"}
+    expected = {"rollups", "ledger", "retention"} | (
+        {"compression"} if LICENSE == "timescale" else set()
+    )
     deadline = time.monotonic() + 20
     rows: list[asyncpg.Record] = []
     while time.monotonic() < deadline:
@@ -67,3 +69,38 @@ async def test_a_disabled_lifecycle_runs_nothing(ts: asyncpg.Connection, ts_dsn:
     stop.set()
     await asyncio.wait_for(task, 5)
     assert 0 == await ts.fetchval("SELECT count(*) FROM lifecycle_jobs")
+
+
+async def test_a_changed_setting_is_applied_at_the_next_start(
+    ts: asyncpg.Connection, ts_dsn: str
+) -> None:
+    """Retention ran with 90 days an instant ago (not due for an hour); a collector started with
+    30 days runs it at once with the new horizon instead of waiting for its interval."""
+
+    async def run_until(settings: Settings, done: object, linger: float = 0.0) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_lifecycle(settings, stop, runner="runner-test"))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            row = await ts.fetchrow(
+                "SELECT runs, last_detail->'horizons'->>'telemetry' AS h FROM lifecycle_jobs "
+                "WHERE job = 'retention' AND last_result = 'ok'"
+            )
+            if row is not None and (row["runs"], row["h"]) == done:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(linger)  # time for a run that should not happen
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    await run_until(_settings(ts_dsn), (1, str(90 * 86400.0)))
+    await run_until(_settings(ts_dsn), (1, str(90 * 86400.0)), linger=1.5)
+    assert 1 == await ts.fetchval("SELECT runs FROM lifecycle_jobs WHERE job = 'retention'")
+
+    await run_until(_settings(ts_dsn, retention={"telemetry": "30d"}), (2, str(30 * 86400.0)))
+
+    row = await ts.fetchrow(
+        "SELECT runs, last_detail->'horizons'->>'telemetry' AS h FROM lifecycle_jobs "
+        "WHERE job = 'retention'"
+    )
+    assert (2, str(30 * 86400.0)) == (row["runs"], row["h"])

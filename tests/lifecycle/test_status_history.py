@@ -28,7 +28,6 @@ from tests.collector.conftest import (
     now_us,
 )
 from tests.conftest import drop_database
-from tests.lifecycle.conftest import LICENSE
 from tests.services import SYSTEM_MQTT, SYSTEM_PG_DSN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,8 +187,7 @@ async def test_the_running_collector_rolls_up_what_it_wrote_including_a_late_bac
     assert 5 == sum(r["count"] for r in old if r["period"].total_seconds() == 60)
     # The live buckets were not rewritten: same values, same row versions.
     assert [tuple(r) for r in live] == [tuple(r) for r in both if r not in old]
-    edition_job = "policies" if LICENSE == "timescale" else "retention"
-    assert {"ledger", edition_job, "rollups"} <= {r["job"] for r in jobs}
+    assert {"ledger", "retention", "rollups"} <= {r["job"] for r in jobs}
 
 
 async def test_a_gateway_coming_online_never_overrides_a_devices_own_error(dbs: Databases) -> None:

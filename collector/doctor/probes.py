@@ -1,11 +1,15 @@
-"""``sensormine-collector doctor``: what the data lifecycle is doing, and what needs attention.
+"""The checks ``doctor`` runs: each a function of a :class:`Context`, registered with :func:`probe`.
 
-It reports the TimescaleDB edition and version, each hypertable's chunks and size (and its
-compression ratio where compressed), the retention and rollup settings with when each job last
-ran, ingest lag, the ledger's size, rejects by reason over the last 24 hours and whether the
-broker accepts a connection. Every finding that needs an operator is a *problem*; the command
-exits 1 when there is any, naming each. Facts that are fine but worth knowing (compression does
-not exist on the Apache-2 edition) are *notes* and do not change the exit status.
+Probes of the time-series database run in registration order on one connection, after the
+migrations are known to be applied; each adds its section to ``report.data`` and names what
+needs an operator in ``report.problems``. To add one::
+
+    @probe("clock")
+    async def _clock(ctx: Context) -> None:
+        ctx.report.data["clock"] = ...
+
+A probe that fails with a database error ends the examination of that database with a problem
+naming the probe; the broker is checked whatever happened before.
 """
 
 from __future__ import annotations
@@ -15,51 +19,53 @@ import json
 import ssl
 import threading
 import uuid
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import click
 
 from collector import layout, migrations
 from collector.errors import CollectorError
+from collector.lifecycle.compression import LAYOUT as COMPRESSED_TABLES
+from collector.lifecycle.compression import horizons as compression_ages
 from collector.lifecycle.edition import HYPERTABLES, Edition, detect
 from collector.lifecycle.jobs import job_states
 from collector.lifecycle.runner import lifecycle_jobs
-from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, mqtt_password
+from collector.settings import Settings, mqtt_password
+
+from .report import Report, iso, seconds_text
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# TimescaleDB numbers its own jobs (telemetry, job history retention) below 1000, policies and
+# user jobs from 1000 on.
+_FIRST_USER_JOB = 1000
 
 
-def _seconds(value: float) -> str:
-    """A duration for people: ``30s``, ``5m``, ``2h``, ``90d``."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if value >= size and value % size == 0:
-            return f"{int(value // size)}{unit}"
-    return f"{value:g}s"
+@dataclass
+class Context:
+    """What a probe may look at: the settings, the time-series database, the edition, the report."""
+
+    settings: Settings
+    conn: asyncpg.Connection
+    edition: Edition
+    report: Report
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="seconds") if value is not None else None
+Probe = Callable[[Context], Awaitable[None]]
+PROBES: dict[str, Probe] = {}
 
 
-class Report:
-    """The findings of one examination, as a JSON-ready mapping plus problems and notes."""
+def probe(name: str) -> Callable[[Probe], Probe]:
+    """Register a probe of the time-series database under ``name`` (unique)."""
 
-    def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
-        self.problems: list[str] = []
-        self.notes: list[str] = []
+    def add(fn: Probe) -> Probe:
+        if name in PROBES:
+            raise ValueError(f"doctor probe {name!r} is registered twice")
+        PROBES[name] = fn
+        return fn
 
-    def as_dict(self) -> dict[str, Any]:
-        """Everything, with ``ok``, ``problems`` and ``notes`` first."""
-        return {
-            "ok": not self.problems,
-            "problems": self.problems,
-            "notes": self.notes,
-            **self.data,
-        }
+    return add
 
 
 def _db_kwargs(settings: Settings, kind: str) -> dict[str, Any]:
@@ -90,7 +96,14 @@ async def _migrations(settings: Settings, report: Report) -> None:
     report.data["databases"] = out
 
 
-async def _hypertables(conn: asyncpg.Connection, report: Report) -> None:
+def _chunk_interval(settings: Settings, table: str) -> float:
+    short = ("telemetry", "telemetry_text", "events")
+    return settings.timeseries.chunk_interval * (1 if table in short else 7)
+
+
+@probe("hypertables")
+async def _hypertables(ctx: Context) -> None:
+    conn, report = ctx.conn, ctx.report
     rows = await conn.fetch(
         """
         SELECT h.hypertable_name AS name,
@@ -110,8 +123,8 @@ async def _hypertables(conn: asyncpg.Connection, report: Report) -> None:
         entry: dict[str, Any] = {
             "chunks": int(r["chunks"]),
             "size_bytes": int(r["bytes"] or 0),
-            "oldest_chunk_start": _iso(r["oldest"]),
-            "newest_chunk_end": _iso(r["newest"]),
+            "oldest_chunk_start": iso(r["oldest"]),
+            "newest_chunk_end": iso(r["newest"]),
             "compressed_chunks": int(r["compressed_chunks"]),
             "compression_ratio": None,
         }
@@ -133,113 +146,250 @@ async def _hypertables(conn: asyncpg.Connection, report: Report) -> None:
     report.data["hypertables"] = tables
 
 
-async def _layout(conn: asyncpg.Connection, report: Report) -> None:
-    progress = await layout.status(conn)
-    report.data["layout_move"] = None if progress is None else progress.line()
+@probe("layout")
+async def _layout(ctx: Context) -> None:
+    progress = await layout.status(ctx.conn)
+    ctx.report.data["layout_move"] = None if progress is None else progress.line()
     if progress is not None:
-        report.problems.append(
+        ctx.report.problems.append(
             f"storage: readings of the first layout are still being moved ({progress.line()}); "
-            "rollups wait until it is done: run `sensormine-collector migrate` or keep a collector running"
+            "rollups wait until it is done: run `sensormine-collector migrate` or keep a "
+            "collector running"
         )
 
 
-async def _policies(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, Any]]:
+async def _native_policies(conn: asyncpg.Connection) -> dict[tuple[str, str], dict[str, Any]]:
     rows = await conn.fetch(
-        "SELECT hypertable_name, proc_name, config::text AS config, next_start "
-        "FROM timescaledb_information.jobs WHERE hypertable_name IS NOT NULL"
+        "SELECT job_id, hypertable_name, proc_name, schedule_interval, config::text AS config, "
+        "next_start FROM timescaledb_information.jobs WHERE hypertable_name IS NOT NULL"
     )
     return {
         (r["hypertable_name"], r["proc_name"]): {
             **json.loads(r["config"] or "{}"),
-            "next_start": _iso(r["next_start"]),
+            "job_id": int(r["job_id"]),
+            "schedule_interval": seconds_text(r["schedule_interval"].total_seconds()),
+            "next_start": iso(r["next_start"]),
         }
         for r in rows
     }
 
 
-async def _retention_and_compression(
-    conn: asyncpg.Connection, settings: Settings, edition: Edition, report: Report
-) -> None:
+async def _same_interval(conn: asyncpg.Connection, text: Any, seconds: float) -> bool:
+    # A policy's config holds the interval as text ("90 days"): let PostgreSQL compare.
+    return bool(
+        await conn.fetchval(
+            "SELECT $1::text::interval = make_interval(secs => $2)", str(text), seconds
+        )
+    )
+
+
+@probe("retention")
+async def _retention(ctx: Context) -> None:
+    conn, settings, report = ctx.conn, ctx.settings, ctx.report
     lc = settings.lifecycle
-    policies = await _policies(conn) if edition.native_policies else {}
-    tables = report.data.get("hypertables", {})
-    retention: dict[str, Any] = {
-        "enabled": lc.enabled and lc.retention.enabled,
-        "mode": "native retention policies"
-        if edition.native_policies
-        else "collector job `retention` (drop_chunks)",
-        "interval": _seconds(
-            lc.policy_interval if edition.native_policies else lc.retention.interval
-        ),
+    enabled = lc.enabled and lc.retention.enabled
+    policies = await _native_policies(conn) if ctx.edition.native_policies else {}
+    states = await job_states(conn)
+    last = states.get("retention")
+    live: dict[str, Any] = (last.last_detail.get("horizons") or {}) if last else {}
+    out: dict[str, Any] = {
+        "enabled": enabled,
+        "mode": "collector job `retention` (drop_chunks), both editions",
+        "interval": seconds_text(lc.retention.interval),
+        "last_run": None if last is None else iso(last.last_finished),
         "tables": {},
     }
     for table, horizon in lc.retention.horizons().items():
-        # Whole chunks are dropped: data may outlive the horizon by one chunk plus a job interval.
-        chunk = settings.timeseries.chunk_interval * (
-            1 if table in ("telemetry", "telemetry_text", "events") else 7
-        )
-        slack = chunk + 2 * lc.retention.interval
+        # Whole chunks are dropped when wholly past the horizon, by a job that runs every
+        # interval: data may outlive the horizon by one chunk plus one interval (and a margin).
+        slack = _chunk_interval(settings, table) + lc.retention.interval + 300
         oldest = await conn.fetchval(
             "SELECT extract(epoch FROM now() - min(range_start)) "
             "FROM timescaledb_information.chunks WHERE hypertable_name = $1",
             table,
         )
+        applied = live.get(table)
         entry: dict[str, Any] = {
-            "horizon": _seconds(horizon),
+            "configured": seconds_text(horizon),
+            "live": None if applied is None else seconds_text(float(applied)),
             "oldest_chunk_age_days": None if oldest is None else round(float(oldest) / 86400, 2),
         }
-        if edition.native_policies:
-            policy = policies.get((table, "policy_retention"))
+        policy = policies.get((table, "policy_retention"))
+        if policy is not None:
             entry["native_policy"] = policy
-            if retention["enabled"] and policy is None:
+            if not await _same_interval(conn, policy.get("drop_after"), horizon):
                 report.problems.append(
-                    f"retention: {table} has no native retention policy (the collector's `policies` job adds it)"
+                    f"retention: {table} has a native TimescaleDB policy dropping after "
+                    f"{policy.get('drop_after')} while the settings say {seconds_text(horizon)} "
+                    "(the collector's `retention` job removes such policies when it runs)"
                 )
-        if retention["enabled"] and oldest is not None and float(oldest) > horizon + slack:
+        if enabled and applied is not None and float(applied) != horizon:
+            report.problems.append(
+                f"retention: {table} is configured to keep {seconds_text(horizon)} but the last "
+                f"run kept {seconds_text(float(applied))}: restart the collectors to apply the "
+                "settings (they take effect at the next start)"
+            )
+        if enabled and oldest is not None and float(oldest) > horizon + slack:
             report.problems.append(
                 f"retention: {table} holds a chunk {float(oldest) / 86400:.1f} days old, past its "
-                f"{_seconds(horizon)} horizon: retention is not running"
+                f"{seconds_text(horizon)} horizon by more than a chunk and a job interval: "
+                "retention is not running"
             )
-        retention["tables"][table] = entry
-    report.data["retention"] = retention
+        out["tables"][table] = entry
+    report.data["retention"] = out
 
-    compression: dict[str, Any] = {
+
+@probe("compression")
+async def _compression(ctx: Context) -> None:
+    conn, settings, report, edition = ctx.conn, ctx.settings, ctx.report, ctx.edition
+    lc = settings.lifecycle
+    c = lc.compression
+    out: dict[str, Any] = {
         "available": edition.native_policies,
-        "enabled": lc.enabled and lc.compression.enabled,
-        "after": _seconds(lc.compression.after),
-        "segment_by": "series_id",
-        "order_by": "time DESC",
+        "enabled": lc.enabled and c.enabled,
+        "after": seconds_text(c.after),
+        "metrics_after": seconds_text(c.metrics_after),
+        "interval": seconds_text(c.interval),
+        "segment_by": {t: seg for t, (seg, _) in COMPRESSED_TABLES.items()},
+        "order_by": {t: order for t, (_, order) in COMPRESSED_TABLES.items()},
     }
     if not edition.native_policies:
-        compression["status"] = f"skipped: not available on the {edition.license} edition"
-        if compression["enabled"]:
+        out["status"] = f"skipped: not available on the {edition.license} edition"
+        if out["enabled"]:
             report.notes.append(
                 f"compression: skipped, the {edition.license} edition of TimescaleDB has none; "
-                "telemetry stays uncompressed (install the community edition to compress)"
+                "readings stay uncompressed (install the community edition to compress)"
             )
-    else:
-        policy = policies.get(("telemetry", "policy_compression"))
-        compression["native_policy"] = policy
-        ratio = tables.get("telemetry", {}).get("compression_ratio")
-        compression["status"] = "policy active" if policy else "no policy"
-        compression["telemetry_ratio"] = ratio
-        if compression["enabled"] and policy is None:
+        report.data["compression"] = out
+        return
+    policies = await _native_policies(conn)
+    states = await job_states(conn)
+    last = states.get("compression")
+    live: dict[str, Any] = (last.last_detail.get("after") or {}) if last else {}
+    tables: dict[str, Any] = {}
+    for table, age in compression_ages(c).items():
+        slack = _chunk_interval(settings, table) + c.interval + 300
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE NOT is_compressed AND range_end <= now() - make_interval(secs => $2)) AS overdue, "
+            "count(*) FILTER (WHERE is_compressed) AS compressed "
+            "FROM timescaledb_information.chunks WHERE hypertable_name = $1",
+            table,
+            age + slack,
+        )
+        assert row is not None
+        applied = live.get(table)
+        tables[table] = {
+            "configured_after": seconds_text(age),
+            "live_after": None if applied is None else seconds_text(float(applied)),
+            "compressed_chunks": int(row["compressed"]),
+            "overdue_chunks": int(row["overdue"]),
+            "ratio": report.data.get("hypertables", {}).get(table, {}).get("compression_ratio"),
+            "native_policy": policies.get((table, "policy_compression")),
+        }
+        if not out["enabled"]:
+            continue
+        if row["overdue"]:
             report.problems.append(
-                "compression: telemetry has no compression policy (the collector's `policies` job adds it)"
+                f"compression: {table} has {row['overdue']} chunks older than "
+                f"{seconds_text(age)} plus a chunk and a job interval still uncompressed: "
+                "the `compression` job is not running or failing"
             )
-    report.data["compression"] = compression
+        if applied is not None and float(applied) != age:
+            report.problems.append(
+                f"compression: {table} is configured to compress after {seconds_text(age)} but "
+                f"the last run used {seconds_text(float(applied))}: restart the collectors"
+            )
+    out["tables"] = tables
+    out["status"] = "collector job `compression`" if out["enabled"] else "off"
+    report.data["compression"] = out
 
 
-async def _jobs(
-    conn: asyncpg.Connection, settings: Settings, edition: Edition, report: Report
-) -> None:
+@probe("timescaledb_jobs")
+async def _timescaledb_jobs(ctx: Context) -> None:
+    """TimescaleDB's own background jobs: their last runs and recent errors."""
+    conn, report, edition = ctx.conn, ctx.report, ctx.edition
+    rows = await conn.fetch(
+        """
+        SELECT j.job_id, j.application_name, j.proc_name, j.hypertable_name, j.scheduled,
+               j.schedule_interval, s.last_run_status, s.last_run_started_at,
+               s.last_successful_finish, s.total_runs, s.total_failures, s.next_start,
+               extract(epoch FROM now() - s.next_start) AS overdue
+        FROM timescaledb_information.jobs j
+        LEFT JOIN timescaledb_information.job_stats s USING (job_id)
+        ORDER BY j.job_id
+        """
+    )
+    errors = await conn.fetch(
+        "SELECT DISTINCT ON (job_id) job_id, finish_time, sqlerrcode, err_message "
+        "FROM timescaledb_information.job_errors WHERE finish_time > now() - interval '1 day' "
+        "ORDER BY job_id, finish_time DESC"
+    )
+    last_error = {int(e["job_id"]): e for e in errors}
+    out: dict[str, Any] = {}
+    builtin_failing: list[str] = []
+    for r in rows:
+        job_id = int(r["job_id"])
+        err = last_error.get(job_id)
+        name = f"{r['application_name']}" + (
+            f" on {r['hypertable_name']}" if r["hypertable_name"] else ""
+        )
+        entry = {
+            "job_id": job_id,
+            "proc": r["proc_name"],
+            "hypertable": r["hypertable_name"],
+            "scheduled": bool(r["scheduled"]),
+            "schedule_interval": seconds_text(r["schedule_interval"].total_seconds()),
+            "last_run_status": r["last_run_status"],
+            "last_run_started_at": iso(r["last_run_started_at"]),
+            "total_runs": int(r["total_runs"] or 0),
+            "total_failures": int(r["total_failures"] or 0),
+            "next_start": iso(r["next_start"]),
+            "last_error": None
+            if err is None
+            else f"{err['sqlerrcode'] or ''} {err['err_message'] or ''}".strip() or "(no message)",
+        }
+        out[name] = entry
+        failed = r["last_run_status"] == "Failed"
+        if job_id < _FIRST_USER_JOB and not edition.native_policies and failed:
+            # Debian's Apache-2 build runs TimescaleDB's own housekeeping jobs, which the
+            # license then refuses: nothing of the collector depends on them.
+            builtin_failing.append(str(r["application_name"]))
+            continue
+        if not r["scheduled"]:
+            continue
+        if failed:
+            report.problems.append(
+                f"timescaledb job {name} (id {job_id}): last run failed"
+                + (f": {entry['last_error']}" if entry["last_error"] else "")
+                + f" ({entry['total_failures']} of {entry['total_runs']} runs failed)"
+            )
+        elif not entry["total_runs"] and r["overdue"] is not None:
+            interval = r["schedule_interval"].total_seconds()
+            if float(r["overdue"]) > max(interval, 300):
+                report.problems.append(
+                    f"timescaledb job {name} (id {job_id}): has never run, due "
+                    f"{seconds_text(round(float(r['overdue'])))} ago: is the background worker "
+                    "scheduler running (timescaledb.max_background_workers)?"
+                )
+    if builtin_failing:
+        report.notes.append(
+            f"timescaledb: its own jobs ({', '.join(builtin_failing)}) fail under the "
+            f"{edition.license} license; the collector runs its own lifecycle jobs instead"
+        )
+    report.data["timescaledb_jobs"] = out
+
+
+@probe("jobs")
+async def _jobs(ctx: Context) -> None:
+    conn, settings, report, edition = ctx.conn, ctx.settings, ctx.report, ctx.edition
     lc = settings.lifecycle
-    expected = lifecycle_jobs(edition, lc) if lc.enabled else []
+    pending = await layout.pending(conn)
+    expected = lifecycle_jobs(edition, lc, layout_pending=pending) if lc.enabled else []
     states = await job_states(conn)
     out: dict[str, Any] = {}
     for job in expected:
         state = states.get(job.name)
-        entry: dict[str, Any] = {"interval": _seconds(job.interval)}
+        entry: dict[str, Any] = {"interval": seconds_text(job.interval)}
         if state is None or state.last_result == "never":
             entry["last_result"] = "never"
             report.problems.append(
@@ -247,8 +397,8 @@ async def _jobs(
             )
         else:
             entry.update(
-                last_started=_iso(state.last_started),
-                last_finished=_iso(state.last_finished),
+                last_started=iso(state.last_started),
+                last_finished=iso(state.last_finished),
                 last_result=state.last_result,
                 last_error=state.last_error,
                 last_detail=state.last_detail,
@@ -262,8 +412,8 @@ async def _jobs(
                 report.problems.append(f"job {job.name}: started but never finished")
             elif state.age > 2 * job.interval + 300:
                 report.problems.append(
-                    f"job {job.name}: last finished {_seconds(round(state.age))} ago, every "
-                    f"{_seconds(job.interval)} expected (is a collector running?)"
+                    f"job {job.name}: last finished {seconds_text(round(state.age))} ago, every "
+                    f"{seconds_text(job.interval)} expected (is a collector running?)"
                 )
         out[job.name] = entry
     report.data["jobs"] = out
@@ -275,19 +425,22 @@ async def _jobs(
     age = None if dirty["age"] is None else round(float(dirty["age"]), 1)
     report.data["rollups"] = {
         "enabled": lc.enabled and r.enabled,
-        "periods": [_seconds(p) for p in r.periods],
-        "lag": _seconds(r.lag),
+        "periods": [seconds_text(p) for p in r.periods],
+        "lag": seconds_text(r.lag),
         "dirty_ranges": int(dirty["n"]),
         "oldest_dirty_seconds": age,
+        "waiting_for_layout_move": pending,
     }
-    if lc.enabled and r.enabled and age is not None and age > max(10 * r.lag, 300):
+    if lc.enabled and r.enabled and not pending and age is not None and age > max(10 * r.lag, 300):
         report.problems.append(
-            f"rollups: {dirty['n']} dirty ranges waiting, the oldest {_seconds(round(age))} old "
-            f"(lag {_seconds(r.lag)}): the rollup job is not keeping up or not running"
+            f"rollups: {dirty['n']} dirty ranges waiting, the oldest {seconds_text(round(age))} old "
+            f"(lag {seconds_text(r.lag)}): the rollup job is not keeping up or not running"
         )
 
 
-async def _ingest(conn: asyncpg.Connection, settings: Settings, report: Report) -> None:
+@probe("ingest")
+async def _ingest(ctx: Context) -> None:
+    conn, settings, report = ctx.conn, ctx.settings, ctx.report
     last = await conn.fetchrow(
         "SELECT max(received_at) AS at, extract(epoch FROM now() - max(received_at)) AS age "
         "FROM ingest_ledger"
@@ -301,7 +454,7 @@ async def _ingest(conn: asyncpg.Connection, settings: Settings, report: Report) 
     )
     assert lag is not None
     report.data["ingest"] = {
-        "last_batch_at": _iso(last["at"]),
+        "last_batch_at": iso(last["at"]),
         "seconds_since_last_batch": None if last["age"] is None else round(float(last["age"]), 1),
         "batches_last_15m": int(lag["n"]),
         "lag_p50_seconds": None if lag["p50"] is None else round(float(lag["p50"]), 3),
@@ -325,13 +478,13 @@ async def _ingest(conn: asyncpg.Connection, settings: Settings, report: Report) 
         "rows": rows,
         "size_bytes": int(size["bytes"]),
         "oldest_row_age_days": None if oldest is None else round(oldest / 86400, 2),
-        "horizon": _seconds(horizon),
+        "horizon": seconds_text(horizon),
     }
     window = settings.validation.max_age + settings.validation.max_skew
     if horizon <= window:
         report.problems.append(
-            f"ledger: horizon {_seconds(horizon)} does not exceed validation.max_age + max_skew "
-            f"({_seconds(window)}): a batch resent after its ledger row is removed would be stored twice"
+            f"ledger: horizon {seconds_text(horizon)} does not exceed validation.max_age + max_skew "
+            f"({seconds_text(window)}): a batch resent after its ledger row is removed would be stored twice"
         )
     if (
         settings.lifecycle.enabled
@@ -339,7 +492,7 @@ async def _ingest(conn: asyncpg.Connection, settings: Settings, report: Report) 
         and oldest > horizon + 2 * settings.lifecycle.ledger.interval + 300
     ):
         report.problems.append(
-            f"ledger: rows {oldest / 86400:.1f} days old, past the {_seconds(horizon)} horizon: "
+            f"ledger: rows {oldest / 86400:.1f} days old, past the {seconds_text(horizon)} horizon: "
             "the `ledger` job is not running"
         )
     rejects = await conn.fetch(
@@ -349,11 +502,12 @@ async def _ingest(conn: asyncpg.Connection, settings: Settings, report: Report) 
     report.data["rejects_24h"] = {
         r["reason"]: {"messages": int(r["messages"]), "points": int(r["points"])} for r in rejects
     }
-    await _quarantine(conn, settings, report)
 
 
-async def _quarantine(conn: asyncpg.Connection, settings: Settings, report: Report) -> None:
+@probe("quarantine")
+async def _quarantine(ctx: Context) -> None:
     """What waits in quarantine, and quota scopes that are (nearly) full."""
+    conn, settings, report = ctx.conn, ctx.settings, ctx.report
     held = await conn.fetch(
         "SELECT reason, count(*) AS rows, coalesce(sum(points), 0) AS points,"
         " extract(epoch FROM now() - min(received_at)) AS oldest"
@@ -455,6 +609,7 @@ async def examine(settings: Settings, *, broker_timeout: float = 5.0) -> Report:
         report.problems.append(f"timeseries database: cannot connect: {exc}")
         conn = None
     if conn is not None:
+        current = "edition"
         try:
             edition = await detect(conn)
             report.data["timescaledb"] = {
@@ -467,14 +622,13 @@ async def examine(settings: Settings, *, broker_timeout: float = 5.0) -> Report:
                     "timeseries database: the timescaledb extension is not installed"
                 )
             elif report.data["databases"]["timeseries"].get("pending_migrations") == []:
-                await _hypertables(conn, report)
-                await _layout(conn, report)
-                await _retention_and_compression(conn, settings, edition, report)
-                await _jobs(conn, settings, edition, report)
-                await _ingest(conn, settings, report)
+                ctx = Context(settings, conn, edition, report)
+                for name, check in PROBES.items():
+                    current = name
+                    await check(ctx)
         except _DB_ERRORS as exc:
             report.problems.append(
-                f"timeseries database: query failed: {type(exc).__name__}: {exc}"
+                f"timeseries database: {current} query failed: {type(exc).__name__}: {exc}"
             )
         finally:
             await conn.close()
@@ -485,137 +639,3 @@ async def examine(settings: Settings, *, broker_timeout: float = 5.0) -> Report:
             f"broker {settings.mqtt.host}:{settings.mqtt.port} unreachable: {broker['detail']}"
         )
     return report
-
-
-def render(report: dict[str, Any]) -> str:
-    """The report as lines for a terminal."""
-    out: list[str] = []
-    ts = report.get("timescaledb")
-    if ts:
-        out.append(f"TimescaleDB {ts['version']}, license {ts['license']}: {ts['edition']}")
-    for kind, db in report.get("databases", {}).items():
-        state = "reachable" if db.get("reachable") else f"UNREACHABLE ({db.get('error')})"
-        pending = db.get("pending_migrations")
-        extra = f", pending migrations: {', '.join(pending)}" if pending else ""
-        out.append(f"{kind} database: {state}{extra}")
-    if "hypertables" in report:
-        out.append("hypertables:")
-        for name, t in report["hypertables"].items():
-            ratio = f", compression {t['compression_ratio']}:1" if t["compression_ratio"] else ""
-            compressed = f" ({t['compressed_chunks']} compressed)" if t["compressed_chunks"] else ""
-            out.append(
-                f"  {name:<24} {t['chunks']:>5} chunks{compressed}, {t['size_bytes'] / 1048576:.1f} MiB{ratio}"
-            )
-    if "retention" in report:
-        r = report["retention"]
-        state = "on" if r["enabled"] else "off"
-        out.append(f"retention ({state}): {r['mode']}, every {r['interval']}")
-        for name, t in r["tables"].items():
-            age = t["oldest_chunk_age_days"]
-            oldest = f"oldest chunk {age} days" if age is not None else "no chunks"
-            out.append(f"  {name:<24} keep {t['horizon']:<6} {oldest}")
-    if "compression" in report:
-        c = report["compression"]
-        out.append(f"compression: {c['status']} (after {c['after']}, segment by {c['segment_by']})")
-    if "rollups" in report:
-        r = report["rollups"]
-        age = r["oldest_dirty_seconds"]
-        out.append(
-            f"rollups ({'on' if r['enabled'] else 'off'}): periods {', '.join(r['periods'])}, lag {r['lag']}; "
-            f"{r['dirty_ranges']} dirty ranges waiting"
-            + (f", oldest {age} s" if age is not None else "")
-        )
-    if "jobs" in report:
-        out.append("jobs:")
-        for name, j in report["jobs"].items():
-            if j["last_result"] == "never":
-                out.append(f"  {name:<10} every {j['interval']:<5} never ran")
-                continue
-            out.append(
-                f"  {name:<10} every {j['interval']:<5} last {j['last_result']} at {j['last_finished']} "
-                f"by {j['last_runner']} ({j['runs']} runs)"
-            )
-    if "ingest" in report:
-        i = report["ingest"]
-        since = i["seconds_since_last_batch"]
-        last = f"{i['last_batch_at']} ({since} s ago)" if since is not None else "none yet"
-        lag = (
-            f"lag p50 {i['lag_p50_seconds']} s, max {i['lag_max_seconds']} s over {i['batches_last_15m']} batches in 15 min"
-            if i["batches_last_15m"]
-            else "no batches in the last 15 min"
-        )
-        out.append(f"ingest: last batch {last}; {lag}")
-    if "ledger" in report:
-        led = report["ledger"]
-        out.append(
-            f"ledger: {led['rows']} rows, {led['size_bytes'] / 1048576:.1f} MiB, horizon {led['horizon']}"
-            + (
-                f", oldest {led['oldest_row_age_days']} days"
-                if led["oldest_row_age_days"] is not None
-                else ""
-            )
-        )
-    if "rejects_24h" in report:
-        rejects = report["rejects_24h"]
-        out.append("rejects in the last 24 h:" + ("" if rejects else " none"))
-        for reason, r in rejects.items():
-            out.append(f"  {reason:<26} {r['messages']} messages, {r['points']} readings")
-    if "quarantine" in report:
-        held = report["quarantine"]["by_reason"]
-        out.append(
-            "quarantine (sensormine-collector quarantine list):" + ("" if held else " empty")
-        )
-        for reason, r in held.items():
-            out.append(
-                f"  {reason:<26} {r['rows']} rows, {r['points']} readings, oldest {r['oldest_days']} days"
-            )
-    b = report.get("broker")
-    if b:
-        state = "reachable" if b["reachable"] else f"UNREACHABLE ({b['detail']})"
-        out.append(f"broker {b['host']}:{b['port']}: {state}")
-    for note in report["notes"]:
-        out.append(f"note: {note}")
-    if report["problems"]:
-        out.append(f"NEEDS ATTENTION ({len(report['problems'])}):")
-        out.extend(f"  - {p}" for p in report["problems"])
-    else:
-        out.append("all good")
-    return "\n".join(out)
-
-
-@click.command("doctor")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option(
-    "--broker-timeout",
-    type=float,
-    default=5.0,
-    show_default=True,
-    help="Seconds to wait for the broker's CONNACK.",
-)
-def doctor(config_path: Path, as_json: bool, broker_timeout: float) -> None:
-    """Report on the databases, the lifecycle jobs and the broker; exit 1 if something needs attention.
-
-    Shows the TimescaleDB edition, hypertables with chunk counts and sizes, compression, retention
-    and rollup settings with each job's last run, ingest lag, ledger size, rejects by reason over
-    the last 24 h and broker connectivity. Every problem is listed under NEEDS ATTENTION.
-    """
-    try:
-        settings = load_settings(config_path)
-    except CollectorError as exc:
-        raise click.ClickException(str(exc)) from None
-    report = asyncio.run(examine(settings, broker_timeout=broker_timeout)).as_dict()
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
-    else:
-        click.echo(render(report))
-    if report["problems"]:
-        raise SystemExit(1)
