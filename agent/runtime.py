@@ -484,9 +484,3 @@ class Runtime:
             if fields:
                 self.notifier.notify(*fields)
             await asyncio.sleep(tick)
-
-
-def make_stop_hook() -> tuple[asyncio.Event, Callable[[], None]]:
-    """An event to stop the runtime and a function that sets it (for signal handlers)."""
-    stop = asyncio.Event()
-    return stop, stop.set

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -126,11 +126,6 @@ def _redact(url: str) -> str:
 def url_has_password(url: str) -> bool:
     """Whether the URL carries its own password."""
     return urlsplit(url).password is not None
-
-
-def database_name(url: str) -> str:
-    """The database named by a PostgreSQL URL."""
-    return unquote(urlsplit(url).path.lstrip("/"))
 
 
 class DatabaseSettings(_Section):
