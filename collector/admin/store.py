@@ -1,7 +1,7 @@
 """The registry's administration: reads and checked writes of the metadata database.
 
-Every write checks the cross-references itself (the seed's decision: no foreign keys between
-services, and none from a device type to its schema), so a refusal says exactly what is wrong:
+Every write checks the cross-references itself (the registry has no foreign keys, so that its
+tables can be managed, backed up and restored on their own), so a refusal says exactly what is wrong:
 ``schema <id> not found``, a device type or gateway of another tenant, a schema still in use.
 Every change of a device type writes, in the same transaction, a ``device_type_versions``
 snapshot and a ``device_type_audit_logs`` row (actor, action, a JSON diff of what changed).
@@ -299,7 +299,7 @@ class RegistryStore:
                 if names:
                     refusal = dependent.refusal.format(n=len(names), names=_names(names))
                     raise Refused(f"{kind.label} {ref} {refusal}")
-            # No foreign keys (the seed's decision): what belongs to the row goes explicitly.
+            # No foreign keys, so no cascade: what belongs to the row goes explicitly.
             for table, column in kind.cascade:
                 await self.conn.execute(f"DELETE FROM {table} WHERE {column} = $1", row["id"])
             await self.conn.execute(f"DELETE FROM {kind.table} WHERE id = $1", row["id"])
