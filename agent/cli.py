@@ -120,6 +120,7 @@ def run(config_path: Path) -> None:
     "--user",
     "user",
     default=None,
+    metavar="NAME",
     help="Judge access to the files for this account (default: the service's user sensormine"
     " when it exists and you are root, else you).",
 )

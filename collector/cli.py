@@ -295,6 +295,7 @@ def _named(name: str | None, ident: str) -> str:
 @click.option(
     "--user",
     default=None,
+    metavar="NAME",
     help="Judge access to the files for this account (default: the service's user sensormine"
     " when it exists and you are root, else you).",
 )
