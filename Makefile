@@ -50,6 +50,7 @@ bench: setup
 	$(BIN)/python bench/agent_footprint.py
 	$(BIN)/python bench/collector_ingest.py
 	$(BIN)/python bench/lifecycle_rollups.py
+	$(BIN)/python bench/storage.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -123,7 +123,8 @@ class MetricRule:
             lo, hi = min(values), max(values)
             if not (self._in_range(lo) and self._in_range(hi)):
                 return False
-            if float in types and any(v != v for v in values):
+            # NaN passed the finiteness check only where non-finite values are allowed.
+            if float in types and self.allow_non_finite and any(map(math.isnan, values)):
                 return False
         return self.enum is None or set(values) <= self.enum
 
