@@ -12,7 +12,7 @@ import zstandard
 
 from collector.outcomes import Outcome, outcome
 from collector.service import running
-from protocol import AckResult, Batch, Event, GatewayStatus, Series, Value, encode_frame
+from protocol import Ack, AckResult, Batch, Event, GatewayStatus, Series, Value, encode_frame
 from tests.collector.conftest import (
     Databases,
     Fleet,
@@ -23,18 +23,25 @@ from tests.collector.conftest import (
 )
 from tests.services import SYSTEM_MQTT
 
+NIL = uuid.UUID(int=0)
+
 
 @dataclass
 class Case:
-    """A hostile payload, the topic it is sent on, and the reason it must be refused with."""
+    """A hostile payload, the topic it is sent on, the reason it must be refused with, and how
+    many readings it carries (each refused or quarantined with that reason)."""
 
     name: str
     reason: str
     payload: Callable[[Fleet, int], bytes]
     tenant: Callable[[Fleet], uuid.UUID] = lambda f: f.tenant
     gateway: Callable[[Fleet], uuid.UUID] = lambda f: f.gateway
-    # A frame whose envelope cannot be read at all is refused whatever its reason's outcome.
+    # A frame whose envelope cannot be read at all is refused whatever its reason's outcome,
+    # and acked with the nil stream and seq 0 (docs/protocol.md).
     unaddressable: bool = False
+    readings: int = 0
+    # The stream the payload names for its seq (default: ``_with_series`` and ``_body``'s).
+    stream: Callable[[int], uuid.UUID] = lambda seq: uuid.UUID(int=seq + 1)
 
 
 def _good(f: Fleet, seq: int, **kw: object) -> Batch:
@@ -87,32 +94,49 @@ def _far_event(f: Fleet, seq: int) -> bytes:
 
 
 CASES = [
-    Case("wrong magic", "bad_magic", lambda f, s: b"XX" + _body(f, s)[2:]),
-    Case("unknown version", "unsupported_version", lambda f, s: b"SM\x02\x00" + _body(f, s)[4:]),
-    Case("unknown flag bits", "unknown_flags", lambda f, s: b"SM\x01\x80" + _body(f, s)[4:]),
-    Case("truncated frame", "malformed", lambda f, s: _body(f, s)[:-7]),
-    Case("one byte", "malformed", lambda f, s: b"S"),
-    Case("zstd bomb", "decompression_limit", _zstd_bomb),
-    Case("huge array header", "malformed", _huge_array),
+    Case("wrong magic", "bad_magic", lambda f, s: b"XX" + _body(f, s)[2:], unaddressable=True),
+    Case(
+        "unknown version",
+        "unsupported_version",
+        lambda f, s: b"SM\x02\x00" + _body(f, s)[4:],
+        unaddressable=True,
+    ),
+    Case(
+        "unknown flag bits",
+        "unknown_flags",
+        lambda f, s: b"SM\x01\x80" + _body(f, s)[4:],
+        unaddressable=True,
+    ),
+    Case("truncated frame", "malformed", lambda f, s: _body(f, s)[:-7], unaddressable=True),
+    Case("one byte", "malformed", lambda f, s: b"S", unaddressable=True),
+    Case("zstd bomb", "decompression_limit", _zstd_bomb, unaddressable=True),
+    Case("huge array header", "malformed", _huge_array, unaddressable=True),
     Case(
         "oversized payload",
         "too_large",
         lambda f, s: b"SM\x01\x00" + b"\xc0" * (1 << 20),
         unaddressable=True,
     ),
-    Case("not msgpack map", "malformed", lambda f, s: b"SM\x01\x00" + msgpack.packb([1, 2, 3])),
+    Case(
+        "not msgpack map",
+        "malformed",
+        lambda f, s: b"SM\x01\x00" + msgpack.packb([1, 2, 3]),
+        unaddressable=True,
+    ),
     Case(
         "status frame on telemetry topic",
         "unexpected_kind",
         lambda f, s: encode_frame(
             GatewayStatus(gateway_id=f.gateway, state="online", time=now_us())
         ),
+        unaddressable=True,
     ),
     Case(
         "topic tenant is not the gateway's",
         "tenant_mismatch",
         _body,
         tenant=lambda f: f.other_tenant,
+        readings=3,
     ),
     Case(
         "frame gateway is not the topic's",
@@ -120,6 +144,7 @@ CASES = [
         lambda f, s: _with_series(
             f, s, _one(f.devices[0], "temperature", 1.0), gateway=f.other_gateway
         ),
+        readings=1,
     ),
     Case(
         "unknown gateway",
@@ -128,32 +153,38 @@ CASES = [
             f, s, _one(f.devices[0], "temperature", 1.0), gateway=uuid.UUID(int=99)
         ),
         gateway=lambda f: uuid.UUID(int=99),
+        readings=1,
     ),
     Case(
         "frame of another gateway on an unknown gateway's topic",
         "gateway_mismatch",
         _body,
         gateway=lambda f: uuid.UUID(int=98),
+        readings=3,
     ),
     Case(
         "unknown device",
         "unknown_device",
         lambda f, s: _with_series(f, s, _one(uuid.uuid4(), "temperature", 1.0)),
+        readings=1,
     ),
     Case(
         "device of another tenant",
         "device_tenant_mismatch",
         lambda f, s: _with_series(f, s, _one(f.other_device, "temperature", 1.0)),
+        readings=1,
     ),
     Case(
         "NaN",
         "non_finite",
         lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", float("nan"))),
+        readings=1,
     ),
     Case(
         "infinity",
         "non_finite",
         lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", float("inf"))),
+        readings=1,
     ),
     Case(
         "timestamp a year ahead",
@@ -161,21 +192,25 @@ CASES = [
         lambda f, s: _with_series(
             f, s, _one(f.devices[0], "temperature", 1.0, now_us() + 366 * 86_400_000_000)
         ),
+        readings=1,
     ),
     Case(
         "string where the schema says number",
         "type_mismatch",
         lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", "hot")),
+        readings=1,
     ),
     Case(
         "string with NUL",
         "type_mismatch",
         lambda f, s: _with_series(f, s, _one(f.devices[0], "mode", "au\x00to")),
+        readings=1,
     ),
     Case(
         "unknown metric",
         "unknown_metric",
         lambda f, s: _with_series(f, s, _one(f.devices[0], "rpm", 1.0)),
+        readings=1,
     ),
     Case("empty batch", "empty_batch", lambda f, s: _with_series(f, s, [])),
     Case("event time past year 9999", "timestamp_out_of_window", _far_event),
@@ -183,6 +218,7 @@ CASES = [
         "out of range",
         "out_of_range",
         lambda f, s: _with_series(f, s, _one(f.devices[0], "temperature", 1e9)),
+        readings=1,
     ),
     Case(
         "unknown field",
@@ -201,26 +237,38 @@ CASES = [
                 }
             )
         ),
+        stream=lambda seq: uuid.UUID(bytes=b"x" * 16),
     ),
 ]
 
 
-def _expected(case: Case) -> str:
-    if case.unaddressable:
-        return "rejected"
-    return "quarantined" if outcome(case.reason) is Outcome.QUARANTINED else "rejected"
+def _expected(case: Case, seq: int) -> Ack:
+    """The ack of ``case`` sent as ``seq``: every reading it carries refused or quarantined."""
+    quarantined = not case.unaddressable and outcome(case.reason) is Outcome.QUARANTINED
+    held, refused = (case.readings, 0) if quarantined else (0, case.readings)
+    return Ack(
+        stream=NIL if case.unaddressable else case.stream(seq),
+        seq=0 if case.unaddressable else seq,
+        result=AckResult.QUARANTINED if quarantined else AckResult.REJECTED,
+        accepted=0,
+        rejected=refused,
+        reason=case.reason,
+        quarantined=held,
+        reasons={case.reason: (held, refused)},
+    )
 
 
 async def test_hostile_payloads_are_refused_with_their_reason_and_good_batches_still_stored(
     dbs: Databases,
 ) -> None:
-    """Each hostile payload is acked with its reason code and its table outcome (quarantined or
-    rejected) and writes no reading; a good batch after it is stored."""
+    """Each hostile payload is acked, under its own stream and seq, with its reason code, its
+    table outcome (quarantined or rejected) and the count of its readings, and writes no reading;
+    a good batch after it is stored."""
     fleet = dbs.fleet
     assert fleet is not None
     assert len({c.reason for c in CASES}) >= 15
     p = f"h{uuid.uuid4().hex[:10]}"
-    results: list[tuple[str, str, str, str]] = []
+    results: list[tuple[str, Ack, Ack]] = []
     async with running(collector_settings(dbs, *SYSTEM_MQTT, p)):
         with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
             for i, case in enumerate(CASES):
@@ -230,12 +278,21 @@ async def test_hostile_payloads_are_refused_with_their_reason_and_good_batches_s
                 )
                 gw.publish(_good(fleet, i))
                 bad, good = await asyncio.to_thread(gw.wait_acks, 2)
-                results.append((case.name, bad.result.value, bad.reason, good.result.value))
-    assert [(c.name, _expected(c), c.reason, "ok") for c in CASES] == results
+                results.append((case.name, bad, good))
+    assert [
+        (
+            c.name,
+            _expected(c, 1000 + i),
+            Ack(stream=uuid.UUID(int=i + 1), seq=i, result=AckResult.OK, accepted=3),
+        )
+        for i, c in enumerate(CASES)
+    ] == results
     rows = await dbs.fetch("SELECT count(*) AS n FROM readings")
     assert rows[0]["n"] == 3 * len(CASES)
     rejects = await dbs.fetch("SELECT DISTINCT reason FROM ingest_rejects")
-    assert {c.reason for c in CASES if _expected(c) == "rejected"} == {r["reason"] for r in rejects}
+    refused = {c.reason for i, c in enumerate(CASES) if _expected(c, i).result == "rejected"}
+    assert refused == {r["reason"] for r in rejects}
     held = await dbs.fetch("SELECT DISTINCT reason FROM quarantine")
-    assert {c.reason for c in CASES if _expected(c) == "quarantined"} == {r["reason"] for r in held}
+    kept = {c.reason for i, c in enumerate(CASES) if _expected(c, i).result == "quarantined"}
+    assert kept == {r["reason"] for r in held}
     assert AckResult.REJECTED.value == "rejected"

@@ -40,12 +40,42 @@ def _assert_exact(counts: dict[str, int]) -> None:
     }
 
 
+def _wait(what: str, check: Callable[[], bool], seconds: float = 90.0) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not reached in {seconds} s: {what}"
+        time.sleep(0.25)
+
+
+def _stored(system: Any) -> int:
+    return int(asyncio.run(system.stored_counts())["stored"])
+
+
+def _stores_more(system: Any, readings: int = 1000) -> None:
+    """Wait until ``readings`` more readings than now are stored: the pipeline flows."""
+    target = _stored(system) + readings
+    _wait(f"{target} readings stored", lambda: _stored(system) >= target)
+
+
+def _produces_more(system: Any, readings: int = 1000) -> int:
+    """Wait until the agents have taken ``readings`` more readings than now; that count."""
+    target = system.produced() + readings
+    _wait(f"{target} readings produced", lambda: system.produced() >= target)
+    return int(system.produced())
+
+
+def _catches_up(system: Any, produced: int) -> None:
+    """Wait until everything produced up to ``produced`` is stored."""
+    _wait(f"the {produced} readings produced stored", lambda: _stored(system) >= produced)
+
+
 def test_normal_run_stores_every_reading_once(make_system: Callable[..., Any]) -> None:
     """Two agents and a collector run for a while; what the agents produced is stored once."""
     system = make_system()
     system.start_collector()
     system.start_agents()
-    time.sleep(6)
+    _stores_more(system, 2000)
     _assert_exact(_settle(system))
 
 
@@ -55,11 +85,11 @@ def test_agent_killed_and_restarted(make_system: Callable[..., Any]) -> None:
     system.start_collector()
     system.start_agents()
     for _ in range(3):
-        time.sleep(2.5)
+        _stores_more(system)
         for agent in system.agents.values():
             agent.stop(signal.SIGKILL)
         system.start_agents()
-    time.sleep(3)
+    _catches_up(system, _produces_more(system))
     _assert_exact(_settle(system))
 
 
@@ -68,11 +98,11 @@ def test_collector_killed_and_restarted(make_system: Callable[..., Any]) -> None
     system = make_system()
     collector = system.start_collector()
     system.start_agents()
-    time.sleep(3)
+    _stores_more(system)
     collector.stop(signal.SIGKILL)
-    time.sleep(2)
+    produced = _produces_more(system)  # while no collector runs
     system.start_collector()
-    time.sleep(4)
+    _catches_up(system, produced)
     _assert_exact(_settle(system))
 
 
@@ -81,11 +111,11 @@ def test_broker_restarted(make_system: Callable[..., Any], private_broker: Mosqu
     system = make_system(mqtt_port=private_broker.port)
     system.start_collector()
     system.start_agents()
-    time.sleep(3)
+    _stores_more(system)
     private_broker.stop()
-    time.sleep(3)
+    produced = _produces_more(system, 1500)  # buffered while the broker is away
     private_broker.start()
-    time.sleep(6)
+    _catches_up(system, produced)
     _assert_exact(_settle(system))
 
 
