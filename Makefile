@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python bench/wire.py
 	$(BIN)/python bench/agent_buffer.py
 	$(BIN)/python bench/agent_footprint.py
+	$(BIN)/python bench/agent_install_size.py
 	$(BIN)/python bench/collector_ingest.py
 	$(BIN)/python bench/lifecycle_rollups.py
 	$(BIN)/python bench/storage.py

@@ -29,7 +29,7 @@ from agent.buffer import DROP_REASONS, Buffer, ReadingRow, Store, event_note, no
 from agent.errors import AgentError, ConfigError
 from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
 from agent.metrics import AgentMetrics
-from agent.settings import Settings, exposed_credentials
+from agent.settings import Settings, exposed_credentials, input_label
 from agent.shipper import Shipper
 from agent.systemd import Notifier
 from protocol import Value
@@ -237,11 +237,12 @@ class Runtime:
     def build_inputs(self) -> list[Input]:
         """Build every configured input (a failure here is a configuration error)."""
         built: list[Input] = []
-        for config in self.settings.inputs:
+        for i, config in enumerate(self.settings.inputs):
             try:
                 built.append(kind(config.type).factory(config, self.context()))
             except Exception as exc:
-                raise ConfigError(f"inputs.{config.name}: cannot be set up: {exc}") from exc
+                label = input_label(i, config.name)
+                raise ConfigError(f"{label}: cannot be set up: {exc}") from exc
         return built
 
     def stats(self) -> dict[str, float]:
