@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python bench/collector_ingest.py
 	$(BIN)/python bench/lifecycle_rollups.py
 	$(BIN)/python bench/storage.py
+	$(BIN)/python bench/inputs.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -75,6 +75,8 @@ class Staging:
         self.first_at: float | None = None
         # Inputs' "tell me when this is in the buffer" callbacks (Emitter.after_commit).
         self.after_commit: list[Callable[[], None]] = []
+        # Inputs' "call me before each commit" callbacks (Emitter.every_commit).
+        self.every_commit: list[Callable[[], None]] = []
 
     def take(self) -> tuple[list[ReadingRow], list[tuple[str, bytes]]]:
         """Hand over everything staged."""
@@ -181,6 +183,17 @@ class InputEmitter:
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once everything reported so far is committed to the buffer's file."""
         self._staging.after_commit.append(callback)
+
+    def every_commit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` before each commit; returns the function that stops the calls."""
+        callbacks = self._staging.every_commit
+        callbacks.append(callback)
+
+        def cancel() -> None:
+            if callback in callbacks:
+                callbacks.remove(callback)
+
+        return cancel
 
 
 class Runtime:
@@ -351,6 +364,12 @@ class Runtime:
         interval = self.settings.buffer.commit_interval
         while True:
             await asyncio.sleep(interval)
+            for callback in list(self.staging.every_commit):
+                # Inputs that read on the commit's beat (no wake-ups of their own).
+                try:
+                    callback()
+                except Exception as exc:
+                    log.exception("input.every_commit_failed", error=repr(exc))
             # Once _commit has taken the staged rows it must finish: cancelled halfway (SIGTERM
             # while it awaits the notes write), the rows would be in neither staging nor buffer.
             commit = asyncio.ensure_future(self._commit(final=False))

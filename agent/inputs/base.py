@@ -52,6 +52,12 @@ class Emitter(Protocol):
     def read_duration(self, seconds: float) -> None:
         """Record how long one read cycle of this input took."""
 
+    def every_commit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on the event loop before each buffer commit (every
+        ``buffer.commit_interval``), until the returned function is called: an input that can
+        poll cheaply (a socket) reads on the runtime's beat instead of waking the process itself,
+        and what it reads goes into that very commit."""
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` on the event loop once everything this input reported so far is
         committed to the buffer's file (not merely held in memory), e.g. to acknowledge it to

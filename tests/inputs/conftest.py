@@ -39,6 +39,7 @@ class RecordingEmitter:
     statuses: list[tuple[uuid.UUID, DeviceState, str]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     durations: list[float] = field(default_factory=list)
+    _beats: set[asyncio.Task[None]] = field(default_factory=set)
 
     def reading(
         self, device_id: uuid.UUID, metric: str, value: Value, time_us: int | None = None
@@ -73,6 +74,22 @@ class RecordingEmitter:
     def read_duration(self, seconds: float) -> None:
         """Keep a read-cycle duration."""
         self.durations.append(seconds)
+
+    def every_commit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call back every 50 ms, as a runtime with a short commit interval would."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                callback()
+
+        task = asyncio.get_running_loop().create_task(beat())
+        self._beats.add(task)
+
+        def stop() -> None:
+            task.cancel()
+
+        return stop
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Nothing to commit here: what is kept is kept, so call back on the next loop step."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -451,3 +452,62 @@ def test_timezone_must_be_an_iana_name(mqtt_address: tuple[str, int]) -> None:
         config_for(mqtt_address, "x", timezone="Mars/Olympus")
     assert "timezone" in str(info.value)
     assert "not an IANA time zone name" in str(info.value)
+
+
+async def test_overload_drops_at_the_input_and_counts_every_message(
+    private_broker: MosquittoBroker, prefix: str, context: InputContext, emitter: RecordingEmitter
+) -> None:
+    """A QoS 0 burst beyond max_pending: what is not taken is dropped here, and counted.
+
+    Every message published is either a reading or in the `dropped` count (and the
+    mqtt_input.overload events sum to it): nothing is lost silently, and the input goes on.
+    """
+    address = ("127.0.0.1", private_broker.port)
+    config = config_for(address, prefix, max_pending=100, max_in_flight=100)
+    raw = config.model_dump()
+    for sub in raw["subscriptions"]:
+        sub["qos"] = 0
+    mqtt_input = MqttInput(MqttInputConfig.model_validate(raw), context)
+    task = await run_for(mqtt_input, emitter)
+    burst = 3000
+    try:
+        await until_subscribed(address, prefix, emitter)
+        await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-c",
+                "import sys, paho.mqtt.client as m\n"
+                "c = m.Client(m.CallbackAPIVersion.VERSION2)\n"
+                "c.connect(sys.argv[1], int(sys.argv[2]))\n"
+                f"infos = [c.publish(sys.argv[3], '{{\"contact\": true}}', qos=0) for _ in range({burst})]\n"
+                "c.loop_start(); [i.wait_for_publish(30) for i in infos]; c.disconnect(); c.loop_stop()\n",
+                *map(str, address),
+                f"{prefix}/z2m/door",
+            ],
+            check=True,
+            timeout=60,
+        )
+        await emitter.wait_for(
+            lambda: len(emitter.values(DOOR, "contact")) + mqtt_input.counters["dropped"] >= burst,
+            within=30,
+        )
+        # Events are reported once a second.
+        await emitter.wait_for(
+            lambda: (
+                sum(
+                    e["attributes"]["dropped"]
+                    for e in emitter.events
+                    if e["kind"] == "mqtt_input.overload"
+                )
+                == mqtt_input.counters["dropped"]
+            ),
+            within=5,
+        )
+        await publish(address, [(f"{prefix}/z2m/door", '{"contact": false}')])
+        await emitter.wait_for(lambda: emitter.values(DOOR, "contact")[-1] is False)
+    finally:
+        await stop(task)
+    dropped = mqtt_input.counters["dropped"]
+    assert dropped > 0
+    assert burst == len(emitter.values(DOOR, "contact")) - 1 + dropped
