@@ -33,7 +33,7 @@ def main() -> None:
     if missing:
         sys.stderr.write(
             f"error: this installation has the agent only: the collector also needs"
-            f" {', '.join(missing)}. Install it with: pip install 'sensormine[collector]'\n"
+            f" {', '.join(missing)}. Install it with: pip install 'sensormine[collector]' (in a checkout: pip install '.[collector]')\n"
         )
         sys.exit(1)
     from collector.cli import main as cli

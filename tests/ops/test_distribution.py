@@ -106,5 +106,6 @@ def test_collector_launcher_names_the_missing_extra() -> None:
     assert (1, "") == (result.returncode, result.stdout)
     assert (
         "error: this installation has the agent only: the collector also needs asyncpg,"
-        " cryptography. Install it with: pip install 'sensormine[collector]'\n"
+        " cryptography. Install it with: pip install 'sensormine[collector]' (in a checkout:"
+        " pip install '.[collector]')\n"
     ) == result.stderr
