@@ -32,7 +32,9 @@ from collector.lifecycle.compression import horizons as compression_ages
 from collector.lifecycle.edition import HYPERTABLES, Edition, detect
 from collector.lifecycle.jobs import job_states
 from collector.lifecycle.runner import lifecycle_jobs
+from collector.names import fetch_names
 from collector.settings import Settings, mqtt_password
+from collector.streams import concurrent_streams
 
 from .report import Report, iso, seconds_text
 
@@ -209,10 +211,12 @@ async def _retention(ctx: Context) -> None:
             table,
         )
         applied = live.get(table)
+        data_age = await _oldest_data_age(conn, table) if oldest is not None else None
         entry: dict[str, Any] = {
             "configured": seconds_text(horizon),
             "live": None if applied is None else seconds_text(float(applied)),
             "oldest_chunk_age_days": None if oldest is None else round(float(oldest) / 86400, 2),
+            "oldest_data_age_days": None if data_age is None else round(data_age / 86400, 2),
         }
         policy = policies.get((table, "policy_retention"))
         if policy is not None:
@@ -237,6 +241,35 @@ async def _retention(ctx: Context) -> None:
             )
         out["tables"][table] = entry
     report.data["retention"] = out
+
+
+async def _oldest_data_age(conn: asyncpg.Connection, table: str) -> float | None:
+    """Seconds since the oldest row of ``table`` (its oldest chunk's start is not the data's:
+    a 7-day chunk of a database made 15 minutes ago starts days ago). Looked up in the oldest
+    chunk's time range only, compressed or not, within 2 s; ``None`` if that is not enough."""
+    row = await conn.fetchrow(
+        "SELECT d.column_name, c.range_start, c.range_end"
+        " FROM timescaledb_information.chunks c JOIN timescaledb_information.dimensions d"
+        " ON d.hypertable_name = c.hypertable_name AND d.hypertable_schema = c.hypertable_schema"
+        " AND d.dimension_number = 1"
+        " WHERE c.hypertable_name = $1 ORDER BY c.range_start LIMIT 1",
+        table,
+    )
+    if row is None:
+        return None
+    column = str(row["column_name"]).replace('"', '""')
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL statement_timeout = '2s'")
+            age = await conn.fetchval(
+                f'SELECT extract(epoch FROM now() - min("{column}")) FROM {table}'
+                f' WHERE "{column}" >= $1 AND "{column}" < $2',
+                row["range_start"],
+                row["range_end"],
+            )
+    except asyncpg.QueryCanceledError:
+        return None
+    return None if age is None else float(age)
 
 
 @probe("compression")
@@ -504,6 +537,22 @@ async def _ingest(ctx: Context) -> None:
     }
 
 
+@probe("gateways")
+async def _gateways(ctx: Context) -> None:
+    """Gateways whose batches come from two streams at once: one gateway id, two agents."""
+    doubled = await concurrent_streams(ctx.conn)
+    names = await fetch_names(ctx.settings) if doubled else None
+    for entry in doubled:
+        label = names.label(entry["gateway_id"]) if names else entry["gateway_id"]
+        entry["name"] = names.name(entry["gateway_id"]) if names else None
+        ctx.report.problems.append(
+            f"gateway {label}: batches from {len(entry['streams'])} streams at once in the last"
+            " 10 minutes: two agents run with this gateway id (a cloned SD card or agent.toml);"
+            " give the clone its own gateway (gateways create, gateways provision)"
+        )
+    ctx.report.data["concurrent_streams"] = doubled
+
+
 @probe("quarantine")
 async def _quarantine(ctx: Context) -> None:
     """What waits in quarantine, and quota scopes that are (nearly) full."""
@@ -587,13 +636,17 @@ def check_broker(settings: Settings, timeout: float) -> dict[str, Any]:
         client.loop_start()
         if not done.wait(timeout):
             outcome = {"ok": False, "reason": f"no CONNACK within {timeout:g} s"}
+        elif not outcome.get("ok"):
+            # The broker answered: it is reachable, it refused the login.
+            outcome["answered"] = True
     except (OSError, ssl.SSLError, ValueError, CollectorError) as exc:
         outcome = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
     finally:
         if outcome.get("ok"):
             client.disconnect()
         client.loop_stop()
-    result["reachable"] = bool(outcome.get("ok"))
+    result["reachable"] = bool(outcome.get("ok") or outcome.get("answered"))
+    result["authorized"] = bool(outcome.get("ok"))
     result["detail"] = outcome.get("reason", "")
     return result
 
@@ -637,5 +690,11 @@ async def examine(settings: Settings, *, broker_timeout: float = 5.0) -> Report:
     if not broker["reachable"]:
         report.problems.append(
             f"broker {settings.mqtt.host}:{settings.mqtt.port} unreachable: {broker['detail']}"
+        )
+    elif not broker["authorized"]:
+        report.problems.append(
+            f"broker {settings.mqtt.host}:{settings.mqtt.port} refused the login:"
+            f" {broker['detail']} (check mqtt.username and the password, and that"
+            " `sensormine-collector broker sync` wrote the collectors' password file)"
         )
     return report

@@ -11,8 +11,13 @@ def _retention(r: dict[str, Any]) -> list[str]:
         f"retention ({state}): {r['mode']}, every {r['interval']}, last run {r['last_run'] or 'never'}"
     ]
     for name, t in r["tables"].items():
-        age = t["oldest_chunk_age_days"]
-        oldest = f"oldest chunk {age} days" if age is not None else "no chunks"
+        age, data_age = t["oldest_chunk_age_days"], t.get("oldest_data_age_days")
+        if age is None:
+            oldest = "no chunks"
+        elif data_age is not None:
+            oldest = f"oldest data {data_age} days (its chunk starts {age} days back)"
+        else:
+            oldest = f"oldest chunk starts {age} days back"
         live = t["live"] or "not yet applied"
         native = t.get("native_policy")
         policy = f", native policy drop_after {native.get('drop_after')}" if native else ""
@@ -124,7 +129,12 @@ def render(report: dict[str, Any]) -> str:
             )
     b = report.get("broker")
     if b:
-        state = "reachable" if b["reachable"] else f"UNREACHABLE ({b['detail']})"
+        if not b["reachable"]:
+            state = f"UNREACHABLE ({b['detail']})"
+        elif not b.get("authorized", True):
+            state = f"reachable, LOGIN REFUSED ({b['detail']})"
+        else:
+            state = "reachable"
         out.append(f"broker {b['host']}:{b['port']}: {state}")
     for note in report["notes"]:
         out.append(f"note: {note}")

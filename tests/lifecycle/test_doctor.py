@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from collector.lifecycle.runner import lifecycle_jobs
 from collector.settings import load_settings
 from tests.conftest import create_database, drop_database
 from tests.lifecycle.conftest import LICENSE, needs_tsl
-from tests.services import SYSTEM_MQTT, SYSTEM_PG_DSN, free_port
+from tests.services import SYSTEM_MQTT, SYSTEM_PG_DSN, MosquittoBroker, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -348,3 +349,100 @@ async def test_doctor_reports_failing_timescaledb_jobs_and_policies_unlike_the_s
         and "settings say 365d" in p
         for p in report["problems"]
     )
+
+
+async def test_doctor_says_a_login_refused_not_unreachable(
+    databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """A broker that answers but refuses the collector's password is reachable and said to
+    refuse the login, with what to check (it read "unreachable" before)."""
+    meta, ts = databases
+    passwords = tmp_path / "passwd"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "sensormine-collector", "right"],
+        check=True,
+        capture_output=True,
+    )
+    broker = MosquittoBroker(
+        tmp_path / "broker", extra_config=f"allow_anonymous false\npassword_file {passwords}\n"
+    )
+    broker.start()
+    try:
+        wrong = tmp_path / "wrong"
+        wrong.write_text("wrong\n")
+        config = _config(
+            tmp_path,
+            meta,
+            ts,
+            broker.port,
+            extra=f'username = "sensormine-collector"\npassword_file = "{wrong}"\n',
+        )
+        await _run_all_jobs(config, ts)
+        code, report = await _doctor(config)
+    finally:
+        broker.stop()
+    assert 1 == code
+    assert report["broker"]["reachable"] and not report["broker"]["authorized"]
+    (problem,) = [p for p in _ours(report["problems"]) if "broker" in p]
+    assert f"broker 127.0.0.1:{broker.port} refused the login:" in problem
+    assert "unreachable" not in problem
+
+
+async def test_doctor_reports_the_age_of_the_oldest_data_not_of_its_chunk(
+    databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """On a database whose only rows are an hour old, retention shows data an hour old (0.04
+    days), not the start of the 7-day chunk holding it."""
+    meta, ts = databases
+    conn = await asyncpg.connect(ts)
+    try:
+        await conn.execute(
+            "INSERT INTO device_status_history (time, tenant_id, gateway_id, status)"
+            " VALUES (now() - interval '1 hour', $1, $1, 'online')",
+            uuid.uuid4(),
+        )
+    finally:
+        await conn.close()
+    config = _config(tmp_path, meta, ts, SYSTEM_MQTT[1])
+    _code, report = await _doctor(config)
+    table = report["retention"]["tables"]["device_status_history"]
+    assert 0.04 == table["oldest_data_age_days"]
+    assert table["oldest_chunk_age_days"] >= table["oldest_data_age_days"]
+
+
+async def test_doctor_names_a_gateway_whose_batches_come_from_two_streams(
+    databases: tuple[str, str], tmp_path: Path
+) -> None:
+    """Batches of one gateway sealed under two streams over the same stretch of time (two
+    agents, one gateway id) are a problem naming the gateway by name."""
+    meta, ts = databases
+    mconn = await asyncpg.connect(meta)
+    try:
+        tenant = await mconn.fetchval("INSERT INTO tenants (name) VALUES ('acme') RETURNING id")
+        gateway = await mconn.fetchval(
+            "INSERT INTO gateways (tenant_id, name) VALUES ($1, 'plant-1') RETURNING id", tenant
+        )
+    finally:
+        await mconn.close()
+    conn = await asyncpg.connect(ts)
+    try:
+        a, b = uuid.uuid4(), uuid.uuid4()
+        now = datetime.now(UTC)
+        await conn.executemany(
+            "INSERT INTO ingest_ledger (gateway_id, stream, seq, tenant_id, result, created)"
+            " VALUES ($1, $2, $3, $4, 'ok', $5)",
+            [
+                (gateway, stream, seq, tenant, now - timedelta(seconds=60 - 10 * seq - offset))
+                for seq in range(1, 5)
+                for stream, offset in ((a, 0), (b, 5))
+            ],
+        )
+    finally:
+        await conn.close()
+    config = _config(tmp_path, meta, ts, SYSTEM_MQTT[1])
+    _code, report = await _doctor(config)
+    (flagged,) = report["concurrent_streams"]
+    assert ("plant-1", {str(a), str(b)}) == (flagged["name"], set(flagged["streams"]))
+    (problem,) = [p for p in report["problems"] if p.startswith("gateway ")]
+    assert problem.startswith(f"gateway plant-1 [{gateway}]: batches from 2 streams at once")
