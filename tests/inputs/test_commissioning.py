@@ -146,7 +146,7 @@ async def test_inputs_test_against_the_peers(tmp_path: Path, mqtt_address: tuple
         config = str(write_config(tmp_path, peer.port, mqtt_address, prefix))
         status, output = await agent("inputs", "test", "meters", "--config", config)
         assert status == 0, output
-        assert f"meter ({METER})\n  voltage = 12.5\n  breaker = True\n" in output
+        assert f"meter ({METER})\n  voltage = 12.5\n  breaker = true\n" in output
 
         status, output = await agent("inputs", "test", "probes", "--config", config)
         assert status == 1, output
@@ -155,7 +155,7 @@ async def test_inputs_test_against_the_peers(tmp_path: Path, mqtt_address: tuple
 
         status, output = await agent("inputs", "test", "ups", "--config", config)
         assert status == 0, output
-        assert "volts = 13.5" in output and "on_battery = False" in output
+        assert "volts = 13.5" in output and "on_battery = false" in output
 
         status, output = await agent("inputs", "test", "health", "--config", config)
         assert status == 0, output
@@ -163,7 +163,7 @@ async def test_inputs_test_against_the_peers(tmp_path: Path, mqtt_address: tuple
 
         status, output = await agent("inputs", "test", "local", "--config", config)
         assert status == 0, output
-        assert "contact = True" in output
+        assert "contact = true" in output
 
         await peer.stop()
         status, output = await agent("inputs", "test", "meters", "--config", config)
