@@ -22,7 +22,6 @@ from agent.backlog import DrainFigures
 from agent.buffer import DROP_REASONS, BufferStats, integrity, open_store_readonly
 from agent.errors import AgentError, BufferFileError, ConfigError
 from agent.inputs.base import InputContext, kind, kinds
-from agent.log import configure
 from agent.runtime import rss_bytes, store_figures
 from agent.settings import (
     DEFAULT_CONFIG_PATH,
@@ -32,15 +31,10 @@ from agent.settings import (
     load_settings,
 )
 from protocol import Batch, ProtocolError, decode_batch
+from service.cli import config_option
+from service.logs import configure_logging
 
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    help="The agent's TOML configuration file.",
-)
+CONFIG_OPTION = config_option(DEFAULT_CONFIG_PATH, "The agent's TOML configuration file.")
 BUFFER_OPTION = click.option(
     "--buffer",
     "buffer_path",
@@ -92,7 +86,7 @@ def run(config_path: Path) -> None:
     exits 1 with a message naming the file, the key and the problem.
     """
     settings = _settings(config_path)
-    configure(settings.log.level, settings.log.format)
+    configure_logging(settings.log.level, settings.log.format, stream=sys.stdout)
     from agent.runtime import Runtime
 
     try:
@@ -535,7 +529,7 @@ def inputs_test(config_path: Path, name: str) -> None:
     Nothing is written to the buffer. Exit status 1 if any device answered with an error.
     """
     settings = _settings(config_path)
-    configure(settings.log.level, settings.log.format, stream=sys.stderr)
+    configure_logging(settings.log.level, settings.log.format)
     matches = [c for c in settings.inputs if c.name == name]
     if not matches:
         known = ", ".join(c.name for c in settings.inputs) or "none"

@@ -31,8 +31,8 @@ from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
 from agent.metrics import AgentMetrics
 from agent.settings import Settings, exposed_credentials, input_label
 from agent.shipper import Shipper
-from agent.systemd import Notifier
 from protocol import Value
+from service.systemd import Notifier
 
 log = structlog.get_logger("agent.runtime")
 
@@ -341,7 +341,6 @@ class Runtime:
             if self.metrics is not None:
                 self.metrics.close()
             await self.buffer.close()
-            self.notifier.close()
 
     async def _supervise(self, inp: Input) -> None:
         emitter = InputEmitter(inp.name, self.staging, self.statuses)
@@ -472,7 +471,7 @@ class Runtime:
         return None if value is None else int(value)
 
     async def _heartbeat(self) -> None:
-        interval = self.notifier.watchdog_interval()
+        interval = self.notifier.watchdog_interval
         status_every = self.settings.runtime.status_interval
         tick = min(interval or status_every, status_every)
         last_status = 0.0

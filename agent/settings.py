@@ -1,7 +1,8 @@
 """The agent's configuration: one TOML file validated by pydantic.
 
 Durations are written ``"500ms"``, ``"5s"``, ``"2m"``, ``"1h"``; sizes ``"512MiB"``, ``"64KiB"``,
-``"1GB"``. Every model forbids unknown keys. :func:`load_settings` turns every problem into a
+``"1GB"`` (:mod:`service.config`, the same units as the collector's). Every model forbids unknown
+keys. :func:`load_settings` turns every problem into a
 :class:`~agent.errors.ConfigError` whose message names the file, the key and the problem.
 Secrets never come from the command line: the MQTT password is read from ``mqtt.password_file``,
 else ``$SENSORMINE_MQTT_PASSWORD``, else ``$CREDENTIALS_DIRECTORY/mqtt-password`` (systemd
@@ -10,19 +11,15 @@ else ``$SENSORMINE_MQTT_PASSWORD``, else ``$CREDENTIALS_DIRECTORY/mqtt-password`
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
-import re
 import tomllib
-import typing
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -32,71 +29,24 @@ from pydantic import (
 
 from agent.errors import ConfigError
 from agent.inputs.base import InputConfig, RegistryError, kind
-from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
+from protocol import DEFAULT_PREFIX
+from service.config import (
+    Duration,
+    Listen,
+    LogSettings,
+    PositiveDuration,
+    Size,
+    SizeOrZero,
+    TopicPrefix,
+    format_size,
+    keys_at,
+    unknown_key_message,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/sensormine/agent.toml")
 PASSWORD_ENV = "SENSORMINE_MQTT_PASSWORD"
 USERNAME_ENV = "SENSORMINE_MQTT_USERNAME"
 CREDENTIAL_NAME = "mqtt-password"
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"`` (or a plain number)."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a string such as '5s', not a boolean")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"a duration is a string such as '5s', got {type(value).__name__}")
-    match = _DURATION.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a duration; write e.g. '500ms', '5s', '2m', '1h'")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from ``"512MiB"``, ``"64KiB"``, ``"1GB"`` (or a plain integer)."""
-    if isinstance(value, bool):
-        raise ValueError("a size is a string such as '512MiB', not a boolean")
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"a size is a string such as '512MiB', got {type(value).__name__}")
-    match = _SIZE.match(value)
-    if not match:
-        raise ValueError(f"{value!r} is not a size; write e.g. '64KiB', '512MiB', '2GiB'")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-
-
-def format_size(n: int) -> str:
-    """A size as the config file writes it (exact binary unit when there is one)."""
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        scale = _SIZE_UNITS[unit]
-        if n >= scale and n % scale == 0:
-            return f"{n // scale}{unit}"
-    return f"{n}B"
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
-SizeOrZero = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 
 
 class _Section(BaseModel):
@@ -176,7 +126,7 @@ class MqttSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
-    topic_prefix: str = DEFAULT_PREFIX
+    topic_prefix: TopicPrefix = DEFAULT_PREFIX
     keepalive: PositiveDuration = 30.0
     username: str | None = None
     password_file: Path | None = None
@@ -191,14 +141,6 @@ class MqttSettings(_Section):
     @classmethod
     def _protocol_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int | float) else value
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        try:
-            return validate_prefix(value)
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _backoff(self) -> MqttSettings:
@@ -219,28 +161,7 @@ class MetricsSettings(_Section):
     """The optional Prometheus endpoint of the agent; an empty ``listen`` (the default) turns it
     off. Bind it to 127.0.0.1 unless the scraper is elsewhere on a trusted network."""
 
-    listen: str = ""
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        if value:
-            _host, sep, port = value.rpartition(":")
-            if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError(f"{value!r} is not host:port (e.g. '127.0.0.1:9108')")
-        return value
-
-
-class LogSettings(_Section):
-    """Log level and format (``auto``: JSON lines unless stdout is a terminal)."""
-
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
-
-    @field_validator("level", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
+    listen: Listen = ""
 
 
 class Settings(_Section):
@@ -308,39 +229,6 @@ def _location(loc: tuple[Any, ...], prefix: str = "") -> str:
     return ".".join(parts)
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation holds (``Model``, ``list[Model]``, unions, ...)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-
-
-def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
-    """The keys allowed in the table at ``loc`` under ``model``."""
-    models = [model]
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        inner = [
-            m
-            for owner in models
-            if part in owner.model_fields
-            for m in _models_in(owner.model_fields[part].annotation)
-        ]
-        # Anything else is a list index, a dict key or a union's tag: the same tables.
-        if inner:
-            models = inner
-    return {name for m in models for name in m.model_fields}
-
-
-def unknown_key_message(key: str, allowed: set[str]) -> str:
-    """``unknown key`` with the closest allowed key, or the allowed keys when none is close."""
-    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
-    return f"unknown key (allowed here: {', '.join(sorted(allowed))})"
-
-
 def _describe(exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     lines = []
     for err in exc.errors():
@@ -351,7 +239,7 @@ def _describe(exc: ValidationError, prefix: str = "", model: type[BaseModel] | N
             continue
         key = _location(loc, prefix) or "(top level)"
         if err["type"] == "extra_forbidden" and model is not None:
-            message = unknown_key_message(str(loc[-1]), _keys_at(model, loc[:-1]))
+            message = unknown_key_message(str(loc[-1]), keys_at(model, loc[:-1]))
         elif err["type"] == "extra_forbidden":
             message = "unknown key (not allowed here)"
         elif err["type"] == "missing":

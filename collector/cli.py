@@ -20,21 +20,16 @@ from collector.doctor.command import doctor
 from collector.errors import CollectorError
 from collector.filecheck import check_files, current_account, default_account, find_account
 from collector.names import fetch_names
-from collector.observability import configure_logging
 from collector.quarantine_cli import quarantine as quarantine_group
 from collector.service import Collector, db_kwargs, migrate_all
-from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+from collector.settings import CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings, load_settings
 from collector.streams import concurrent_streams
 from collector.watch import watch
+from service.cli import config_option
+from service.logs import configure_logging
 
-_CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML).",
+_CONFIG = config_option(
+    DEFAULT_CONFIG_PATH, "Collector configuration file (TOML).", envvar=CONFIG_ENV
 )
 
 

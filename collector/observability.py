@@ -6,11 +6,8 @@ Each :class:`Collector` has its own registry, so that several collectors can run
 
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Any
 
-import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _NS = "sensormine_collector"
@@ -108,23 +105,3 @@ class CollectorMetrics:
             int(port), addr=host or "0.0.0.0", registry=self.registry
         )
         return server
-
-
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """structlog: JSON lines under systemd or when asked, readable output on a terminal."""
-    json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )

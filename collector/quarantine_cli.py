@@ -25,9 +25,10 @@ from collector.errors import CollectorError, DatabaseUnavailable
 from collector.names import Names, fetch_names
 from collector.quarantine import Filters, payload_preview, purge, replay, rows, summary
 from collector.service import build_pipeline, build_registry, db_kwargs
-from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+from collector.settings import CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings, load_settings
 from collector.writer import write_items
 from protocol import Reason
+from service.cli import config_option
 
 T = TypeVar("T")
 
@@ -72,14 +73,8 @@ def _filters(
     )
 
 
-_CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML).",
+_CONFIG = config_option(
+    DEFAULT_CONFIG_PATH, "Collector configuration file (TOML).", envvar=CONFIG_ENV
 )
 
 

@@ -30,11 +30,11 @@ from collector.outcomes import REGISTRY_REASONS, SCHEMA_REASONS, Attempts
 from collector.pipeline import Incoming, Pipeline, Staged
 from collector.quarantine import Filters, QuotaSettings, replay
 from collector.registry import Registry
-from collector.sd_notify import Notifier
 from collector.settings import DEFAULT_GROUP, Settings, connect_params, mqtt_password
 from collector.streams import StreamWatch
 from collector.writer import Writer, write_items
 from protocol import Ack, AckResult, Limits, Reason, encode_frame
+from service.systemd import Notifier
 
 log = structlog.get_logger("collector")
 

@@ -1,6 +1,7 @@
 """The collector's configuration: one TOML file validated by pydantic, plus environment overrides.
 
-Durations are written ``"500ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"``; sizes ``"1MiB"``.
+Durations are written ``"500ms"``, ``"5s"``, ``"2m"``, ``"1h"``, ``"1d"``; sizes ``"1MiB"``
+(:mod:`service.config`, the same units as the agent's).
 Every model forbids unknown keys. Any key can be overridden from the environment as
 ``SENSORMINE_COLLECTOR__<SECTION>__<KEY>`` (for example
 ``SENSORMINE_COLLECTOR__MQTT__HOST=broker.example``); the value is parsed as TOML when it can be
@@ -15,10 +16,8 @@ passwords may be part of the connection setting, else come from
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,10 +34,20 @@ from pydantic import (
 
 from collector.errors import ConfigError
 from collector.lifecycle.settings import LifecycleSettings
-from collector.quantities import Duration, Size, Timeout
-from protocol import DEFAULT_PREFIX, ProtocolError, validate_prefix
+from protocol import DEFAULT_PREFIX
+from service.config import (
+    Duration,
+    Listen,
+    LogSettings,
+    PositiveDuration,
+    Size,
+    TopicPrefix,
+    keys_at,
+    unknown_key_message,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/sensormine/collector.toml")
+CONFIG_ENV = "SENSORMINE_COLLECTOR_CONFIG"
 ENV_PREFIX = "SENSORMINE_COLLECTOR__"
 MQTT_PASSWORD_ENV = "SENSORMINE_MQTT_PASSWORD"
 MQTT_CREDENTIAL = "mqtt-password"
@@ -139,11 +148,11 @@ class DatabaseSettings(_Section):
 
     dsn: str = Field(description="postgresql:// URL or Host=...;Port=...;Database=...;Username=...")
     password_file: Path | None = None
-    connect_timeout: Duration = 10.0
-    statement_timeout: Timeout = 120.0
-    lock_timeout: Timeout = 30.0
-    idle_in_transaction_timeout: Timeout = 60.0
-    command_timeout: Timeout = 150.0
+    connect_timeout: PositiveDuration = 10.0
+    statement_timeout: Duration = 120.0
+    lock_timeout: Duration = 30.0
+    idle_in_transaction_timeout: Duration = 60.0
+    command_timeout: Duration = 150.0
 
     def session_settings(self) -> dict[str, str]:
         """The server settings of every session (milliseconds)."""
@@ -168,7 +177,7 @@ class DatabaseSettings(_Section):
 class TimeseriesSettings(DatabaseSettings):
     """The TimescaleDB connection and the hypertables' shape."""
 
-    chunk_interval: Duration = 86400.0
+    chunk_interval: PositiveDuration = 86400.0
 
 
 class MqttSettings(_Section):
@@ -179,32 +188,24 @@ class MqttSettings(_Section):
     client_id: str = Field(default="sensormine-collector-1", min_length=1, max_length=128)
     username: str | None = None
     password_file: Path | None = None
-    prefix: str = DEFAULT_PREFIX
+    prefix: TopicPrefix = DEFAULT_PREFIX
     group: str = Field(default=DEFAULT_GROUP, min_length=1)
     # 1.5 x keepalive is how long the broker takes to notice a collector whose host or network
     # went away: short, so that its share of the group moves on within a minute.
-    keepalive: Duration = 10.0
+    keepalive: PositiveDuration = 10.0
     # Short on purpose: Mosquitto hands an absent member its share of the group's messages
     # until its session expires, then drops them; the agents resend after their ack_timeout.
-    session_expiry: Duration = Field(
+    session_expiry: PositiveDuration = Field(
         default=10.0,
         description="How long the broker keeps this collector's session, and queues its share"
         " of the group's messages, while it is away; back within it, the collector gets its"
         " unacknowledged messages again, and until it ends the other members do not get them.",
     )
     receive_maximum: int = Field(default=1000, ge=1, le=65535)
-    reconnect_min: Duration = 1.0
-    reconnect_max: Duration = 30.0
+    reconnect_min: PositiveDuration = 1.0
+    reconnect_max: PositiveDuration = 30.0
     tls: bool = False
     ca_file: Path | None = None
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        try:
-            return validate_prefix(value)
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
 
     @field_validator("group")
     @classmethod
@@ -218,17 +219,17 @@ class WriterSettings(_Section):
     """When staged rows are flushed, and how a failing database is retried."""
 
     max_rows: int = Field(default=20_000, ge=1)
-    max_age: Duration = 0.2
+    max_age: PositiveDuration = 0.2
     max_staged_rows: int = Field(default=200_000, ge=1)
-    retry_min: Duration = 0.5
-    retry_max: Duration = 10.0
+    retry_min: PositiveDuration = 0.5
+    retry_max: PositiveDuration = 10.0
 
 
 class ValidationSettings(_Section):
     """What counts as a valid point besides the schema."""
 
-    max_age: Duration = 30 * 86400.0
-    max_skew: Duration = 300.0
+    max_age: PositiveDuration = 30 * 86400.0
+    max_skew: PositiveDuration = 300.0
     allow_non_finite: bool = False
     reject_sample: int = Field(default=5, ge=0, le=100)
     max_frame_bytes: Size = 1 << 20
@@ -250,36 +251,20 @@ class QuarantineSettings(_Section):
     max_bytes_per_unknown_gateway: Size = 16 << 20
     max_attempts: int = Field(default=5, ge=1, le=1000)
     auto_replay: bool = True
-    replay_delay: Duration = 2.0
+    replay_delay: PositiveDuration = 2.0
 
 
 class RegistrySettings(_Section):
     """The in-memory cache of gateways, devices, device types and schemas."""
 
-    refresh_interval: Duration = 300.0
-    negative_ttl: Duration = 5.0
+    refresh_interval: PositiveDuration = 300.0
+    negative_ttl: PositiveDuration = 5.0
 
 
 class MetricsSettings(_Section):
     """The Prometheus endpoint; an empty ``listen`` turns it off."""
 
-    listen: str = "127.0.0.1:9464"
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        if value:
-            _host, sep, port = value.rpartition(":")
-            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-                raise ValueError(f"{value!r} is not host:port")
-        return value
-
-
-class LogSettings(_Section):
-    """Log level and format (``auto``: JSON unless on a terminal)."""
-
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    listen: Listen = "127.0.0.1:9464"
 
 
 class Settings(_Section):
@@ -295,7 +280,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
-    drain_deadline: Duration = 20.0
+    drain_deadline: PositiveDuration = 20.0
     migrate_on_start: bool = True
 
     @model_validator(mode="after")
@@ -340,35 +325,6 @@ def apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> dict[s
     return out
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation holds (``Model``, ``Model | None``, ...)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
-
-
-def _keys_at(loc: tuple[Any, ...]) -> set[str]:
-    """The keys allowed in the table at ``loc`` of the configuration."""
-    models: list[type[BaseModel]] = [Settings]
-    for part in loc:
-        inner = [
-            m
-            for owner in models
-            if isinstance(part, str) and part in owner.model_fields
-            for m in _models_in(owner.model_fields[part].annotation)
-        ]
-        if inner:
-            models = inner
-    return {name for m in models for name in m.model_fields}
-
-
-def _unknown_key(key: str, allowed: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
-    if close:
-        return f"unknown key (did you mean {close[0]!r}?)"
-    return f"unknown key (allowed here: {', '.join(sorted(allowed))})"
-
-
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -376,7 +332,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in loc) or "(top level)"
         message = err["msg"]
         if err["type"] == "extra_forbidden" and loc:
-            message = _unknown_key(str(loc[-1]), _keys_at(loc[:-1]))
+            message = unknown_key_message(str(loc[-1]), keys_at(Settings, loc[:-1]))
         lines.append(f"{source}: {key}: {message}")
     return "\n".join(lines)
 

@@ -23,7 +23,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from collector.errors import CollectorError
-from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings, mqtt_password
+from collector.settings import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    load_settings,
+    mqtt_password,
+)
 from protocol import (
     Ack,
     Batch,
@@ -33,6 +39,7 @@ from protocol import (
     decode_frame,
     parse_topic,
 )
+from service.cli import config_option
 
 KINDS = [k.value for k in TopicKind]
 
@@ -150,14 +157,10 @@ def _client(settings: Settings) -> mqtt.Client:
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML): broker address, credentials and prefix.",
+@config_option(
+    DEFAULT_CONFIG_PATH,
+    "Collector configuration file (TOML): broker address, credentials and prefix.",
+    envvar=CONFIG_ENV,
 )
 @click.option("--prefix", default=None, help="Topic prefix (default: mqtt.prefix).")
 @click.option("--tenant", type=click.UUID, default=None, help="Only this tenant's topics.")

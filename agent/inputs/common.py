@@ -20,11 +20,11 @@ import structlog
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from agent.inputs.base import DeviceState, Emitter
-from agent.settings import parse_duration
+from service.config import parse_duration
 
 log = structlog.get_logger(__name__)
 
-# Seconds as a float, written "5s" in configuration files (the agent settings' parser, so that
+# Seconds as a float, written "5s" in configuration files (service.config's parser, so that
 # every duration in the file reads the same way). Bounds go on each field.
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 

@@ -50,8 +50,9 @@ from collector.admin.schemafile import SchemaFileError, load_schema_file, metric
 from collector.admin.seed import DEMO_SEED, apply_seed, load_seed
 from collector.admin.store import RegistryStore, Row, connect
 from collector.errors import CollectorError
-from collector.quantities import parse_duration
-from collector.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+from collector.settings import CONFIG_ENV, DEFAULT_CONFIG_PATH, Settings, load_settings
+from service.cli import config_option
+from service.config import parse_duration
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -65,16 +66,11 @@ def _default_actor() -> str:
         return f"uid {os.getuid()}"
 
 
-def _config_option(f: F) -> F:
-    return click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=DEFAULT_CONFIG_PATH,
-        show_default=True,
-        envvar="SENSORMINE_COLLECTOR_CONFIG",
-        help="Collector configuration file (TOML); its [metadata] section names the database.",
-    )(f)
+_config_option = config_option(
+    DEFAULT_CONFIG_PATH,
+    "Collector configuration file (TOML); its [metadata] section names the database.",
+    envvar=CONFIG_ENV,
+)
 
 
 def _json_option(f: F) -> F:

@@ -22,7 +22,7 @@ from collector.admin.errors import AdminError
 from collector.admin.kinds import ALERT_RULE, DEVICE, DEVICE_TYPE, GATEWAY, SCHEMA, TENANT, Kind
 from collector.admin.schemafile import SchemaFileError, load_schema_file
 from collector.admin.store import RegistryStore, Row
-from collector.quantities import parse_duration
+from service.config import parse_duration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_SEED = REPO_ROOT / "config" / "seed" / "demo.toml"

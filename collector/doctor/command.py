@@ -9,22 +9,15 @@ from pathlib import Path
 import click
 
 from collector.errors import CollectorError
-from collector.settings import DEFAULT_CONFIG_PATH, load_settings
+from collector.settings import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_settings
+from service.cli import config_option
 
 from .probes import examine
 from .render import render
 
 
 @click.command("doctor")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML).",
-)
+@config_option(DEFAULT_CONFIG_PATH, "Collector configuration file (TOML).", envvar=CONFIG_ENV)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--broker-timeout",

@@ -1,7 +1,7 @@
 """Configuration of the data lifecycle jobs: the ``[lifecycle]`` section of the collector's file.
 
 Durations are written like the rest of the collector's file (``"30s"``, ``"1h"``, ``"90d"``,
-``"2w"``), parsed by :mod:`collector.quantities`.
+``"2w"``), parsed by :mod:`service.config`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from collector.quantities import Duration
+from service.config import PositiveDuration
 
 DAY = 86400.0
 
@@ -28,8 +28,8 @@ class RollupSettings(_Section):
     """Rollups of numeric telemetry into ``metrics``, recomputed from what the writer touched."""
 
     enabled: bool = True
-    periods: tuple[Duration, ...] = (60.0, 3600.0)
-    lag: Duration = 30.0
+    periods: tuple[PositiveDuration, ...] = (60.0, 3600.0)
+    lag: PositiveDuration = 30.0
     claim_rows: int = Field(default=5000, ge=1, le=1_000_000)
 
     @field_validator("periods")
@@ -51,11 +51,11 @@ class RetentionSettings(_Section):
     """How long each hypertable keeps its rows, and how often the collector enforces it."""
 
     enabled: bool = True
-    telemetry: Duration = 90 * DAY
-    events: Duration = 365 * DAY
-    metrics: Duration = 730 * DAY
-    device_status_history: Duration = 365 * DAY
-    interval: Duration = 3600.0
+    telemetry: PositiveDuration = 90 * DAY
+    events: PositiveDuration = 365 * DAY
+    metrics: PositiveDuration = 730 * DAY
+    device_status_history: PositiveDuration = 365 * DAY
+    interval: PositiveDuration = 3600.0
 
     def horizons(self) -> dict[str, float]:
         """Hypertable name to retention in seconds."""
@@ -73,9 +73,9 @@ class CompressionSettings(_Section):
     skipped on Apache-2, which has none)."""
 
     enabled: bool = True
-    after: Duration = 7 * DAY
-    metrics_after: Duration = 30 * DAY
-    interval: Duration = 3600.0
+    after: PositiveDuration = 7 * DAY
+    metrics_after: PositiveDuration = 30 * DAY
+    interval: PositiveDuration = 3600.0
 
 
 class LedgerSettings(_Section):
@@ -85,8 +85,8 @@ class LedgerSettings(_Section):
     its ledger row is gone would be written a second time.
     """
 
-    horizon: Duration = 35 * DAY
-    interval: Duration = 3600.0
+    horizon: PositiveDuration = 35 * DAY
+    interval: PositiveDuration = 3600.0
     delete_rows: int = Field(default=10_000, ge=1)
 
 

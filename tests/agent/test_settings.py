@@ -15,8 +15,6 @@ from agent.settings import (
     effective_config,
     load_settings,
     mqtt_password,
-    parse_duration,
-    parse_size,
     settings_from_dict,
 )
 
@@ -49,22 +47,6 @@ def test_simulated_sample_loads() -> None:
     assert isinstance(config, SimulatedConfig)
     assert 2 == len(config.devices)
     assert 4 == len(config.devices[0].metrics)
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"), [("250ms", 0.25), ("5s", 5.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0)]
-)
-def test_durations(text: object, seconds: float) -> None:
-    """Durations are written with a unit."""
-    assert seconds == parse_duration(text)
-
-
-@pytest.mark.parametrize(
-    ("text", "size"), [("512MiB", 512 * 2**20), ("64KiB", 65536), ("1GB", 10**9), (4096, 4096)]
-)
-def test_sizes(text: object, size: int) -> None:
-    """Sizes are written with a binary or decimal unit."""
-    assert size == parse_size(text)
 
 
 def test_password_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

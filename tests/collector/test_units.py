@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import socket
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +13,6 @@ import pytest
 
 from collector import copy_format, migrations
 from collector.errors import MigrationError
-from collector.sd_notify import Notifier
 from collector.series import SeriesCatalog, value_kind
 from collector.service import Collector
 from collector.validation import SchemaError, check_series, compile_schema
@@ -167,43 +163,6 @@ async def test_registry_changes_notify(scratch_db: str) -> None:
         assert f"gateways:{gw}" == await asyncio.wait_for(got.get(), 5)
     finally:
         await conn.close()
-
-
-def test_sd_notify_sends_ready_watchdog_and_status(tmp_path: Path) -> None:
-    """With NOTIFY_SOCKET set, READY=1, STATUS= and WATCHDOG=1 arrive as datagrams."""
-    path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind(str(path))
-        server.settimeout(2)
-        n = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "4000000"})
-        assert 2.0 == n.watchdog_interval
-        n.ready("consuming")
-        n.watchdog()
-        assert b"READY=1\nSTATUS=consuming" == server.recv(100)
-        assert b"WATCHDOG=1" == server.recv(100)
-    silent = Notifier({})
-    assert not silent.enabled
-    silent.ready()
-
-
-def test_sd_notify_never_blocks_on_a_full_queue(tmp_path: Path) -> None:
-    """A notify socket nobody reads fills up; notify returns at once and READY=1 is sent later."""
-    path = tmp_path / "notify.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind(str(path))
-        n = Notifier({"NOTIFY_SOCKET": str(path)})
-        for _ in range(1000):  # far beyond net.unix.max_dgram_qlen
-            n.status("busy")
-        started = time.monotonic()
-        n.ready("consuming")
-        assert time.monotonic() - started < 1.0
-        assert n.dropped > 0
-        server.settimeout(0.5)
-        with contextlib.suppress(TimeoutError):
-            while True:
-                server.recv(100)
-        n.status("draining")
-        assert b"READY=1\nSTATUS=draining" == server.recv(100)
 
 
 async def test_chunk_interval_is_configurable(scratch_db: str) -> None:

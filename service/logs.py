@@ -1,4 +1,4 @@
-"""Logging set-up: structlog, JSON lines when stdout is not a terminal, readable otherwise."""
+"""Logging set-up: structlog, JSON lines under systemd (or when asked), readable on a terminal."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ _LEVELS = {
 }
 
 
-def configure(
+def configure_logging(
     level: str = "info",
     format: Literal["auto", "json", "console"] = "auto",
     stream: TextIO | None = None,
 ) -> None:
-    """Configure structlog once for the process; ``auto`` picks JSON unless on a terminal."""
-    out = stream or sys.stdout
+    """Configure structlog once for the process, writing to ``stream`` (default: stderr);
+    ``auto`` picks JSON lines unless ``stream`` is a terminal."""
+    out = stream or sys.stderr
     json = format == "json" or (format == "auto" and not out.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
