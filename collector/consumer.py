@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -230,6 +231,18 @@ class Consumer:
         while pending and _sent(pending[0]):
             pending.popleft()
         pending.append(self.client.publish(topic, payload, qos=1))
+
+    def publish_tracked(self, topic: str, payload: bytes) -> Callable[[], bool]:
+        """Publish (QoS 1); the returned check says whether the broker has acknowledged it."""
+        info = self.client.publish(topic, payload, qos=1)
+
+        def acknowledged() -> bool:
+            try:
+                return info.is_published()
+            except (RuntimeError, ValueError):
+                return False  # queued while offline: not acknowledged yet
+
+        return acknowledged
 
     def stop(self, deadline: float = 5.0) -> None:
         """Disconnect (the session, with any unacknowledged messages, stays on the broker)."""

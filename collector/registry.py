@@ -194,7 +194,9 @@ class Registry:
             "schema_versions": self._schemas,
         }
         cache = caches.get(table)
-        if cache is None:
+        if table == "alert_rules":
+            pass  # not cached here: the alert engine reloads its rules (its own listener)
+        elif cache is None:
             self.clear()  # a tenant changed: cheap to reload everything, and rare
         else:
             cache.entries.pop(ident, None)
@@ -356,3 +358,8 @@ class Registry:
         if epoch == self._epoch:
             self._schemas.put(schema_id, entry)
         return entry
+
+    async def alert_rules(self) -> list[dict[str, Any]]:
+        """Every alert rule (enabled or not), as ``alert_rules`` rows; not cached."""
+        rows = await self._query("SELECT * FROM alert_rules ORDER BY tenant_id, name")
+        return [dict(r.items()) for r in rows]

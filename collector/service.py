@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import time
 import uuid
@@ -21,6 +22,7 @@ import asyncpg
 import structlog
 
 from collector import migrations
+from collector.alerts.engine import AlertEngine
 from collector.consumer import Consumer
 from collector.errors import CollectorError, DatabaseUnavailable
 from collector.lifecycle.runner import run_lifecycle
@@ -112,6 +114,7 @@ class Collector:
         self.registry: Registry | None = None
         self.consumer: Consumer | None = None
         self.pipeline: Pipeline | None = None
+        self.alerts: AlertEngine | None = None
         self.attempts = Attempts(settings.quarantine.max_attempts)
         # Quarantine filters waiting for the next automatic replay (registry changes).
         self._replay_due: set[Filters] = set()
@@ -189,11 +192,23 @@ class Collector:
             # Before the first connection: what was registered while no collector listened is
             # replayed at start-up too.
             registry.on_change.append(self._registry_changed)
+        alerts = AlertEngine(
+            registry,
+            s.alerts,
+            prefix=s.mqtt.prefix,
+            connect_kwargs=db_kwargs(s, "timeseries", self.environ),
+            refresh_interval=s.registry.refresh_interval,
+        )
+        registry.on_change.append(alerts.registry_changed)
         await self._retry("metadata", stop, registry.start)
+        if not stop.is_set() and s.alerts.enabled:
+            # Before the first batch: a batch evaluated without the rules would miss alerts.
+            await self._retry("metadata", stop, alerts.load)
         if stop.is_set():
             await registry.close()
             return
         self.registry = registry
+        self.alerts = alerts
         pipeline = build_pipeline(s, registry)
         self.pipeline = pipeline
         queue: asyncio.Queue[Incoming] = asyncio.Queue()
@@ -219,6 +234,9 @@ class Collector:
         self.writer = writer
         gateway_devices = GatewayDevices(db_kwargs(s, "metadata", self.environ))
         writer.gateway_devices = gateway_devices.rows
+        if s.alerts.enabled:
+            writer.alerts = alerts
+            writer.add_flush_hook(alerts.flushed)
         writer_task = asyncio.create_task(writer.run(), name="writer")
         lifecycle_task = asyncio.create_task(
             run_lifecycle(
@@ -235,6 +253,10 @@ class Collector:
         pump_task = asyncio.create_task(self._pump(queue, pipeline, writer, stop), name="pump")
         watchdog_task = asyncio.create_task(self._watchdog(), name="watchdog")
         replay_task = asyncio.create_task(self._auto_replay(stop), name="replay")
+        alerts_task = asyncio.create_task(
+            alerts.run(stop, consumer.publish_tracked if s.alerts.publish else None),
+            name="alerts",
+        )
         consumer.start()
         self.notifier.ready("consuming")
         self.ready.set()
@@ -263,6 +285,9 @@ class Collector:
             replay_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await replay_task
+            alerts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await alerts_task
             await self._shutdown(consumer, writer, writer_task, pump_task, watchdog_task, registry)
             await _finish_lifecycle(lifecycle_task, self.settings.drain_deadline)
             await gateway_devices.close()
@@ -477,7 +502,10 @@ class Collector:
                 continue
             try:
                 for filters in due:
-                    await replay(conn, pipeline, write_items, filters)
+                    write = functools.partial(
+                        write_items, alerts=self.alerts if s.alerts.enabled else None
+                    )
+                    await replay(conn, pipeline, write, filters)
                 self.replays += 1
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("quarantine.replay_failed", error=str(exc))

@@ -261,6 +261,20 @@ class RegistrySettings(_Section):
     negative_ttl: PositiveDuration = 5.0
 
 
+class AlertSettings(_Section):
+    """Alert rules evaluated on ingest (docs/alerts.md).
+
+    A transition whose reading is older than ``late_after`` when it is evaluated is marked
+    late. No-data rules are checked against the clock every ``no_data_interval``. Transitions
+    are published on ``{prefix}/v1/{tenant}/alerts`` when ``publish`` is on.
+    """
+
+    enabled: bool = True
+    late_after: Duration = 60.0
+    no_data_interval: Duration = 5.0
+    publish: bool = True
+
+
 class MetricsSettings(_Section):
     """The Prometheus endpoint; an empty ``listen`` turns it off."""
 
@@ -277,6 +291,7 @@ class Settings(_Section):
     validation: ValidationSettings = ValidationSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
     registry: RegistrySettings = RegistrySettings()
+    alerts: AlertSettings = AlertSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()

@@ -16,7 +16,10 @@ One flush, one transaction, in this order:
    (strings), one upsert of ``series_latest`` (one row per series written, whatever the number
    of readings), then events, device status changes, quarantine rows (and their quota usage),
    reject samples, and the touched (series, hour) ranges into ``ingest_dirty``;
-5. COMMIT; only then are the new series ids cached.
+5. the alert rules on the readings' metrics (:mod:`collector.alerts`): state per (rule, series)
+   locked, evaluated in event-time order, transitions into ``alerts``, ``events`` and the
+   outbox;
+6. COMMIT; only then are the new series ids cached.
 
 Only after the commit does the writer hand the flushed items to ``on_committed``, which sends
 the ack frames and the PUBACKs. A failing database leaves the transaction rolled back; the
@@ -38,7 +41,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
@@ -53,6 +56,9 @@ from collector.pipeline import Incoming, Staged, to_datetime, to_datetime_or_non
 from collector.quarantine import QuotaSettings, apply_quota, insert_rows
 from collector.series import Kind, SeriesCatalog, SeriesKey, value_kind
 from protocol import AckResult, Reason
+
+if TYPE_CHECKING:
+    from collector.alerts.engine import AlertEngine
 
 log = structlog.get_logger("collector.writer")
 
@@ -151,6 +157,7 @@ class FlushReport:
     status: int = 0
     quarantined: int = 0
     rejects: int = 0
+    alerts: int = 0  # alert transitions written
     seconds: float = 0.0
     ranges: list[DirtyRange] = field(default_factory=list)
 
@@ -252,13 +259,15 @@ async def write_items(
     writes: list[Staged],
     fanout: dict[int, list[StatusRow]] | None = None,
     catalog: SeriesCatalog | None = None,
+    alerts: AlertEngine | None = None,
 ) -> FlushReport:
     """Write the rows of ``writes`` (all to be written) inside the caller's transaction.
 
     Used by the flush and by the quarantine replay, so replayed data lands exactly as ingested
     data does: readings, latest values, events, status changes, quarantine rows, reject
-    samples, dirty ranges. ``catalog`` caches series ids (a private one when ``None``); the
-    caller commits or discards it with its transaction.
+    samples, dirty ranges, and the alert transitions the readings cause (``alerts``). ``catalog``
+    caches series ids (a private one when ``None``); the caller commits or discards it with its
+    transaction.
     """
     report = FlushReport()
     catalog = catalog if catalog is not None else SeriesCatalog()
@@ -312,6 +321,8 @@ async def write_items(
             ],
             columns=DIRTY_COLUMNS,
         )
+    if alerts is not None and with_series:
+        report.alerts = await alerts.evaluate(conn, with_series, ids)
     report.events = len(events)
     report.status += len(status)
     report.rejects = len(rejects)
@@ -355,6 +366,8 @@ class Writer:
         self._conn: asyncpg.Connection | None = None
         self._hooks: list[FlushHook] = []
         self.catalog = SeriesCatalog()
+        # Set by the service: rules evaluated on the readings of every flush, in its transaction.
+        self.alerts: AlertEngine | None = None
         # Set by the service: the devices behind a gateway, for their rows when it goes offline/online.
         self.gateway_devices: GatewayDevicesLookup | None = None
         self.flushing = False
@@ -553,7 +566,7 @@ class Writer:
                     for i in items
                     if not i.retry and (i.key is None or (i.key in new and first[i.key] is i))
                 ]
-                report = await write_items(conn, writes, fanout, self.catalog)
+                report = await write_items(conn, writes, fanout, self.catalog, self.alerts)
             self.catalog.commit()
         except DatabaseUnavailable:
             self.catalog.discard()
@@ -626,5 +639,6 @@ def _merge(total: FlushReport, part: FlushReport) -> None:
     total.status += part.status
     total.quarantined += part.quarantined
     total.rejects += part.rejects
+    total.alerts += part.alerts
     total.seconds += part.seconds
     total.ranges.extend(part.ranges)

@@ -105,6 +105,7 @@ def render_acl(gateways: list[BrokerGateway], layout: BrokerLayout) -> str:
         f"topic read {p}/v1/+/+/telemetry",
         f"topic read {p}/v1/+/+/status",
         f"topic write {p}/v1/+/+/ack",
+        f"topic write {p}/v1/+/alerts",
     ]
     for gw in gateways:
         base = f"{p}/v1/{gw.tenant_id}/{gw.id}"

@@ -56,6 +56,18 @@ def _metric(metric: str) -> str:
     return metric
 
 
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _optional_duration(seconds: float | None) -> timedelta | None:
+    if seconds is None:
+        return None
+    if seconds <= 0:
+        raise Refused("a no-data duration must be positive")
+    return timedelta(seconds=seconds)
+
+
 def _duration(seconds: float) -> timedelta:
     if seconds < 0:
         raise Refused("a duration must not be negative")
@@ -411,6 +423,32 @@ ALERT_RULE = Kind(
             default=0.0,
             shown_default="0s",
             value="duration",
+        ),
+        Field(
+            "clear_threshold",
+            "Clears only past this value (hysteresis); default: the threshold.",
+            check=_optional_float,
+            value="float",
+            default=None,
+            nullable=True,
+            clear_help="Clear at the threshold itself again.",
+        ),
+        Field(
+            "keep_firing_for",
+            "Keeps firing this long after the condition stopped holding.",
+            check=_duration,
+            default=0.0,
+            shown_default="0s",
+            value="duration",
+        ),
+        Field(
+            "no_data_for",
+            "A no-data rule instead: fires when the metric is silent this long.",
+            check=_optional_duration,
+            default=None,
+            value="duration",
+            nullable=True,
+            clear_help="Make it a threshold rule again.",
         ),
         Field("severity", choices=SEVERITIES, default="warning", shown_default="warning"),
         Field(

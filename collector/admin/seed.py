@@ -106,14 +106,21 @@ class SeedAlertRule(_Owned):
     condition: Literal[">", ">=", "<", "<=", "==", "!="]
     threshold: float
     duration: str = "0s"
+    clear_threshold: float | None = None
+    keep_firing_for: str = "0s"
+    no_data_for: str | None = None
     severity: Literal["info", "warning", "error", "critical"] = "warning"
     device_type: str | None = None
     device: str | None = None
     enabled: bool = True
 
     def values(self) -> Row:
-        """The rule's fields, its duration in seconds."""
-        return super().values() | {"duration": parse_duration(self.duration)}
+        """The rule's fields, its durations in seconds."""
+        return super().values() | {
+            "duration": parse_duration(self.duration),
+            "keep_firing_for": parse_duration(self.keep_firing_for),
+            "no_data_for": None if self.no_data_for is None else parse_duration(self.no_data_for),
+        }
 
 
 class SeedFile(BaseModel):

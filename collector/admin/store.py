@@ -37,6 +37,7 @@ from collector.admin.kinds import (
     Kind,
     parse_uuid,
 )
+from collector.alerts.rules import RuleError, check_clear_threshold
 from collector.errors import DatabaseUnavailable
 
 Row = dict[str, Any]
@@ -503,7 +504,16 @@ class RegistryStore:
     # --- alert rules --------------------------------------------------------------------------
 
     async def _check_rule(self, given: Row, values: Row, current: Row) -> None:
-        """A rule's device must be of its device type; its metric must be one of that type's."""
+        """A rule's device must be of its device type; its metric must be one of that type's;
+        its clear threshold must be on the side where the alert clears."""
+        condition = values.get("condition", current.get("condition"))
+        threshold = values.get("threshold", current.get("threshold"))
+        clear = values.get("clear_threshold", current.get("clear_threshold"))
+        if condition is not None and threshold is not None:
+            try:
+                check_clear_threshold(condition, float(threshold), clear)
+            except RuleError as exc:
+                raise Refused(str(exc)) from None
         if "metric" not in values:
             return
         type_id = values.get("device_type_id", current.get("device_type_id"))

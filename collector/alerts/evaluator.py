@@ -9,13 +9,15 @@ times things really happened.
 Readings are evaluated in timestamp order. A reading at or before the state's last evaluated
 time (out of order: two collectors committed a gateway's consecutive batches the other way
 round, or a batch was resent after later ones were committed) cannot be stepped onto the state.
-Instead the state is rewound to its *anchor* and every stored reading after the anchor is
-evaluated again in order, which gives exactly the result in-order delivery would have given.
-The anchor is a time at which the state is known from ``raised_at`` alone (``firing`` if an
-alert is open, else ``ok``, nothing pending): the last transition, or a later reading that left
-the state quiet. No transition is ever emitted after the anchor before the rewind, so a rewind
-emits only new transitions and never takes one back. Readings at or before the anchor are
-counted as ``skipped``: they would change transitions already published.
+Instead the state is rewound to a *checkpoint* before it and every stored reading after the
+checkpoint is evaluated again in order, which gives exactly the result in-order delivery would
+have given. A checkpoint is a time at which the state is known from the open alert alone
+(``firing`` if one is open, else ``ok``, nothing pending): each transition, and a reading that
+left the state quiet ``REWIND_SPAN_US`` after the previous checkpoint; the last
+``CHECKPOINTS`` are kept. Transitions already published after the checkpoint are never taken
+back: when the re-evaluation starts with exactly them, only the transitions after them are
+new; when it would differ (the late reading changes a published transition), the late
+readings are counted as ``skipped`` and the state goes on from where it was.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from collector.alerts.rules import Rule
 Level = Literal["ok", "pending", "firing", "resolving"]
 Reading = tuple[int, float]  # (time in µs since the epoch, value)
 
-# The anchor follows a quiet state forward once it is this far behind (µs): a rewind then
-# reads at most about this much of a series' history. Out-of-order readings older than the
-# anchor are skipped (counted), so this is also how late an out-of-order reading may be.
+# A quiet state makes a checkpoint when the newest one is this far behind (µs): a rewind then
+# reads about this much of a series' history per checkpoint it goes back.
 REWIND_SPAN_US = 600 * 1_000_000
+CHECKPOINTS = 8
+Checkpoint = tuple[int, int | None]  # (time, the open alert's raised_at or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +58,34 @@ class State:
     since: int | None = None  # start of pending / resolving
     last_time: int | None = None  # the newest reading evaluated
     last_value: float | None = None
-    anchor: int | None = None  # see the module's docstring
     raised_at: int | None = None  # the open alert's time
     evaluated: int = 0
     skipped: int = 0
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # oldest first
+
+    @property
+    def anchor(self) -> int | None:
+        """The newest checkpoint's time."""
+        return self.checkpoints[-1][0] if self.checkpoints else None
+
+    def mark(self, t: int) -> None:
+        """Record a checkpoint at ``t`` (the state is quiet there)."""
+        self.checkpoints.append((t, self.raised_at))
+        del self.checkpoints[:-CHECKPOINTS]
+
+    def copy(self) -> State:
+        """An independent copy."""
+        return State(
+            self.digest,
+            self.level,
+            self.since,
+            self.last_time,
+            self.last_value,
+            self.raised_at,
+            self.evaluated,
+            self.skipped,
+            list(self.checkpoints),
+        )
 
     def quiet(self) -> bool:
         """Nothing pending or resolving: the state follows from ``raised_at`` alone."""
@@ -71,16 +98,20 @@ class Outcome:
 
     transitions: list[Transition] = field(default_factory=list)
     rewind_from: int | None = None
+    late: list[Reading] = field(default_factory=list)
+    newer: list[Reading] = field(default_factory=list)
 
 
 def _raise(state: State, t: int, value: float | None, out: list[Transition], reason: str) -> None:
-    state.level, state.since, state.raised_at, state.anchor = "firing", None, t, t
+    state.level, state.since, state.raised_at = "firing", None, t
+    state.mark(t)
     out.append(Transition("raised", t, value, t, reason))
 
 
 def _clear(state: State, t: int, value: float | None, out: list[Transition], reason: str) -> None:
     raised = state.raised_at if state.raised_at is not None else t
-    state.level, state.since, state.raised_at, state.anchor = "ok", None, None, t
+    state.level, state.since, state.raised_at = "ok", None, None
+    state.mark(t)
     out.append(Transition("cleared", t, value, raised, reason))
 
 
@@ -118,11 +149,12 @@ def step(rule: Rule, state: State, t: int, value: float, out: list[Transition]) 
         elif state.since is not None and t - state.since >= rule.keep_firing_for_us:
             _clear(state, t, value, out, "threshold")
     state.last_time, state.last_value = t, value
-    if state.anchor is None:
+    anchor = state.anchor
+    if anchor is None:
         # The state right before the first reading is known: ok.
-        state.anchor = t - 1
-    elif state.quiet() and t - state.anchor > REWIND_SPAN_US:
-        state.anchor = t
+        state.checkpoints.append((t - 1, None))
+    elif state.quiet() and t - anchor > REWIND_SPAN_US:
+        state.mark(t)
 
 
 def changed_rule(rule: Rule, state: State) -> None:
@@ -137,7 +169,8 @@ def changed_rule(rule: Rule, state: State) -> None:
     state.level = "firing" if state.raised_at is not None else "ok"
     state.since = None
     if state.last_time is not None:
-        state.anchor = state.last_time
+        # Nothing before the edit is evaluated again under the new rule.
+        state.checkpoints = [(state.last_time, state.raised_at)]
 
 
 def evaluate(rule: Rule, state: State, readings: Iterable[Reading]) -> Outcome:
@@ -149,29 +182,60 @@ def evaluate(rule: Rule, state: State, readings: Iterable[Reading]) -> Outcome:
     last = state.last_time
     if last is not None and ordered and ordered[0][0] <= last:
         late = [r for r in ordered if r[0] <= last]
-        usable = [r for r in late if state.anchor is None or r[0] > state.anchor]
-        state.skipped += len(late) - len(usable)
-        if usable and rule.no_data_us is None:
-            # The caller re-reads the stored readings after the anchor (these included).
-            outcome.rewind_from = state.anchor
+        newer = ordered[len(late) :]
+        first = late[0][0]
+        start = [c for c in state.checkpoints if c[0] < first]
+        if start and rule.no_data_us is None:
+            # The caller re-reads the stored readings after it (these included): rewind().
+            outcome.rewind_from = start[-1][0]
+            outcome.late, outcome.newer = late, newer
             return outcome
-        ordered = ordered[len(late) :]
+        state.skipped += len(late)
+        ordered = newer
     for t, value in ordered:
         step(rule, state, t, value, outcome.transitions)
     return outcome
 
 
-def rewind(rule: Rule, state: State, history: Sequence[Reading]) -> list[Transition]:
-    """Evaluate again, from the anchor, every stored reading after it (``history``, in order)."""
-    anchor = state.anchor
-    state.level = "firing" if state.raised_at is not None else "ok"
+def rewind(
+    rule: Rule,
+    state: State,
+    outcome: Outcome,
+    history: Sequence[Reading],
+    published: Sequence[tuple[str, int]],
+) -> list[Transition]:
+    """Evaluate again from the checkpoint ``outcome.rewind_from`` over ``history`` (the stored
+    readings after it, in order); ``published`` are the (kind, time) transitions already
+    emitted after it. Returns the new transitions."""
+    start = outcome.rewind_from
+    assert start is not None
+    kept = state.copy()
+    checkpoints = [c for c in state.checkpoints if c[0] <= start]
+    raised_at = checkpoints[-1][1]
+    state.checkpoints = checkpoints
+    state.raised_at = raised_at
+    state.level = "firing" if raised_at is not None else "ok"
     state.since = None
-    if anchor is not None:
-        state.last_time = anchor
+    state.last_time = start
     out: list[Transition] = []
     for t, value in history:
-        if state.last_time is not None and t <= state.last_time:
-            continue  # at or before the anchor, or the same time stored twice
+        if t <= state.last_time:
+            continue  # at or before the checkpoint, or the same time stored twice
+        step(rule, state, t, value, out)
+    again = [(x.kind, x.time) for x in out[: len(published)]]
+    if again == list(published):
+        return out[len(published) :]
+    # The late readings would change what was published: keep it, go on from where it was.
+    state.digest, state.level, state.since = kept.digest, kept.level, kept.since
+    state.last_time, state.last_value, state.raised_at = (
+        kept.last_time,
+        kept.last_value,
+        kept.raised_at,
+    )
+    state.checkpoints = kept.checkpoints
+    state.skipped += len(outcome.late)
+    out = []
+    for t, value in outcome.newer:
         step(rule, state, t, value, out)
     return out
 

@@ -63,8 +63,10 @@ class Series:
         outcome = evaluate(self.rule, self.state, readings)
         out = outcome.transitions
         if outcome.rewind_from is not None:
-            history = sorted(self.stored.items())
-            out = rewind(self.rule, self.state, [(t, v) for t, v in history])
+            start = outcome.rewind_from
+            history = [(t, v) for t, v in sorted(self.stored.items()) if t > start]
+            published = [(x.kind, x.time) for x in self.emitted if x.time > start]
+            out = rewind(self.rule, self.state, outcome, history, published)
         self.emitted.extend(out)
         return out
 
@@ -169,13 +171,22 @@ def test_out_of_order_batch_is_evaluated_as_if_in_order() -> None:
     assert kinds(in_order.emitted) == kinds(swapped.emitted) == [("raised", 12), ("cleared", 13)]
 
 
-def test_readings_older_than_the_anchor_are_skipped_and_counted() -> None:
-    """A reading before an already published transition does not rewrite it; it is counted."""
+def test_a_late_reading_that_changes_nothing_published_is_evaluated() -> None:
+    """A late reading inside a published alert only extends it: nothing to take back."""
     s = Series(rule())
     s.deliver(at((10, 90), (20, 70)))
-    out = s.deliver(at((15, 95)))
-    assert [] == out
+    assert [] == s.deliver(at((15, 95)))
+    assert 0 == s.state.skipped
+    assert [("raised", 30)] == kinds(s.deliver(at((30, 95))))
+
+
+def test_a_late_reading_that_would_change_a_published_transition_is_skipped() -> None:
+    """A late reading that would clear a published alert earlier is counted, not applied."""
+    s = Series(rule())
+    s.deliver(at((10, 90), (20, 70)))
+    assert [] == s.deliver(at((15, 60)))
     assert 1 == s.state.skipped
+    assert [("raised", 30)] == kinds(s.deliver(at((30, 95))))
 
 
 def test_edit_of_the_condition_restarts_pending_but_not_an_unrelated_edit() -> None:
@@ -238,7 +249,7 @@ def batches(draw: st.DrawFn) -> list[list[Reading]]:
 
 
 def core(state: State) -> tuple[object, ...]:
-    return (state.level, state.since, state.last_time, state.raised_at, state.anchor)
+    return (state.level, state.since, state.last_time, state.raised_at, state.checkpoints)
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,0 +1,406 @@
+"""The collector's alert engine: rules from the registry, evaluation in the writer's
+transaction, no-data checks, closing the alerts of disabled rules, publishing transitions.
+
+Rules are loaded from the metadata database at start-up (before the first batch is consumed)
+and again within a second of every ``NOTIFY sensormine_registry 'alert_rules:<id>'``. A reload
+keeps every state: a state whose rule's condition changed restarts its pending timer at its
+next reading (:func:`collector.alerts.evaluator.changed_rule`); the alerts of rules that were
+disabled, deleted or moved to another metric are closed by :meth:`AlertEngine.sweep` with the
+reason. The writer calls :meth:`AlertEngine.evaluate` inside its flush's transaction; with no
+rule on a series' (tenant, metric) that costs one dictionary lookup per series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import asyncpg
+import structlog
+
+from collector.alerts import store
+from collector.alerts.evaluator import evaluate, rewind, silence
+from collector.alerts.rules import Rule, RuleError, RuleIndex
+from collector.alerts.store import Work, to_dt, to_us
+from collector.errors import DatabaseUnavailable
+from collector.settings import AlertSettings
+
+log = structlog.get_logger("collector.alerts")
+NIL = uuid.UUID(int=0)
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+Publish = Callable[[str, bytes], Callable[[], bool]]
+
+
+class RuleSource(Protocol):
+    """Where rules and devices come from (the registry cache)."""
+
+    async def alert_rules(self) -> list[dict[str, Any]]: ...
+
+    async def devices(self, ids: Any) -> Mapping[uuid.UUID, Any]: ...
+
+
+class SeriesOfItem(Protocol):
+    """The parts of a staged series the engine reads."""
+
+    tenant_id: uuid.UUID
+    device_id: uuid.UUID
+    metric: str
+    timestamps: list[int]
+    values: list[Any]
+
+
+def now_us() -> int:
+    """The clock, in microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+def alerts_topic(prefix: str, tenant_id: uuid.UUID) -> str:
+    """``{prefix}/v1/{tenant}/alerts``: where a tenant's transitions are published."""
+    return f"{prefix}/v1/{tenant_id}/alerts"
+
+
+class AlertEngine:
+    """Rules, evaluation and the engine's own background work for one collector."""
+
+    def __init__(
+        self,
+        rules: RuleSource,
+        settings: AlertSettings,
+        *,
+        prefix: str,
+        connect_kwargs: dict[str, Any] | None = None,
+        refresh_interval: float = 300.0,
+    ) -> None:
+        self.source = rules
+        self.settings = settings
+        self.prefix = prefix
+        self._connect_kwargs = connect_kwargs
+        self.refresh_interval = refresh_interval
+        self.index = RuleIndex()
+        self.rows: dict[uuid.UUID, dict[str, Any]] = {}
+        self.problems: dict[uuid.UUID, str] = {}
+        self.loaded = False
+        self._reload = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.late_us = int(settings.late_after * 1_000_000)
+        self.evaluated_transitions = 0
+        self.published = 0
+        self.closed_by_sweep = 0
+
+    # --- rules ---------------------------------------------------------------------------------
+
+    def registry_changed(self, table: str, _ident: uuid.UUID | None) -> None:
+        """Registry listener: reload the rules after a change of ``alert_rules`` (or a gap)."""
+        if table in ("alert_rules", "*"):
+            self._reload.set()
+            self._wake.set()
+
+    async def load(self) -> None:
+        """Load every rule; keep the enabled ones that can be evaluated."""
+        rows = await self.source.alert_rules()
+        rules: list[Rule] = []
+        problems: dict[uuid.UUID, str] = {}
+        for row in rows:
+            if not row.get("enabled", True):
+                continue
+            try:
+                rules.append(Rule.from_row(row))
+            except (RuleError, KeyError, TypeError, ValueError) as exc:
+                problems[row["id"]] = str(exc)
+                log.error("alerts.rule_invalid", rule=row.get("name"), error=str(exc))
+        self.rows = {r["id"]: r for r in rows}
+        self.problems = problems
+        self.index = RuleIndex(rules)
+        self.loaded = True
+        log.info("alerts.rules_loaded", rules=len(rules), invalid=len(problems))
+
+    def _gone(self, rule_id: uuid.UUID) -> str:
+        row = self.rows.get(rule_id)
+        if row is None:
+            return "rule deleted"
+        if not row.get("enabled", True):
+            return "rule disabled"
+        return f"rule cannot be evaluated: {self.problems.get(rule_id, 'unknown')}"
+
+    # --- evaluation in the writer's transaction --------------------------------------------------
+
+    async def evaluate(
+        self,
+        conn: asyncpg.Connection,
+        items: Sequence[Any],
+        ids: Mapping[tuple[uuid.UUID, uuid.UUID, str], int],
+    ) -> int:
+        """Evaluate the readings of ``items`` (being written in ``conn``'s transaction).
+
+        Returns the number of transitions written with them.
+        """
+        index = self.index
+        if not index.rules or not self.settings.enabled:
+            return 0
+        works: dict[tuple[uuid.UUID, int], Work] = {}
+        for item in items:
+            gateway = item.gateway_id or NIL
+            for s in item.series:
+                rules = index.for_metric(s.tenant_id, s.metric)
+                if not rules:
+                    continue
+                sid = ids[(s.tenant_id, s.device_id, s.metric)]
+                readings = [
+                    (t, float(v))
+                    for t, v in zip(s.timestamps, s.values, strict=True)
+                    if type(v) is not str
+                ]
+                if not readings:
+                    continue
+                for rule in rules:
+                    if rule.device_id is not None and rule.device_id != s.device_id:
+                        continue
+                    w = works.get((rule.id, sid))
+                    if w is None:
+                        w = works[(rule.id, sid)] = Work(
+                            rule, sid, s.tenant_id, gateway, s.device_id, s.metric
+                        )
+                    w.readings.extend(readings)
+        if index.typed and works:
+            await self._by_type(works)
+        if not works:
+            return 0
+        todo = list(works.values())
+        await store.lock_states(conn, todo)
+        for w in todo:
+            assert w.state is not None
+            outcome = evaluate(w.rule, w.state, w.readings)
+            if outcome.rewind_from is None:
+                w.transitions = outcome.transitions
+            else:
+                start = outcome.rewind_from
+                stored = await store.history(conn, w.series_id, start)
+                done = await store.published(conn, w.rule.id, w.series_id, start)
+                w.transitions = rewind(w.rule, w.state, outcome, stored, done)
+                log.info(
+                    "alerts.rewound",
+                    rule=w.rule.name,
+                    series_id=w.series_id,
+                    readings=len(stored),
+                    transitions=len(w.transitions),
+                    skipped=w.state.skipped,
+                )
+        written = await store.save(conn, todo, now_us(), self.late_us)
+        self.evaluated_transitions += written
+        return written
+
+    async def _by_type(self, works: dict[tuple[uuid.UUID, int], Work]) -> None:
+        typed = [w for w in works.values() if w.rule.device_type_id is not None]
+        if not typed:
+            return
+        devices = await self.source.devices({w.device_id for w in typed})
+        for key, w in list(works.items()):
+            if w.rule.device_type_id is None:
+                continue
+            entry = devices.get(w.device_id)
+            if entry is None or entry.device_type_id != w.rule.device_type_id:
+                del works[key]
+
+    def flushed(self, report: Any) -> None:
+        """Writer hook after a commit: transitions may wait in the outbox."""
+        self._wake.set()
+
+    # --- the engine's own work --------------------------------------------------------------------
+
+    async def sweep(self, conn: asyncpg.Connection) -> int:
+        """Close the open alerts of rules no longer evaluated (disabled, deleted, other metric)."""
+        enabled = self.index.rules
+        stamp = now_us()
+        closed = 0
+        async with conn.transaction():
+            await conn.execute(
+                "DELETE FROM alert_state WHERE NOT (rule_id = ANY($1::uuid[]))", list(enabled)
+            )
+            rows = await conn.fetch(
+                "SELECT * FROM alerts WHERE cleared_at IS NULL ORDER BY id FOR UPDATE"
+            )
+            events: list[tuple[Any, ...]] = []
+            outbox: list[tuple[uuid.UUID, str]] = []
+            for r in rows:
+                rule = enabled.get(r["rule_id"])
+                if rule is not None and rule.metric == r["metric"]:
+                    continue
+                reason = (
+                    "rule changed: another metric" if rule is not None else self._gone(r["rule_id"])
+                )
+                await conn.execute(
+                    "UPDATE alerts SET cleared_at = $2, clear_reason = $3 WHERE id = $1",
+                    r["id"],
+                    to_dt(stamp),
+                    reason,
+                )
+                await conn.execute(
+                    "DELETE FROM alert_state WHERE rule_id = $1 AND series_id = $2",
+                    r["rule_id"],
+                    r["series_id"],
+                )
+                attributes = {
+                    "rule_id": str(r["rule_id"]),
+                    "rule": r["rule_name"],
+                    "metric": r["metric"],
+                    "series_id": r["series_id"],
+                    "condition": r["condition"],
+                    "threshold": r["threshold"],
+                    "value": None,
+                    "raised_at": r["raised_at"].isoformat().replace("+00:00", "Z"),
+                    "late": False,
+                    "reason": reason,
+                }
+                message = f"{r['rule_name']}: cleared ({reason})"
+                events.append(
+                    (
+                        to_dt(stamp),
+                        r["tenant_id"],
+                        r["gateway_id"],
+                        r["device_id"],
+                        "info",
+                        "alert.cleared",
+                        message,
+                        json.dumps(attributes),
+                    )
+                )
+                body = {
+                    "v": 1,
+                    "kind": "alert.cleared",
+                    "time": datetime.fromtimestamp(stamp / 1e6, UTC)
+                    .isoformat()
+                    .replace("+00:00", "Z"),
+                    "tenant_id": str(r["tenant_id"]),
+                    "gateway_id": str(r["gateway_id"]),
+                    "device_id": str(r["device_id"]),
+                    "severity": r["severity"],
+                    "message": message,
+                    **attributes,
+                }
+                outbox.append((r["tenant_id"], json.dumps(body, separators=(",", ":"))))
+                closed += 1
+                log.info("alerts.closed", rule=r["rule_name"], reason=reason, alert_id=r["id"])
+            await store.write_transitions(conn, events, outbox)
+        self.closed_by_sweep += closed
+        return closed
+
+    async def check_silence(self, conn: asyncpg.Connection) -> int:
+        """Raise the no-data alerts of series silent longer than their rule allows."""
+        stamp = now_us()
+        works: dict[tuple[uuid.UUID, int], Work] = {}
+        latest: dict[tuple[uuid.UUID, int], int] = {}
+        for rule in self.index.no_data_rules():
+            assert rule.no_data_us is not None
+            rows = await conn.fetch(
+                """
+                SELECT s.id, s.device_id, l.time FROM series s
+                JOIN series_latest l ON l.series_id = s.id
+                WHERE s.tenant_id = $1 AND s.metric = $2 AND l.time < $3
+                  AND NOT EXISTS (SELECT 1 FROM alert_state a WHERE a.rule_id = $4
+                                  AND a.series_id = s.id AND a.level = 'firing')
+                """,
+                rule.tenant_id,
+                rule.metric,
+                to_dt(stamp - rule.no_data_us),
+                rule.id,
+            )
+            if not rows:
+                continue
+            devices = await self.source.devices({r["device_id"] for r in rows})
+            for r in rows:
+                entry = devices.get(r["device_id"])
+                type_id = entry.device_type_id if entry is not None else None
+                if not rule.applies(r["device_id"], type_id):
+                    continue
+                gateway = (entry.gateway_id if entry is not None else None) or NIL
+                key = (rule.id, r["id"])
+                works[key] = Work(
+                    rule, r["id"], rule.tenant_id, gateway, r["device_id"], rule.metric
+                )
+                latest[key] = to_us(r["time"])
+        if not works:
+            return 0
+        todo = list(works.values())
+        async with conn.transaction():
+            await store.lock_states(conn, todo)
+            for w in todo:
+                assert w.state is not None
+                if w.state.last_time is None:
+                    w.state.last_time = latest[(w.rule.id, w.series_id)]
+                w.transitions = silence(w.rule, w.state, stamp)
+            written = await store.save(conn, todo, stamp, self.late_us)
+        self._wake.set()
+        return written
+
+    async def publish_outbox(self, conn: asyncpg.Connection, publish: Publish) -> int:
+        """Publish committed transitions in order (QoS 1); delete each once the broker has it."""
+        sent_total = 0
+        while True:
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    "SELECT id, tenant_id, payload::text AS payload FROM alert_outbox"
+                    " ORDER BY id LIMIT 200 FOR UPDATE SKIP LOCKED"
+                )
+                if not rows:
+                    return sent_total
+                checks = [
+                    publish(alerts_topic(self.prefix, r["tenant_id"]), r["payload"].encode())
+                    for r in rows
+                ]
+                deadline = time.monotonic() + 10.0
+                while not all(check() for check in checks):
+                    if time.monotonic() > deadline:
+                        # Rolled back: published again later (subscribers may see it twice).
+                        raise TimeoutError("the broker did not acknowledge alert transitions")
+                    await asyncio.sleep(0.01)
+                await conn.execute(
+                    "DELETE FROM alert_outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+                )
+            sent_total += len(rows)
+            self.published += len(rows)
+
+    async def run(self, stop: asyncio.Event, publish: Publish | None) -> None:
+        """Reload rules on changes, check silences, publish transitions; until ``stop``."""
+        assert self._connect_kwargs is not None
+        conn: asyncpg.Connection | None = None
+        next_refresh = time.monotonic() + self.refresh_interval
+        delay = 0.5
+        self._reload.set()  # a first sweep after start-up
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.no_data_interval)
+            self._wake.clear()
+            if stop.is_set():
+                break
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(**self._connect_kwargs)
+                if self._reload.is_set() or time.monotonic() >= next_refresh:
+                    self._reload.clear()
+                    next_refresh = time.monotonic() + self.refresh_interval
+                    await self.load()
+                    await self.sweep(conn)
+                await self.check_silence(conn)
+                if publish is not None:
+                    await self.publish_outbox(conn, publish)
+                delay = 0.5
+            except (DatabaseUnavailable, *_DB_ERRORS) as exc:
+                log.warning("alerts.failed", error=str(exc), retry_in=delay)
+                self._reload.set()  # whatever was interrupted is done again
+                if conn is not None:
+                    conn.terminate()
+                conn = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 10.0)
+                self._wake.set()
+        if conn is not None:
+            with contextlib.suppress(*_DB_ERRORS):
+                await conn.close()
