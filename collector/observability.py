@@ -1,4 +1,4 @@
-"""Prometheus metrics of the collector, and structlog configuration.
+"""Prometheus metrics of the collector (logging is set up by :mod:`service.logs`).
 
 Each :class:`Collector` has its own registry, so that several collectors can run in one process
 (tests do), and serves it on ``metrics.listen``.

@@ -20,7 +20,7 @@ import asyncpg
 from cryptography import x509
 
 from collector.admin.pki import RevokedEntry, cert_pem, fingerprint, serial_hex
-from collector.admin.store import NotFound, Refused, Row
+from collector.admin.store import ChangeRefused, NotFound, Row
 
 # Mosquitto's own default (mosquitto_passwd, Mosquitto 2.0 `PW_DEFAULT_ITERATIONS`). The
 # passwords issued here are 256 random bits, so iterations add nothing against guessing; a
@@ -138,7 +138,7 @@ async def revoke_serial(conn: asyncpg.Connection, serial: str, reason: str) -> R
     if row is None:
         raise NotFound(f"certificate with serial {serial} not found")
     if row["revoked_at"] is not None:
-        raise Refused(
+        raise ChangeRefused(
             f"certificate {text} was already revoked at {row['revoked_at']:%Y-%m-%d %H:%M:%SZ}"
         )
     await conn.execute(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
-from collector.admin.errors import Refused
+from collector.admin.errors import ChangeRefused
 
 CONDITIONS = (">", ">=", "<", "<=", "==", "!=")
 SEVERITIES = ("info", "warning", "error", "critical")
@@ -38,11 +38,11 @@ def check_name(name: str) -> str:
     """A row's name, refused when empty, too long, or looking like an id."""
     name = name.strip()
     if not name:
-        raise Refused("a name must not be empty")
+        raise ChangeRefused("a name must not be empty")
     if parse_uuid(name) is not None:
-        raise Refused(f"a name must not be a UUID ({name!r}): ids and names must stay apart")
+        raise ChangeRefused(f"a name must not be a UUID ({name!r}): ids and names must stay apart")
     if len(name) > 128:
-        raise Refused(f"name {name[:20]!r}... is longer than 128 characters")
+        raise ChangeRefused(f"name {name[:20]!r}... is longer than 128 characters")
     return name
 
 
@@ -52,7 +52,7 @@ def _as_given(value: Any) -> Any:
 
 def _metric(metric: str) -> str:
     if not metric.strip():
-        raise Refused("an alert rule needs a metric")
+        raise ChangeRefused("an alert rule needs a metric")
     return metric
 
 
@@ -64,13 +64,13 @@ def _optional_duration(seconds: float | None) -> timedelta | None:
     if seconds is None:
         return None
     if seconds <= 0:
-        raise Refused("a no-data duration must be positive")
+        raise ChangeRefused("a no-data duration must be positive")
     return timedelta(seconds=seconds)
 
 
 def _duration(seconds: float) -> timedelta:
     if seconds < 0:
-        raise Refused("a duration must not be negative")
+        raise ChangeRefused("a duration must not be negative")
     return timedelta(seconds=seconds)
 
 
@@ -110,7 +110,7 @@ class Field:
     def checked(self, value: Any) -> Any:
         """``value`` as the column holds it; refused with the reason when it is not allowed."""
         if self.choices and value not in self.choices:
-            raise Refused(f"{self.name} {value!r} is not one of {', '.join(self.choices)}")
+            raise ChangeRefused(f"{self.name} {value!r} is not one of {', '.join(self.choices)}")
         return self.check(value)
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import asyncpg
 
 from collector.admin.errors import AdminError as AdminError
+from collector.admin.errors import ChangeRefused as ChangeRefused
 from collector.admin.errors import NotFound as NotFound
-from collector.admin.errors import Refused as Refused
 from collector.admin.kinds import (
     ALERT_RULE,
     DEVICE_TYPE,
@@ -51,7 +51,7 @@ def new_id(given: str | uuid.UUID | None) -> uuid.UUID:
         return given
     parsed = parse_uuid(given)
     if parsed is None:
-        raise Refused(f"--id {given!r} is not a UUID")
+        raise ChangeRefused(f"--id {given!r} is not a UUID")
     return parsed
 
 
@@ -116,7 +116,7 @@ class RegistryStore:
             where = f" in tenant {await self._tenant_name(tenant_id)}" if scoped else ""
             raise NotFound(f"{kind.label} {ref} not found{where}")
         if len(records) > 1:
-            raise Refused(
+            raise ChangeRefused(
                 f"{kind.label} name {ref!r} is used in {len(records)} tenants; give its id or --tenant"
             )
         return _row(records[0])
@@ -141,7 +141,7 @@ class RegistryStore:
         """Resolve ``ref`` and refuse it when it belongs to another tenant than ``tenant_id``."""
         row = await self.resolve(kind, ref, tenant_id)
         if row["tenant_id"] != tenant_id:
-            raise Refused(
+            raise ChangeRefused(
                 f"{kind.label} {ref} belongs to tenant {await self._tenant_name(row['tenant_id'])}, "
                 f"not to tenant {await self._tenant_name(tenant_id)}"
             )
@@ -236,7 +236,7 @@ class RegistryStore:
         for field in kind.fields:
             if field.name not in given:
                 if field.default is REQUIRED:
-                    raise Refused(f"a {kind.label} needs {field.flag}")
+                    raise ChangeRefused(f"a {kind.label} needs {field.flag}")
                 given[field.name] = field.default
         async with self.conn.transaction():
             row: Row = {"id": new_id(id)}
@@ -262,7 +262,7 @@ class RegistryStore:
         """
         for name in given:
             if not kind.field(name).updatable:
-                raise Refused(f"the {name} of a {kind.label} is set when it is created")
+                raise ChangeRefused(f"the {name} of a {kind.label} is set when it is created")
         async with self.conn.transaction():
             before = _row(
                 await self.conn.fetchrow(
@@ -291,7 +291,7 @@ class RegistryStore:
                 owned = await self.show(TENANT, str(row["id"]))
                 counts = [f"{owned[t]} {t.replace('_', ' ')}" for t in OWNED_BY_TENANT if owned[t]]
                 if counts:
-                    raise Refused(
+                    raise ChangeRefused(
                         f"tenant {ref} still owns {', '.join(counts)}; delete those first "
                         "(or disable the tenant instead)"
                     )
@@ -299,7 +299,7 @@ class RegistryStore:
                 names = await self._names_of(dependent.query, row["id"])
                 if names:
                     refusal = dependent.refusal.format(n=len(names), names=_names(names))
-                    raise Refused(f"{kind.label} {ref} {refusal}")
+                    raise ChangeRefused(f"{kind.label} {ref} {refusal}")
             # No foreign keys, so no cascade: what belongs to the row goes explicitly.
             for table, column in kind.cascade:
                 await self.conn.execute(f"DELETE FROM {table} WHERE {column} = $1", row["id"])
@@ -333,11 +333,13 @@ class RegistryStore:
         return _row(record)
 
     @staticmethod
-    def _unique_refusal(kind: Kind, values: Row, exc: asyncpg.UniqueViolationError) -> Refused:
+    def _unique_refusal(
+        kind: Kind, values: Row, exc: asyncpg.UniqueViolationError
+    ) -> ChangeRefused:
         if str(exc.constraint_name).endswith("_pkey"):
-            return Refused(f"{kind.label} {values.get('id')} already exists")
+            return ChangeRefused(f"{kind.label} {values.get('id')} already exists")
         scope = "" if kind is TENANT else " in this tenant"
-        return Refused(f"{kind.label} name {values.get('name')!r} is already used{scope}")
+        return ChangeRefused(f"{kind.label} name {values.get('name')!r} is already used{scope}")
 
     # --- gateways -----------------------------------------------------------------------------
 
@@ -513,7 +515,7 @@ class RegistryStore:
             try:
                 check_clear_threshold(condition, float(threshold), clear)
             except RuleError as exc:
-                raise Refused(str(exc)) from None
+                raise ChangeRefused(str(exc)) from None
         if "metric" not in values:
             return
         type_id = values.get("device_type_id", current.get("device_type_id"))
@@ -523,7 +525,7 @@ class RegistryStore:
                 "SELECT device_type_id FROM devices WHERE id = $1", device_id
             )
             if "device_id" in values and type_id is not None and device_type != type_id:
-                raise Refused(
+                raise ChangeRefused(
                     f"device {given['device']} is not of device type {given['device_type']}"
                 )
             type_id = type_id or device_type
@@ -540,7 +542,7 @@ class RegistryStore:
         properties = schema["json_schema"].get("properties", {})
         metric = values["metric"]
         if metric not in properties and schema["json_schema"].get("additionalProperties") is False:
-            raise Refused(
+            raise ChangeRefused(
                 f"metric {metric!r} is not a metric of device type {type_row['name']} "
                 f"(its schema version {schema['version']} has: {', '.join(sorted(properties))})"
             )
