@@ -16,6 +16,8 @@ import structlog
 
 from collector import __version__, layout, migrations
 from collector.admin.cli import register as register_admin
+from collector.api.command import api as api_command
+from collector.api.tokens_cli import tokens as tokens_group
 from collector.doctor.command import doctor
 from collector.errors import CollectorError
 from collector.filecheck import check_files, current_account, default_account, find_account
@@ -328,6 +330,10 @@ register_admin(main)
 
 # Frames of a prefix, tenant or gateway, decoded.
 main.add_command(watch)
+
+# The query API and status page, and its per-tenant tokens.
+main.add_command(api_command)
+main.add_command(tokens_group)
 
 # Data lifecycle report: edition, chunks, jobs, ingest lag, ledger, rejects, broker.
 main.add_command(doctor)

@@ -15,6 +15,9 @@ COLLECTOR_MODULES = {
     "asyncpg": "asyncpg",
     "jsonschema": "jsonschema",
     "cryptography": "cryptography",
+    "fastapi": "fastapi",
+    "uvicorn": "uvicorn",
+    "plotly": "plotly",
 }
 
 

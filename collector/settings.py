@@ -281,6 +281,30 @@ class MetricsSettings(_Section):
     listen: Listen = "127.0.0.1:9464"
 
 
+class ApiSettings(_Section):
+    """The query API and status page (``sensormine-collector api``).
+
+    ``timeseries_replicas`` and ``metadata_replicas`` are streaming replicas the API reads from
+    (tried in order, the primary when none answers), so queries never compete with ingest; they
+    use the primary's password settings.
+    """
+
+    listen: Listen = "127.0.0.1:8080"
+    max_points: int = Field(default=5000, ge=10, le=100_000)
+    max_range: PositiveDuration = 400 * 86400.0
+    max_devices: int = Field(default=50_000, ge=1, le=1_000_000)
+    pool_size: int = Field(default=10, ge=1, le=200)
+    timeseries_replicas: list[str] = Field(default_factory=list)
+    metadata_replicas: list[str] = Field(default_factory=list)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_required(cls, value: str) -> str:
+        if not value:
+            raise ValueError("the API needs an address to listen on, e.g. '127.0.0.1:8080'")
+        return value
+
+
 class Settings(_Section):
     """The whole collector configuration."""
 
@@ -295,6 +319,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
+    api: ApiSettings = ApiSettings()
     drain_deadline: PositiveDuration = 20.0
     migrate_on_start: bool = True
 

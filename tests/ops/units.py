@@ -19,6 +19,7 @@ UNITS = (
     "sensormine-agent.service",
     "sensormine-collector.service",
     "sensormine-collector@.service",
+    "sensormine-api.service",
 )
 HOST_UNIT_LIBRARY = next(
     (p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()),
