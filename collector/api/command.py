@@ -11,9 +11,9 @@ import structlog
 import uvicorn
 
 from collector.errors import CollectorError
+from collector.settings import DEFAULT_CONFIG_PATH, load_settings
 from service.logs import configure_logging
 from service.systemd import Notifier
-from collector.settings import DEFAULT_CONFIG_PATH, load_settings
 
 log = structlog.get_logger("collector.api")
 

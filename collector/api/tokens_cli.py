@@ -17,8 +17,8 @@ import click
 
 from collector.api import tokens as store
 from collector.errors import CollectorError
-from service.config import parse_duration
 from collector.settings import DEFAULT_CONFIG_PATH, load_settings
+from service.config import parse_duration
 
 T = TypeVar("T")
 
