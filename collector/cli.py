@@ -16,6 +16,8 @@ import structlog
 
 from collector import __version__, layout, migrations
 from collector.admin.cli import register as register_admin
+from collector.alerts.report import alert_report
+from collector.alerts.report import render as render_alerts
 from collector.api.command import api as api_command
 from collector.api.tokens_cli import tokens as tokens_group
 from collector.doctor.command import doctor
@@ -201,6 +203,7 @@ async def read_status(settings: Settings) -> dict[str, Any]:
             "SELECT reason, count(*) AS batches, coalesce(sum(points), 0) AS points FROM ingest_rejects GROUP BY reason ORDER BY reason"
         )
         doubled = await concurrent_streams(conn)
+        alerts = await _alerts(settings, conn)
     finally:
         await conn.close()
     names = await fetch_names(settings)
@@ -239,14 +242,27 @@ async def read_status(settings: Settings) -> dict[str, Any]:
             for r in rejects
         ],
         "concurrent_streams": doubled,
+        "alerts": alerts,
     }
+
+
+async def _alerts(settings: Settings, ts: asyncpg.Connection) -> dict[str, Any] | None:
+    """The alert section, or ``None`` when the metadata database cannot be read."""
+    try:
+        meta = await asyncpg.connect(**db_kwargs(settings, "metadata"))
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return None
+    try:
+        return await alert_report(meta, ts)
+    finally:
+        await meta.close()
 
 
 @main.command()
 @_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(config_path: Path, as_json: bool) -> None:
-    """Show ledger totals, the last batch of each gateway and rejects by reason."""
+    """Show ledger totals, the last batch of each gateway, rejects by reason and open alerts."""
     settings = _load(config_path)
     try:
         report = asyncio.run(read_status(settings))
@@ -281,6 +297,11 @@ def status(config_path: Path, as_json: bool) -> None:
     click.echo("refused by reason:")
     for r in report["rejects"]:
         click.echo(f"  {r['reason']:<26} {r['messages']} messages, {r['points']} readings")
+    if report["alerts"] is None:
+        click.echo("alerts: unknown (the metadata database cannot be reached)")
+    else:
+        for line in render_alerts(report["alerts"]):
+            click.echo(line)
 
 
 def _named(name: str | None, ident: str) -> str:

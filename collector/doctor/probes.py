@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 
 from collector import layout, migrations
+from collector.alerts.report import alert_report
 from collector.errors import CollectorError
 from collector.lifecycle.compression import LAYOUT as COMPRESSED_TABLES
 from collector.lifecycle.compression import horizons as compression_ages
@@ -602,6 +603,23 @@ async def _quarantine(ctx: Context) -> None:
                 f"quarantine: {scope['scope']} {scope['id']} holds {scope['bytes']} of its"
                 f" {scope['quota']}-byte quota (sensormine-collector quarantine list)"
             )
+
+
+@probe("alerts")
+async def _alerts(ctx: Context) -> None:
+    """Open alerts; rules that reference unknown metrics, were never evaluated, or skipped
+    readings; transitions stuck in the outbox."""
+    try:
+        meta = await asyncpg.connect(**_db_kwargs(ctx.settings, "metadata"))
+    except _DB_ERRORS as exc:
+        ctx.report.problems.append(f"alerts: cannot read the rules: {exc}")
+        return
+    try:
+        section = await alert_report(meta, ctx.conn)
+    finally:
+        await meta.close()
+    ctx.report.problems.extend(section.pop("problems"))
+    ctx.report.data["alerts"] = section
 
 
 def check_broker(settings: Settings, timeout: float) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from collector.alerts.report import render as render_alerts
+
 
 def _retention(r: dict[str, Any]) -> list[str]:
     state = "on" if r["enabled"] else "off"
@@ -127,6 +129,8 @@ def render(report: dict[str, Any]) -> str:
             out.append(
                 f"  {reason:<26} {r['rows']} rows, {r['points']} readings, oldest {r['oldest_days']} days"
             )
+    if "alerts" in report:
+        out.extend(render_alerts({**report["alerts"], "problems": []}))
     b = report.get("broker")
     if b:
         if not b["reachable"]:

@@ -37,6 +37,7 @@ from tests.collector.conftest import (
 from tests.services import SYSTEM_MQTT
 
 S = 1_000_000
+PROTOCOL_DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 
 async def add_rule(dbs: Databases, **fields: Any) -> uuid.UUID:
@@ -199,6 +200,16 @@ async def test_rule_raises_and_clears_with_events_alerts_and_publication(dbs: Da
     )
     assert ["alert.raised", "alert.cleared"] == [m["kind"] for m in published]
     assert str(fleet.devices[0]) == published[0]["device_id"]
+    # The published JSON has exactly the fields docs/protocol.md shows.
+    doc = PROTOCOL_DOC.read_text()
+    section = doc[doc.index("## Alert transitions") :]
+    example = json.loads(section[section.index("```json") + 7 : section.index("```\n", 20)])
+    assert sorted(example) == sorted(published[0])
+    assert (31.0, str(rid), "threshold") == (
+        published[0]["value"],
+        published[0]["rule_id"],
+        published[0]["reason"],
+    )
 
 
 async def test_a_redelivered_batch_changes_nothing(dbs: Databases) -> None:
@@ -460,3 +471,47 @@ async def test_collector_sigkilled_mid_stream_neither_loses_nor_repeats_a_transi
     got = await transitions(dbs)
     assert expected(rule, batches) == got
     assert len(got) == len(set(got))
+
+
+async def test_status_and_doctor_show_alerts_and_rules_that_cannot_work(
+    dbs: Databases, tmp_path: Path
+) -> None:
+    """``status`` lists the open alert; ``doctor`` names the rule on an unknown metric and the
+    old rule that was never evaluated."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    await add_rule(dbs, device_type_id=fleet.device_type)
+    await add_rule(dbs, name="typo", metric="temprature")
+    await add_rule(dbs, name="quiet", metric="humidity", threshold=99.0)
+    await dbs.meta("UPDATE alert_rules SET created_at = now() - interval '2 hours'")
+    p = f"al{uuid.uuid4().hex[:8]}"
+    settings = collector_settings(dbs, *SYSTEM_MQTT, p)
+    async with running(settings):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            b = batch_of(dbs, 0, uuid.uuid4(), now_us() - 10 * S, [40.0, 41.0])
+            await asyncio.to_thread(deliver_all, gw, [b])
+    config = tmp_path / "collector.toml"
+    _config(config, dbs, p)
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "collector", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert 0 == status.returncode, status.stderr
+    assert "alerts: 1 open; 3 rules enabled (0 disabled)" in status.stdout
+    assert "warning  hot: dev0 temperature = 40.0 since" in status.stdout
+    doctor = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "collector", "doctor", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(doctor.stdout)
+    problems = [x for x in report["problems"] if x.startswith("alert rule")]
+    assert [
+        "alert rule acme/quiet: never evaluated in 2 h: no device in its scope has sent 'humidity'",
+        "alert rule acme/typo: metric 'temprature' is not a metric of any device type in its"
+        " scope (the schemas do not admit it): it can never fire",
+    ] == sorted(problems)
+    assert 1 == len(report["alerts"]["open"])
