@@ -16,6 +16,7 @@ import pytest
 
 from collector import layout, migrations
 from collector.lifecycle.rollups import rollup
+from tests.lifecycle.conftest import needs_tsl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -250,5 +251,34 @@ async def test_a_new_database_has_nothing_to_move(scratch_db: str) -> None:
     try:
         assert not await layout.pending(conn)
         assert {"pending": False, "rows_moved": 0} == await layout.move(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.tsl
+@needs_tsl
+async def test_compressed_chunks_of_the_first_layout_are_moved_too(scratch_db: str) -> None:
+    """TSL: chunks the first release compressed (segmented by device and metric) are decompressed
+    one at a time and moved like the others; every reading arrives."""
+    readings = _first_release_readings(days=3, step=timedelta(minutes=5))
+    await _first_release_database(scratch_db, readings)
+    conn = await asyncpg.connect(scratch_db)
+    try:
+        await conn.execute(
+            "ALTER TABLE telemetry SET (timescaledb.compress, "
+            "timescaledb.compress_segmentby = 'device_id, metric', "
+            "timescaledb.compress_orderby = 'time DESC')"
+        )
+        compressed = await conn.fetch(
+            "SELECT compress_chunk(c) FROM show_chunks('telemetry', older_than => now() - interval '1 day') c"
+        )
+        assert len(compressed) >= 2
+        await migrations.apply(scratch_db, "timeseries")
+        done = await layout.move(conn, slice_blocks=10)
+        assert not done["pending"]
+        moved = await conn.fetch(
+            "SELECT tenant_id, device_id, metric, time, value, value_text FROM readings"
+        )
+        assert sorted(map(_key, readings)) == sorted(map(_key, moved))
     finally:
         await conn.close()
