@@ -1,4 +1,5 @@
-"""Pieces the built-in input kinds share: duration fields, device identity, status tracking.
+"""Pieces the built-in input kinds share: duration fields, device identity, status tracking, and
+the poll cycle of an input that reads its devices on an interval (:class:`PolledInput`).
 
 Kept beside ``base.py`` rather than in it because ``base.py`` is the runtime contract; these are
 conveniences for writing an input and an input kind may ignore them.
@@ -10,8 +11,10 @@ import asyncio
 import math
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from agent.inputs.base import DeviceState, Emitter
+from agent.inputs.base import DeviceState, Emitter, ProbeResult
 from service.config import parse_duration
 
 log = structlog.get_logger(__name__)
@@ -118,6 +121,78 @@ class StatusTracker:
                 device_id=device_id,
                 attributes={"input": self._input},
             )
+
+
+@dataclass
+class DeviceRead:
+    """What one read of one device produced: readings, problems (none: it answered), and when
+    (``stamp`` 0: the time the round of reads ended)."""
+
+    readings: dict[str, bool | int | float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    stamp: int = 0
+
+
+class PolledInput(ABC):
+    """An input that reads all its devices every ``interval``: the poll cycle and ``probe``.
+
+    A subclass sets ``interval`` and ``devices`` (id and name of each device, in the order they
+    are reported), reads them all once (:meth:`_read_round`) and releases what a round holds
+    (:meth:`_close`). Each round emits
+    every reading, puts a device with problems in ``error`` with them (its readings still count)
+    and the others ``online``, and reports how long the round took.
+    """
+
+    name: str
+    interval: float
+    devices: list[tuple[uuid.UUID, str]]
+    _status: StatusTracker
+
+    @abstractmethod
+    async def _read_round(self, probing: bool) -> dict[uuid.UUID, DeviceRead]:
+        """Read every device once (``probing``: for ``inputs test``, not the running agent)."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release connections or threads; the next round opens them again."""
+
+    async def run(self, emit: Emitter) -> None:
+        """Read every device each ``interval`` until cancelled."""
+
+        async def cycle() -> None:
+            started = time.perf_counter()
+            results = await self._read_round(probing=False)
+            stamp = now_us()
+            for device_id, _name in self.devices:
+                result = results[device_id]
+                for metric, value in result.readings.items():
+                    emit.reading(device_id, metric, value, result.stamp or stamp)
+                if result.problems:
+                    self._status.error(emit, device_id, "; ".join(result.problems))
+                else:
+                    self._status.online(emit, device_id)
+            emit.read_duration(time.perf_counter() - started)
+
+        try:
+            await run_every(self.interval, cycle)
+        finally:
+            self._close()
+
+    async def probe(self) -> list[ProbeResult]:
+        """Read every device once."""
+        try:
+            results = await self._read_round(probing=True)
+        finally:
+            self._close()
+        return [
+            ProbeResult(
+                device_id,
+                name,
+                readings=dict(results[device_id].readings),
+                error="; ".join(results[device_id].problems) or None,
+            )
+            for device_id, name in self.devices
+        ]
 
 
 async def run_every(interval: float, cycle: Callable[[], Awaitable[None]]) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass, field
+import uuid
 from typing import Any
 
 import structlog
@@ -13,8 +12,8 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusException
 
-from agent.inputs.base import Emitter, InputContext, ProbeResult
-from agent.inputs.common import ProblemLog, StatusTracker, now_us, run_every
+from agent.inputs.base import InputContext
+from agent.inputs.common import DeviceRead, PolledInput, ProblemLog, StatusTracker, now_us
 from agent.inputs.modbus.config import ModbusConfig, ModbusDevice
 from agent.inputs.modbus.registers import Request, decode_request, plan_requests
 
@@ -37,15 +36,6 @@ class ModbusReadError(Exception):
         self.answered = answered
 
 
-@dataclass
-class DeviceRead:
-    """What one read of one device produced."""
-
-    readings: dict[str, bool | int | float] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    stamp: int = 0
-
-
 def _exception_name(code: int) -> str:
     try:
         return ExcCodes(code).name.lower().replace("_", " ")
@@ -53,7 +43,7 @@ def _exception_name(code: int) -> str:
         return "unknown exception"
 
 
-class ModbusInput:
+class ModbusInput(PolledInput):
     """Reads every device once per interval; requests on the shared link are serialised."""
 
     def __init__(self, config: ModbusConfig, context: InputContext) -> None:
@@ -61,6 +51,8 @@ class ModbusInput:
         self.name = config.name
         self._config = config
         self._status = StatusTracker(config.name)
+        self.interval = config.interval
+        self.devices = [(device.id, device.name) for device in config.devices]
         self._problems = ProblemLog("modbus", config.name)
         self._plans = {
             device.id: plan_requests(device.fields, config.max_span, config.max_gap)
@@ -211,46 +203,9 @@ class ModbusInput:
         result.stamp = now_us()
         return result
 
-    async def _read_all(self) -> dict[Any, DeviceRead]:
+    async def _read_round(self, probing: bool) -> dict[uuid.UUID, DeviceRead]:
         self._sent_any = False
         failure = await self._connect()
         if failure is not None:
             return {device.id: DeviceRead(problems=[failure]) for device in self._config.devices}
         return {device.id: await self._read_device(device) for device in self._config.devices}
-
-    async def run(self, emit: Emitter) -> None:
-        """Poll every device each ``interval`` until cancelled."""
-
-        async def cycle() -> None:
-            started = time.perf_counter()
-            results = await self._read_all()
-            for device in self._config.devices:
-                result = results[device.id]
-                for metric, value in result.readings.items():
-                    emit.reading(device.id, metric, value, result.stamp)
-                if result.problems:
-                    self._status.error(emit, device.id, "; ".join(result.problems))
-                else:
-                    self._status.online(emit, device.id)
-            emit.read_duration(time.perf_counter() - started)
-
-        try:
-            await run_every(self._config.interval, cycle)
-        finally:
-            self._close()
-
-    async def probe(self) -> list[ProbeResult]:
-        """Read every device once over a fresh connection."""
-        try:
-            results = await self._read_all()
-        finally:
-            self._close()
-        return [
-            ProbeResult(
-                device.id,
-                device.name,
-                readings=dict(results[device.id].readings),
-                error="; ".join(results[device.id].problems) or None,
-            )
-            for device in self._config.devices
-        ]

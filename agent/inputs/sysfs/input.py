@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from agent.inputs.base import Emitter, InputContext, ProbeResult
-from agent.inputs.common import StatusTracker, now_us, run_every
+from agent.inputs.base import InputContext
+from agent.inputs.common import DeviceRead, PolledInput, StatusTracker
 from agent.inputs.sysfs.config import SysfsConfig, SysfsDevice
 from agent.inputs.sysfs.reader import SysfsReadError, read_device
 
@@ -22,7 +21,7 @@ log = structlog.get_logger(__name__)
 MAX_THREADS = 4
 
 
-class SysfsInput:
+class SysfsInput(PolledInput):
     """Reads every configured device each interval; a slow or stuck file never blocks the loop."""
 
     def __init__(self, config: SysfsConfig, context: InputContext) -> None:
@@ -30,6 +29,8 @@ class SysfsInput:
         self.name = config.name
         self._config = config
         self._status = StatusTracker(config.name)
+        self.interval = config.interval
+        self.devices = [(device.id, device.name) for device in config.devices]
         # Blocking reads go to threads of this input alone, so a 1-wire bus that hangs in the
         # kernel cannot occupy the default executor that other inputs rely on.
         self._pool: ThreadPoolExecutor | None = None
@@ -62,44 +63,17 @@ class SysfsInput:
                 f"read took longer than {self._config.timeout:g}s (timeout)"
             ) from None
 
-    async def _read_all(self) -> list[dict[str, float] | BaseException]:
-        return await asyncio.gather(
+    async def _read_round(self, probing: bool) -> dict[uuid.UUID, DeviceRead]:
+        results = await asyncio.gather(
             *(self._read(device) for device in self._config.devices), return_exceptions=True
         )
-
-    async def run(self, emit: Emitter) -> None:
-        """Read all devices every ``interval`` until cancelled."""
-
-        async def cycle() -> None:
-            started = time.perf_counter()
-            results = await self._read_all()
-            stamp = now_us()
-            for device, result in zip(self._config.devices, results, strict=True):
-                if isinstance(result, SysfsReadError):
-                    self._status.error(emit, device.id, str(result))
-                elif isinstance(result, BaseException):
-                    self._status.error(emit, device.id, f"{type(result).__name__}: {result}")
-                else:
-                    for metric, value in result.items():
-                        emit.reading(device.id, metric, value, stamp)
-                    self._status.online(emit, device.id)
-            emit.read_duration(time.perf_counter() - started)
-
-        try:
-            await run_every(self._config.interval, cycle)
-        finally:
-            self._close()
-
-    async def probe(self) -> list[ProbeResult]:
-        """Read every device once."""
-        try:
-            results = await self._read_all()
-        finally:
-            self._close()
-        report = []
+        reads = {}
         for device, result in zip(self._config.devices, results, strict=True):
             if isinstance(result, BaseException):
-                report.append(ProbeResult(device.id, device.name, error=str(result)))
+                # The running agent names an unexpected failure's type; inputs test says it plainly.
+                plain = probing or isinstance(result, SysfsReadError)
+                why = str(result) if plain else f"{type(result).__name__}: {result}"
+                reads[device.id] = DeviceRead(problems=[why])
             else:
-                report.append(ProbeResult(device.id, device.name, readings=dict(result)))
-        return report
+                reads[device.id] = DeviceRead(readings=dict(result))
+        return reads

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from agent.inputs.base import Emitter, InputContext, ProbeResult
-from agent.inputs.common import StatusTracker, finite_or_none, now_us, run_every
+from agent.inputs.base import InputContext
+from agent.inputs.common import DeviceRead, PolledInput, StatusTracker, finite_or_none
 from agent.inputs.system.collect import (
     Collected,
     CpuTimes,
@@ -41,7 +42,7 @@ def _own_rss() -> int:
         return 0
 
 
-class SystemInput:
+class SystemInput(PolledInput):
     """Reports the host's health as readings of one device (the gateway by default)."""
 
     def __init__(self, config: SystemConfig, context: InputContext) -> None:
@@ -51,6 +52,8 @@ class SystemInput:
         self._context = context
         self.device_id = config.device_id or context.gateway_id
         self._status = StatusTracker(config.name)
+        self.interval = config.interval
+        self.devices = [(self.device_id, config.device_name)]
         self._cpu: CpuTimes | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: asyncio.Future[Collected] | None = None
@@ -135,37 +138,6 @@ class SystemInput:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    async def run(self, emit: Emitter) -> None:
-        """Report the host's health every ``interval`` until cancelled."""
-
-        async def cycle() -> None:
-            started = time.perf_counter()
-            result = await self._collect()
-            stamp = now_us()
-            for metric, value in result.readings.items():
-                emit.reading(self.device_id, metric, value, stamp)
-            if result.problems:
-                self._status.error(emit, self.device_id, "; ".join(result.problems))
-            else:
-                self._status.online(emit, self.device_id)
-            emit.read_duration(time.perf_counter() - started)
-
-        try:
-            await run_every(self._config.interval, cycle)
-        finally:
-            self._close()
-
-    async def probe(self) -> list[ProbeResult]:
-        """Collect once."""
-        try:
-            result = await self._collect(sample_first=True)
-        finally:
-            self._close()
-        return [
-            ProbeResult(
-                self.device_id,
-                self._config.device_name,
-                readings=dict(result.readings),
-                error="; ".join(result.problems) or None,
-            )
-        ]
+    async def _read_round(self, probing: bool) -> dict[uuid.UUID, DeviceRead]:
+        result = await self._collect(sample_first=probing)
+        return {self.device_id: DeviceRead(dict(result.readings), list(result.problems))}
