@@ -6,7 +6,8 @@ inputs (``gateways provision``), writes the broker's configuration from the regi
 sync``) and starts a private Mosquitto with it (TLS only, each gateway confined to its topics,
 not an open broker), then a collector and two agents as real processes. It lets them run for
 ``DEMO_SECONDS`` (default 30), stops them gracefully (SIGTERM: agents drain their buffers, the
-collector commits and acks), and prints what TimescaleDB holds. Its last line is
+collector commits and acks), and prints what TimescaleDB holds, then the alerts the demo seed's
+rules raised and cleared (``alerts: raised=<n> cleared=<m>``). Its last line is
 ``demo: produced=<n> stored=<m> quarantined=<q> rejected=<k> duplicates=<d>``; it exits 0 only when every
 produced reading is stored exactly once.
 
@@ -424,6 +425,10 @@ class LocalSystem:
                 "SELECT count(*) FROM (SELECT DISTINCT device_id, metric, time FROM readings) AS d"
             )
             rejected = await conn.fetchval("SELECT coalesce(sum(points), 0) FROM ingest_rejects")
+            raised = await conn.fetchval("SELECT count(*) FROM events WHERE kind = 'alert.raised'")
+            cleared = await conn.fetchval(
+                "SELECT count(*) FROM events WHERE kind = 'alert.cleared'"
+            )
             quarantined = await conn.fetchval("SELECT coalesce(sum(points), 0) FROM quarantine")
         finally:
             await conn.close()
@@ -432,6 +437,8 @@ class LocalSystem:
             "quarantined": int(quarantined),
             "rejected": int(rejected),
             "duplicates": int(stored - distinct),
+            "alerts_raised": int(raised),
+            "alerts_cleared": int(cleared),
         }
 
     async def summary(self, seconds: float) -> list[str]:
@@ -464,6 +471,10 @@ class LocalSystem:
             held = await ts.fetch(
                 "SELECT reason, sum(points) AS points FROM quarantine GROUP BY reason ORDER BY 2 DESC"
             )
+            alerts = await ts.fetch(
+                "SELECT rule_name, count(*) AS raised, count(cleared_at) AS cleared,"
+                " min(raised_at) AS first FROM alerts GROUP BY rule_name ORDER BY rule_name"
+            )
         finally:
             await ts.close()
         lines = ["", "rows per device type:"]
@@ -487,6 +498,14 @@ class LocalSystem:
         )
         lines += ["", "refused by reason:"] + (
             [f"  {r['reason']:<24} {r['points']}" for r in rejects] or ["  (none)"]
+        )
+        lines += ["", "alerts per rule (sensormine-collector status; docs/alerts.md):"] + (
+            [
+                f"  {r['rule_name']:<24} raised {r['raised']}, cleared {r['cleared']},"
+                f" first at {r['first'].time().isoformat(timespec='seconds')}"
+                for r in alerts
+            ]
+            or ["  (none)"]
         )
         lines += ["", "More queries to try: docs/data-model.md (psql " + self.timeseries_dsn + ")"]
         return lines
@@ -547,6 +566,7 @@ def main() -> int:
         and produced > 0
         and not any(codes.values())
     )
+    print(f"alerts: raised={counts['alerts_raised']} cleared={counts['alerts_cleared']}")
     print(
         f"demo: produced={produced} stored={counts['stored']}"
         f" quarantined={counts['quarantined']} rejected={counts['rejected']}"

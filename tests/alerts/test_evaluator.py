@@ -19,6 +19,7 @@ from collector.alerts.evaluator import (
     evaluate,
     rewind,
     silence,
+    step,
 )
 from collector.alerts.rules import Rule, RuleError, RuleIndex
 
@@ -318,3 +319,33 @@ def test_raises_only_on_breaches_and_clears_only_past_the_clear_threshold(
                 v for t, v in readings.items() if tr.time - r.keep_firing_for_us <= t <= tr.time
             ]
             assert not any(r.holds(v) for v in held)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rules, batches())
+def test_whole_batches_give_what_reading_by_reading_stepping_gives(
+    r: Rule, parts: list[list[Reading]]
+) -> None:
+    """The batch fast path (nothing can change the level) is exactly per-reading stepping."""
+    s = Series(r)
+    for part in parts:
+        s.deliver(part)
+    reference = State(r.digest)
+    out: list[Transition] = []
+    for t, v in sorted(x for p in parts for x in p):
+        step(r, reference, t, v, out)
+    assert kinds(out) == kinds(s.emitted)
+    assert core(reference) == core(s.state)
+
+
+def test_the_fast_path_marks_checkpoints_like_stepping() -> None:
+    """A quiet hour in one batch leaves the checkpoints a reading-by-reading pass leaves."""
+    r = rule()
+    s = Series(r)
+    s.deliver(at((0, 20)))
+    s.deliver([(t * S, 20.0) for t in range(1, 3600)])
+    reference = State(r.digest)
+    for t in range(3600):
+        step(r, reference, t * S, 20.0, [])
+    assert reference.checkpoints == s.state.checkpoints
+    assert len(s.state.checkpoints) > 2
