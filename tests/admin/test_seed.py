@@ -31,7 +31,7 @@ EXPECTED = {
     "device_type_versions": 3,
     "audit_rows": 3,
     "devices": 20,
-    "alert_rules": 2,
+    "alert_rules": 4,
 }
 SNAPSHOT = """
 SELECT 'tenant' AS kind, id, name, updated_at FROM tenants
