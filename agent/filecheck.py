@@ -17,274 +17,39 @@ the system image under that directory, and the account comes from its ``etc/pass
 from __future__ import annotations
 
 import os
-import pwd
 import stat
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 from agent.inputs.base import NamedPath
 from agent.settings import Settings, input_label
+from service import files
+from service.files import (
+    EXEC,
+    READ,
+    WRITE,
+    Account,
+    FileChecker,
+    FileProblem,
+    paths_in,
+)
 
-SERVICE_USER = "sensormine"
 # The unit's SupplementaryGroups= (serial ports).
 SERVICE_GROUPS = ("dialout",)
 # The unit's StateDirectory=: under ProtectSystem=strict the only place the service may write.
 STATE_DIRECTORY = Path("/var/lib/sensormine")
-# What systemd gives a service as PATH (systemd.exec(5), "Environment variables").
-SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_HIDDEN = (Path("/home"), Path("/root"), Path("/run/user"))  # ProtectHome=yes
-_PRIVATE = (Path("/tmp"), Path("/var/tmp"))  # PrivateTmp=yes
-
-_READ, _WRITE, _EXEC = 4, 2, 1
-Severity = Literal["error", "warning"]
-
-
-@dataclass(frozen=True)
-class Account:
-    """Whom access is judged for: a user, its groups, and whether the unit's sandbox applies."""
-
-    name: str
-    uid: int
-    gids: frozenset[int]
-    service: bool = False
-
-
-@dataclass(frozen=True)
-class FileProblem:
-    """One finding: the configuration key, the path as written, and what is wrong."""
-
-    severity: Severity
-    key: str
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        """``key: path: message``, as check-config prints it."""
-        return f"{self.key}: {self.path}: {self.message}"
-
-
-def _entries(root: Path, name: str) -> list[list[str]]:
-    try:
-        text = (root / "etc" / name).read_text(encoding="utf-8")
-    except OSError:
-        return []
-    return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
 
 
 def find_account(name: str, root: Path = Path("/")) -> Account | None:
-    """The account ``name`` of the system under ``root`` with its groups, or ``None``."""
-    user = next((u for u in _entries(root, "passwd") if len(u) >= 4 and u[0] == name), None)
-    if user is None:
-        return None
-    gids = {int(user[3])}
-    for group in _entries(root, "group"):
-        if len(group) < 4:
-            continue
-        members = group[3].split(",")
-        if name in members or (name == SERVICE_USER and group[0] in SERVICE_GROUPS):
-            gids.add(int(group[2]))
-    return Account(name, int(user[2]), frozenset(gids), service=name == SERVICE_USER)
-
-
-def current_account() -> Account:
-    """The account this process runs as."""
-    uid = os.geteuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    return Account(
-        name, uid, frozenset({os.getegid(), *os.getgroups()}), service=name == SERVICE_USER
-    )
+    """The account ``name`` of the system under ``root``, with the agent unit's groups."""
+    return files.find_account(name, root, SERVICE_GROUPS)
 
 
 def default_account(root: Path = Path("/")) -> Account:
     """The service's user when it exists and the caller is root, else the caller."""
-    if os.geteuid() == 0:
-        service = find_account(SERVICE_USER, root)
-        if service is not None:
-            return service
-    return current_account()
+    return files.default_account(root, SERVICE_GROUPS)
 
 
-class _Checker:
-    def __init__(self, account: Account, root: Path) -> None:
-        self.account = account
-        self.root = Path(os.path.abspath(root))
-        self.problems: list[FileProblem] = []
-        self._users = {0: "root"} | {
-            int(u[2]): u[0] for u in _entries(root, "passwd") if len(u) >= 3
-        }
-        self._groups = {0: "root"} | {
-            int(g[2]): g[0] for g in _entries(root, "group") if len(g) >= 3
-        }
-
-    # -- helpers ------------------------------------------------------------------------------
-    def add(self, severity: Severity, key: str, path: str, message: str) -> None:
-        self.problems.append(FileProblem(severity, key, path, message))
-
-    def located(self, text: str) -> Path:
-        """Where a path of the configuration is on this machine."""
-        path = Path(text)
-        # A path already inside the image names that file itself (an agent run in place).
-        if path.is_absolute() and self.root != Path("/") and not path.is_relative_to(self.root):
-            return self.root / path.relative_to("/")
-        return path
-
-    def shown(self, real: Path) -> str:
-        """A path of this machine as the target system names it."""
-        if self.root != Path("/") and real.is_relative_to(self.root):
-            return "/" + str(real.relative_to(self.root))
-        return str(real)
-
-    def describe(self, st: os.stat_result) -> str:
-        user = self._users.get(st.st_uid, str(st.st_uid))
-        group = self._groups.get(st.st_gid, str(st.st_gid))
-        return f"{user}:{group} {stat.S_IMODE(st.st_mode):04o}"
-
-    def permits(self, st: os.stat_result, want: int) -> bool:
-        account = self.account
-        if account.uid == 0:
-            return not want & _EXEC or stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
-        if st.st_uid == account.uid:
-            bits = (st.st_mode >> 6) & 7
-        elif st.st_gid in account.gids:
-            bits = (st.st_mode >> 3) & 7
-        else:
-            bits = st.st_mode & 7
-        return bits & want == want
-
-    def blocked_at(self, real: Path) -> str | None:
-        """Why the account cannot reach ``real`` (a directory above it it may not enter)."""
-        top = self.root if real.is_relative_to(self.root) else Path("/")
-        for directory in reversed(real.parents):
-            if directory != top and not directory.is_relative_to(top):
-                continue
-            try:
-                st = directory.stat()
-            except OSError:
-                return None  # the missing part is reported by the caller
-            if not self.permits(st, _EXEC):
-                return (
-                    f"{self.account.name} cannot enter {self.shown(directory)}"
-                    f" ({self.describe(st)})"
-                )
-        return None
-
-    def sandbox(self, key: str, text: str, path: Path) -> None:
-        if not self.account.service or not path.is_absolute():
-            return
-        if any(path.is_relative_to(p) for p in _HIDDEN):
-            self.add("warning", key, text, "the unit hides home directories (ProtectHome=yes)")
-        elif any(path.is_relative_to(p) for p in _PRIVATE):
-            self.add(
-                "warning", key, text, "the unit gives the service a private /tmp (PrivateTmp=yes)"
-            )
-
-    def stat_of(self, key: str, text: str, real: Path, present: bool) -> os.stat_result | None:
-        """The file's status, or ``None`` after reporting why there is none to check."""
-        try:
-            st = real.stat()
-        except FileNotFoundError:
-            if present:
-                self.add("error", key, text, "does not exist")
-            else:
-                self.add(
-                    "warning", key, text, "does not exist now (expected to appear at run time?)"
-                )
-            return None
-        except OSError as exc:
-            self.add("error", key, text, f"cannot be checked: {exc.strerror}")
-            return None
-        blocked = self.blocked_at(real)
-        if blocked:
-            self.add("error", key, text, blocked)
-            return None
-        return st
-
-    # -- what a path is for -------------------------------------------------------------------
-    def readable_file(
-        self, key: str, text: str, present: bool = True, real: Path | None = None
-    ) -> None:
-        self.sandbox(key, text, Path(text))
-        real = self.located(text) if real is None else real
-        st = self.stat_of(key, text, real, present)
-        if st is None:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            self.add("error", key, text, "is a directory, not a file")
-        elif not self.permits(st, _READ):
-            self.add(
-                "error", key, text, f"{self.account.name} cannot read it ({self.describe(st)})"
-            )
-
-    def directory(self, key: str, text: str) -> None:
-        self.sandbox(key, text, Path(text))
-        st = self.stat_of(key, text, self.located(text), True)
-        if st is None:
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            self.add("error", key, text, "is not a directory")
-        elif not self.permits(st, _READ | _EXEC):
-            self.add(
-                "error", key, text, f"{self.account.name} cannot list it ({self.describe(st)})"
-            )
-
-    def device(self, key: str, text: str, present: bool) -> None:
-        st = self.stat_of(key, text, self.located(text), present)
-        if st is None:
-            return
-        if not stat.S_ISCHR(st.st_mode):
-            self.add("warning", key, text, "is not a character device (a serial port?)")
-        if not self.permits(st, _READ | _WRITE):
-            self.add(
-                "error",
-                key,
-                text,
-                f"{self.account.name} cannot open it for reading and writing ({self.describe(st)})",
-            )
-
-    def program(self, key: str, text: str, search_path: str | None) -> None:
-        if "/" in text:
-            self.executable(key, text, text)
-            return
-        directories = (search_path or SERVICE_PATH).split(":")
-        for directory in directories:
-            candidate = self.located(f"{directory.rstrip('/')}/{text}")
-            try:
-                st = candidate.stat()
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                self.executable(key, text, self.shown(candidate))
-                return
-        self.add(
-            "error",
-            key,
-            text,
-            f"no such program in the service's PATH ({':'.join(directories)}); write its full path",
-        )
-
-    def executable(self, key: str, text: str, target: str) -> None:
-        self.sandbox(key, text, Path(target))
-        real = self.located(target)
-        st = self.stat_of(key, text, real, True)
-        if st is None:
-            return
-        if not stat.S_ISREG(st.st_mode):
-            self.add("error", key, text, "is not a file")
-            return
-        want = _EXEC
-        try:
-            with real.open("rb") as f:
-                if f.read(2) == b"#!":
-                    want |= _READ  # a script is read by its interpreter
-        except OSError:
-            pass
-        if not self.permits(st, want):
-            self.add("error", key, text, f"{self.account.name} cannot run it ({self.describe(st)})")
-
+class _AgentChecker(FileChecker):
     def buffer(self, key: str, path: Path) -> None:
         text = str(path)
         directory = path.parent
@@ -307,7 +72,7 @@ class _Checker:
                 return  # the unit's StateDirectory= makes it at start
             existing = next(p for p in real.parents if p.exists())
             above = existing.stat()
-            if not (stat.S_ISDIR(above.st_mode) and self.permits(above, _WRITE | _EXEC)):
+            if not (stat.S_ISDIR(above.st_mode) and self.permits(above, WRITE | EXEC)):
                 self.add(
                     "error",
                     key,
@@ -322,7 +87,7 @@ class _Checker:
         if not stat.S_ISDIR(st.st_mode):
             self.add("error", key, text, f"{directory} is not a directory")
             return
-        if not self.permits(st, _WRITE | _EXEC):
+        if not self.permits(st, WRITE | EXEC):
             self.add(
                 "error",
                 key,
@@ -337,22 +102,13 @@ class _Checker:
                 fst = file.stat()
             except OSError:
                 continue
-            if not self.permits(fst, _READ | _WRITE):
+            if not self.permits(fst, READ | WRITE):
                 self.add(
                     "error",
                     key,
                     text + suffix,
                     f"{self.account.name} cannot read and write it ({self.describe(fst)})",
                 )
-
-
-def _paths_of(value: Any, key: str) -> list[tuple[str, Path]]:
-    """Every path value of a (dumped) settings tree, with its dotted key."""
-    if isinstance(value, Path):
-        return [(key, value)]
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _paths_of(v, f"{key}.{k}" if key else k)]
-    return []
 
 
 def check_files(
@@ -362,10 +118,10 @@ def check_files(
     root: Path = Path("/"),
 ) -> list[FileProblem]:
     """Everything wrong with the files and directories of the configuration, for ``account``."""
-    checker = _Checker(account, root)
+    checker = _AgentChecker(account, root)
     config = Path(os.path.abspath(config_path))
     checker.readable_file("configuration file", checker.shown(config), real=config)
-    for key, path in _paths_of(settings.model_dump(exclude={"inputs"}), ""):
+    for key, path in paths_in(settings.model_dump(exclude={"inputs"})):
         if key == "buffer.path":
             checker.buffer(key, path)
         else:
@@ -377,7 +133,7 @@ def check_files(
     return checker.problems
 
 
-def _check_named(checker: _Checker, key: str, named: NamedPath) -> None:
+def _check_named(checker: _AgentChecker, key: str, named: NamedPath) -> None:
     if named.use == "read":
         checker.readable_file(key, named.path, named.present)
     elif named.use == "directory":

@@ -7,6 +7,8 @@
 - :mod:`service.systemd`: the ``sd_notify`` protocol (``READY``, ``STATUS``, ``WATCHDOG``,
   ``STOPPING``), never blocking.
 - :mod:`service.logs`: structlog set-up, JSON lines under systemd, readable on a terminal.
+- :mod:`service.files`: the files a configuration names, checked as the service's account and
+  sandbox will meet them (``check-config``).
 - :mod:`service.cli`: the ``--config`` option of both command lines.
 
 Nothing here knows about the agent or the collector; :mod:`protocol` stays the wire contract
