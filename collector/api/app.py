@@ -10,6 +10,7 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,9 +23,11 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from pydantic import BeforeValidator
 
 from collector import __version__
 from collector.api import models, reads
@@ -127,11 +130,21 @@ async def _authenticate(conn: asyncpg.Connection, token: str) -> token_store.Cal
 
 Ctx = Annotated[Context, Depends(_context)]
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
+        raise ValueError("not an RFC 3339 time with its offset, e.g. 2026-12-07T05:30:00Z")
+    return value
+
+
+Time = Annotated[datetime, BeforeValidator(_rfc3339)]
 Start = Annotated[
-    datetime | None,
-    Query(description="Start of the range, ISO 8601 (default: end minus the default span)"),
+    Time | None,
+    Query(description="Start of the range, RFC 3339 (default: end minus the default span)"),
 ]
-End = Annotated[datetime | None, Query(description="End of the range, ISO 8601 (default: now)")]
+End = Annotated[Time | None, Query(description="End of the range, RFC 3339 (default: now)")]
 
 
 GatewayId = Annotated[uuid.UUID, PathParam(description="The gateway's id")]
@@ -258,6 +271,20 @@ def create_app(settings: Settings, *, page: bool = True) -> FastAPI:
     api = _routes(settings)
     app.include_router(api)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_media_types(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description,
+                    routes=app.routes,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/healthz", response_model=models.Health, tags=["service"])
     async def healthz() -> Answer:
         """Liveness: the process answers (no database is asked)."""
@@ -280,6 +307,20 @@ def create_app(settings: Settings, *, page: bool = True) -> FastAPI:
 
         app.mount("/ui", StaticFiles(directory=PAGE_DIR, html=True), name="ui")
     return app
+
+
+def problem_media_types(schema: dict[str, Any]) -> dict[str, Any]:
+    """Errors are ``application/problem+json`` (schema Problem), also for FastAPI's own 422."""
+    problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for code, response in operation.get("responses", {}).items():
+                if code[:1] in ("4", "5"):
+                    response["content"] = {"application/problem+json": problem}
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    return schema
 
 
 def _routes(settings: Settings) -> Any:
