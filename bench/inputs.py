@@ -11,8 +11,8 @@ commit, seal, publish, ack, delete):
 
 After a warm-up, each agent's CPU time is measured over ``--seconds``. Then the mqtt agent alone
 is offered rising rates (doubling from 1,000 readings/s, then two bisections) to find its
-capacity: the most it delivered (readings acknowledged per second) at a rate it took whole,
-without drops. Offered
+capacity: the most it delivered (readings acknowledged per second) at a rate it took whole
+(nothing dropped, at least 90 % acknowledged within the window). Offered
 1.5 x that capacity, delivery must stay at or above 0.8 x capacity, and what the input cannot
 take is dropped at the input and counted (``mqtt_input.overload``).
 
@@ -56,6 +56,10 @@ from tests.services import MosquittoBroker  # noqa: E402
 
 DEVICES = 50
 METRICS = ("temperature", "humidity", "pressure", "co2")
+# A rate is taken whole when nothing is dropped and this share is acknowledged in the window
+# (batches are acknowledged whole, about one a second at low rates: a window of ten seconds
+# can miss one).
+TAKEN = 0.9
 
 
 class Acknowledger:
@@ -270,7 +274,7 @@ def offer(
 @click.command()
 @click.option("--seconds", default=60.0, show_default=True, help="Reference-load window.")
 @click.option("--warmup", default=10.0, show_default=True, help="Seconds before measuring.")
-@click.option("--step-seconds", default=6.0, show_default=True, help="Each capacity step.")
+@click.option("--step-seconds", default=10.0, show_default=True, help="Each capacity step.")
 @click.option("--overload-seconds", default=15.0, show_default=True, help="The 1.5 x step.")
 def main(seconds: float, warmup: float, step_seconds: float, overload_seconds: float) -> None:
     """Measure the mqtt input's CPU against the simulated input's, then its overload behaviour."""
@@ -308,7 +312,7 @@ def main(seconds: float, warmup: float, step_seconds: float, overload_seconds: f
                     ack, mqtt_gateway, port, prefix, bad, step_seconds
                 )
                 steps.append((offered, delivered, dropped))
-                if dropped or delivered < 0.95 * offered:
+                if dropped or delivered < TAKEN * offered:
                     break
                 capacity = max(capacity, delivered)
                 good, bad = bad, bad * 2
@@ -318,7 +322,7 @@ def main(seconds: float, warmup: float, step_seconds: float, overload_seconds: f
                     ack, mqtt_gateway, port, prefix, rate, step_seconds
                 )
                 steps.append((offered, delivered, dropped))
-                if dropped or delivered < 0.95 * offered:
+                if dropped or delivered < TAKEN * offered:
                     bad = rate
                 else:
                     capacity = max(capacity, delivered)

@@ -511,3 +511,26 @@ async def test_overload_drops_at_the_input_and_counts_every_message(
     dropped = mqtt_input.counters["dropped"]
     assert dropped > 0
     assert burst == len(emitter.values(DOOR, "contact")) - 1 + dropped
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_the_session_keeps_what_is_published_while_the_input_is_away(
+    private_broker: MosquittoBroker, prefix: str, context: InputContext, version: str
+) -> None:
+    """With either MQTT version the broker keeps QoS 1 messages for the stopped input's session."""
+    address = ("127.0.0.1", private_broker.port)
+    config = config_for(address, prefix, mqtt_version=version)
+    first = RecordingEmitter()
+    task = await run_for(MqttInput(config, context), first)
+    try:
+        await until_subscribed(address, prefix, first)
+    finally:
+        await stop(task)
+    await publish(address, [(f"{prefix}/z2m/door", '{"contact": true, "battery": 77}')])
+    second = RecordingEmitter()
+    task = await run_for(MqttInput(config, context), second)
+    try:
+        await second.wait_for(lambda: bool(second.values(DOOR, "battery")))
+    finally:
+        await stop(task)
+    assert [77] == second.values(DOOR, "battery")

@@ -50,6 +50,8 @@ _METRIC = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
 # instead of leaving the broker to drop silently.
 READ_BATCH = 512
 DRAIN_BATCH = 256
+# Messages one read must find for the stream to count as busy (read at every commit).
+BUSY_READ = 200
 # How often `inputs test` reads the socket (the running input reads on the commit's beat).
 READ_INTERVAL = 0.05
 # How long a stopping input waits for its last readings to be committed before it
@@ -90,6 +92,8 @@ class MqttInput:
         self._drain_scheduled = False
         self._read = 0  # messages read so far (tells the reader when a read found nothing)
         self._reading = False  # a read goes on at the loop's next step
+        self._chain_start = 0
+        self._busy = False  # the last read found a busy stream
         self._dropped_seen = 0
         # QoS 1 messages handled but not acknowledged yet: (sequence, packet id, qos).
         self._unacked: deque[tuple[int, int, int]] = deque()
@@ -197,9 +201,16 @@ class MqttInput:
         """Read the socket; while it holds more, go on at the loop's next step (one chain)."""
         if self._reading and not going_on:
             return  # a read is already going on; a second chain would starve the drain
+        if not going_on:
+            self._chain_start = self._read
         self._reading = client.socket() is not None and self._read_some(client)
         if self._reading:
             asyncio.get_running_loop().call_soon(self._read_now, client, True)
+        else:
+            # A chain that found much is a busy stream: read again at the next commit rather
+            # than after read_interval, or the socket fills meanwhile and the broker has to
+            # hold (and, beyond its limits, silently drop) what the input would have counted.
+            self._busy = self._read - self._chain_start >= BUSY_READ
 
     async def _poll(self, client: paho.Client) -> None:
         """Read the socket every READ_INTERVAL (``inputs test``, which has no commit beat)."""
@@ -487,7 +498,7 @@ class MqttInput:
         def beat() -> None:
             nonlocal next_read
             now = loop.time()
-            if now >= next_read:
+            if now >= next_read or self._busy:
                 # A little early rather than a whole commit interval late.
                 next_read = now + interval * 0.9
                 self._read_now(client)
