@@ -78,9 +78,15 @@ class Acknowledger:
         self.client.on_message = self._on_message
         self.client.connect(host, port)
         self.client.subscribe(f"{prefix}/v1/+/+/telemetry", qos=1)
+        # What the broker received, so "offered" is what reached it, not what was queued.
+        self.broker_received = (0, time.monotonic())  # (count, when it arrived)
+        self.client.subscribe("$SYS/broker/publish/messages/received", qos=0)
         self.client.loop_start()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if message.topic.startswith("$SYS/"):
+            self.broker_received = (int(message.payload), time.monotonic())
+            return
         batch = decode_batch(bytes(message.payload))
         dropped = sum(
             int(e.attributes.get("dropped", 0))
@@ -258,16 +264,28 @@ def offer(
     try:
         time.sleep(3)
         dropped0 = ack.drops(gateway)
-        sent0 = int(publisher.sent.value)
+        received0 = ack.broker_received
         acked0 = ack.count(gateway)
         started = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - started
-        offered = (int(publisher.sent.value) - sent0) * len(METRICS) / elapsed
+        # The broker's counter ($SYS, every second, so between its own arrival times) also
+        # counts the batches and acks: a few a second.
+        received1 = ack.broker_received
+        offered = (
+            (received1[0] - received0[0]) * len(METRICS) / max(received1[1] - received0[1], 1.0)
+        )
         delivered = (ack.count(gateway) - acked0) / elapsed
     finally:
         publisher.stop()
-    time.sleep(4)  # the backlog drains; the drop counts of the step arrive
+    # Until the backlog has drained (nothing acknowledged for 2 s), so that it is not counted
+    # in the next step; the drop counts of the step arrive meanwhile.
+    last, still_since = ack.count(gateway), time.monotonic()
+    deadline = time.monotonic() + 30
+    while time.monotonic() - still_since < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        if ack.count(gateway) != last:
+            last, still_since = ack.count(gateway), time.monotonic()
     return offered, delivered, ack.drops(gateway) - dropped0
 
 
@@ -279,7 +297,10 @@ def offer(
 def main(seconds: float, warmup: float, step_seconds: float, overload_seconds: float) -> None:
     """Measure the mqtt input's CPU against the simulated input's, then its overload behaviour."""
     prefix = f"bench{uuid.uuid4().hex[:8]}"
-    with tempfile.TemporaryDirectory() as tmp, MosquittoBroker(Path(tmp) / "broker") as broker:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        MosquittoBroker(Path(tmp) / "broker", extra_config="sys_interval 1\n") as broker,
+    ):
         port = broker.port
         ack = Acknowledger("127.0.0.1", port, prefix)
         mqtt_config = Path(tmp) / "mqtt-agent.toml"

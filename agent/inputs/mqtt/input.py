@@ -50,8 +50,10 @@ _METRIC = re.compile(r"^[A-Za-z0-9_.:\-/]{1,128}$")
 # instead of leaving the broker to drop silently.
 READ_BATCH = 512
 DRAIN_BATCH = 256
-# Messages one read must find for the stream to count as busy (read at every commit).
+# Messages one read must find for the stream to count as busy (read whenever readable), and
+# the run of small reads after which it is read on the beat again.
 BUSY_READ = 200
+QUIET_READS = 50
 # How often `inputs test` reads the socket (the running input reads on the commit's beat).
 READ_INTERVAL = 0.05
 # How long a stopping input waits for its last readings to be committed before it
@@ -93,7 +95,8 @@ class MqttInput:
         self._read = 0  # messages read so far (tells the reader when a read found nothing)
         self._reading = False  # a read goes on at the loop's next step
         self._chain_start = 0
-        self._busy = False  # the last read found a busy stream
+        self._busy = False  # a busy stream: read on every readable event, not on the beat
+        self._quiet_reads = 0
         self._dropped_seen = 0
         # QoS 1 messages handled but not acknowledged yet: (sequence, packet id, qos).
         self._unacked: deque[tuple[int, int, int]] = deque()
@@ -165,6 +168,7 @@ class MqttInput:
                 loop.call_soon_threadsafe(function, *args)
 
         def watch(sock: socket.socket, _c: paho.Client) -> None:
+            self._busy = False  # a new socket: on the beat until it proves busy
             if self._stopping:
                 sock.close()  # a connect that finished after the input stopped
 
@@ -206,11 +210,35 @@ class MqttInput:
         self._reading = client.socket() is not None and self._read_some(client)
         if self._reading:
             asyncio.get_running_loop().call_soon(self._read_now, client, True)
+        elif self._read - self._chain_start >= BUSY_READ:
+            # A busy stream: from now on read whenever the socket is readable, or it fills
+            # between beats and the broker has to hold (and, beyond its limits, silently drop)
+            # what the input would have taken or counted.
+            self._watch_readable(client, True)
+
+    def _watch_readable(self, client: paho.Client, on: bool) -> None:
+        sock = client.socket()
+        if on == self._busy or sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._busy = on
+        self._quiet_reads = 0
+        if on:
+            loop.add_reader(sock, self._readable, client)
         else:
-            # A chain that found much is a busy stream: read again at the next commit rather
-            # than after read_interval, or the socket fills meanwhile and the broker has to
-            # hold (and, beyond its limits, silently drop) what the input would have counted.
-            self._busy = self._read - self._chain_start >= BUSY_READ
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock)
+
+    def _readable(self, client: paho.Client) -> None:
+        """Busy mode: read what arrived; after a run of small reads, back to the beat."""
+        before = self._read
+        self._read_some(client)
+        if self._read - before >= BUSY_READ // 8:
+            self._quiet_reads = 0
+            return
+        self._quiet_reads += 1
+        if self._quiet_reads >= QUIET_READS:
+            self._watch_readable(client, False)
 
     async def _poll(self, client: paho.Client) -> None:
         """Read the socket every READ_INTERVAL (``inputs test``, which has no commit beat)."""
@@ -498,7 +526,9 @@ class MqttInput:
         def beat() -> None:
             nonlocal next_read
             now = loop.time()
-            if now >= next_read or self._busy:
+            if self._busy:
+                return  # read on readable events meanwhile
+            if now >= next_read:
                 # A little early rather than a whole commit interval late.
                 next_read = now + interval * 0.9
                 self._read_now(client)
@@ -508,6 +538,7 @@ class MqttInput:
             await self._watch(emit, client)
         finally:
             stop_reading()
+            self._watch_readable(client, False)
             await self._finish(client, emit)
             connection.cancel()
             await asyncio.gather(connection, return_exceptions=True)
