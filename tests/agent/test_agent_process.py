@@ -18,6 +18,7 @@ from typing import Any
 from protocol import decode_status
 from tests.agent.conftest import AGENT, ROOT, Acknowledger, agent_cli, start_agent, write_config
 from tests.services import MosquittoBroker
+from tests.waiting import wait_for
 
 
 def status_json(config: Path) -> dict[str, Any]:
@@ -25,14 +26,6 @@ def status_json(config: Path) -> dict[str, Any]:
     result = agent_cli("status", "--config", str(config), "--json")
     assert 0 == result.returncode, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll ``check`` until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def test_broker_restart_loses_nothing(

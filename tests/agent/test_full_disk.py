@@ -22,6 +22,7 @@ import pytest
 
 from protocol import AckResult, Batch
 from tests.agent.conftest import Acknowledger, agent_cli, start_agent, write_config
+from tests.waiting import wait_for
 
 FS_SIZE = "24m"
 RESERVE = 2**20
@@ -69,14 +70,6 @@ def fill(path: Path) -> int:
                 if not n:
                     break
     return written
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    """Poll ``check`` until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"condition not reached in time: {what}"
-        time.sleep(0.05)
 
 
 def status_json(config: Path) -> dict[str, Any]:

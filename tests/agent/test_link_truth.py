@@ -12,6 +12,7 @@ from typing import Any
 
 from tests.agent.conftest import Acknowledger, agent_cli, start_agent, write_config
 from tests.services import SYSTEM_MQTT, MosquittoBroker
+from tests.waiting import wait_for
 
 
 def log_events(path: Path) -> list[dict[str, Any]]:
@@ -23,14 +24,6 @@ def log_events(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return events
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll ``check`` until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def status_json(config: Path) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -21,18 +20,11 @@ from agent.buffer import AckOutcome, Buffer
 from agent.shipper import OutcomeLog
 from protocol import Ack, AckResult, Batch
 from tests.agent.conftest import Acknowledger, agent_cli, start_agent, write_config
+from tests.waiting import wait_for
 
 GATEWAY = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
 DEVICE = uuid.UUID("00000000-0000-4000-8000-0000000000bb")
 T0 = 1_700_000_000_000_000
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll ``check`` until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 async def test_counters_split_delivered_readings_by_outcome_and_reason(tmp_path: Path) -> None:

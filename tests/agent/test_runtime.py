@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +13,7 @@ from agent.runtime import Runtime
 from agent.settings import settings_from_dict
 from protocol import decode_batch
 from tests.agent.conftest import device_ids
+from tests.waiting import wait_until
 
 
 class CrashingConfig(InputConfig):
@@ -44,16 +43,6 @@ class CrashingInput:
 
 if "crashing" not in kinds():
     register("crashing", CrashingConfig, CrashingInput)
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], what: str, seconds: float = 30.0
-) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, f"not reached in {seconds} s: {what}"
-        await asyncio.sleep(0.05)
 
 
 async def produced(runtime: Runtime) -> int:
@@ -96,7 +85,7 @@ async def test_a_crashing_input_never_stops_another(tmp_path: Path, prefix: str)
         # 15 ticks of 2 devices x 4 metrics, and the crashing input's own readings.
         return crashing.starts >= 3 and await produced(runtime) >= 8 * 15 + 3
 
-    await wait_until(crashed_thrice_and_ticked, "three crashes and 15 ticks of the simulation")
+    await wait_until(crashed_thrice_and_ticked, what="three crashes and 15 ticks of the simulation")
     stop.set()
     await asyncio.wait_for(task, 15)
 
@@ -135,14 +124,14 @@ async def test_agent_survives_a_full_disk_and_resumes(tmp_path: Path, prefix: st
     async def ticked() -> bool:
         return await produced(runtime) >= 8 * 20
 
-    await wait_until(ticked, "20 ticks written before the disk fills")
+    await wait_until(ticked, what="20 ticks written before the disk fills")
     pages = int((await buffer.query("PRAGMA page_count"))[0][0])
     await buffer.set_max_page_count(pages)
 
     async def dropping() -> bool:
         return (await buffer.stats()).dropped["disk_full"] > 100
 
-    await wait_until(dropping, "readings beyond buffer.hold_readings dropped")
+    await wait_until(dropping, what="readings beyond buffer.hold_readings dropped")
     full = await buffer.stats()
     assert 0 < full.held_readings <= 500
     assert not task.done()
@@ -153,7 +142,7 @@ async def test_agent_survives_a_full_disk_and_resumes(tmp_path: Path, prefix: st
         stats = await buffer.stats()
         return stats.produced - before >= 8 * 20 and stats.held_readings == 0
 
-    await wait_until(resumed_writing, "the held readings written and 20 more ticks")
+    await wait_until(resumed_writing, what="the held readings written and 20 more ticks")
     resumed = await buffer.stats()
     stop.set()
     await asyncio.wait_for(task, 15)

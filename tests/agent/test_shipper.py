@@ -14,6 +14,7 @@ from agent.settings import GatewaySettings, MqttSettings
 from agent.shipper import Shipper, backoff_delay
 from protocol import Ack, AckResult, Batch, decode_batch
 from tests.agent.conftest import Acknowledger
+from tests.waiting import wait_until
 
 DEVICE = uuid.UUID("00000000-0000-4000-8000-0000000000cc")
 T0 = 1_700_000_000_000_000
@@ -22,14 +23,6 @@ T0 = 1_700_000_000_000_000
 def rows(first: int, n: int) -> list[ReadingRow]:
     """Readings identified by their integer value."""
     return [(DEVICE.bytes, "m", T0 + v, v) for v in range(first, first + n)]
-
-
-async def wait_until(check: Callable[[], bool], seconds: float = 20.0) -> None:
-    """Poll ``check`` until it holds (or fail after ``seconds``)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def settings(port: int, prefix: str, **overrides: object) -> MqttSettings:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.agent.conftest import (
     start_agent,
     write_config,
 )
+from tests.waiting import wait_for
 
 GATEWAY = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
 DEVICE = uuid.UUID("00000000-0000-4000-8000-0000000000bb")
@@ -39,14 +39,6 @@ def status_json(config: Path) -> dict[str, Any]:
     result = agent_cli("status", "--config", str(config), "--json")
     assert 0 == result.returncode, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll ``check`` until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def stop(agent: Any, timeout: float = 30) -> None:

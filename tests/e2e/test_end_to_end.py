@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from tests.conftest import drop_database
 from tests.services import SYSTEM_PG_DSN, MosquittoBroker
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,14 +40,6 @@ def _assert_exact(counts: dict[str, int]) -> None:
     }
 
 
-def _wait(what: str, check: Callable[[], bool], seconds: float = 90.0) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"not reached in {seconds} s: {what}"
-        time.sleep(0.25)
-
-
 def _stored(system: Any) -> int:
     return int(asyncio.run(system.stored_counts())["stored"])
 
@@ -55,19 +47,24 @@ def _stored(system: Any) -> int:
 def _stores_more(system: Any, readings: int = 1000) -> None:
     """Wait until ``readings`` more readings than now are stored: the pipeline flows."""
     target = _stored(system) + readings
-    _wait(f"{target} readings stored", lambda: _stored(system) >= target)
+    wait_for(lambda: _stored(system) >= target, 90.0, f"{target} readings stored", every=0.25)
 
 
 def _produces_more(system: Any, readings: int = 1000) -> int:
     """Wait until the agents have taken ``readings`` more readings than now; that count."""
     target = system.produced() + readings
-    _wait(f"{target} readings produced", lambda: system.produced() >= target)
+    wait_for(lambda: system.produced() >= target, 90.0, f"{target} readings produced", every=0.25)
     return int(system.produced())
 
 
 def _catches_up(system: Any, produced: int) -> None:
     """Wait until everything produced up to ``produced`` is stored."""
-    _wait(f"the {produced} readings produced stored", lambda: _stored(system) >= produced)
+    wait_for(
+        lambda: _stored(system) >= produced,
+        90.0,
+        f"the {produced} readings produced stored",
+        every=0.25,
+    )
 
 
 def test_normal_run_stores_every_reading_once(make_system: Callable[..., Any]) -> None:
