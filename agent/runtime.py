@@ -6,6 +6,11 @@ transaction commits. Each input runs in its own task: an exception escaping an i
 recorded as an ``input.crashed`` event, and the input is restarted after
 ``runtime.input_restart_delay``; the other inputs never notice.
 
+Time: inputs stamp readings through :func:`agent.inputs.common.now_us` (or leave the time to the
+emitter); the emitter stores the boot-clock reading behind the stamp, and the buffer turns it
+into wall time at sealing with the timebase's best offset (:mod:`agent.clock`). A time an input
+took from the reading itself (a device's own timestamp) is stored as given.
+
 Shutdown (:meth:`Runtime.run` returns when ``stop`` is set): stop the inputs, commit what they
 reported, seal it, let the shipper send it and wait for in-flight acks up to
 ``runtime.drain_timeout``, say ``offline`` and close the buffer.
@@ -24,6 +29,7 @@ from typing import Any
 import structlog
 
 from agent import __version__
+from agent import clock as clocks
 from agent.backlog import BacklogMeter
 from agent.buffer import DROP_REASONS, Buffer, ReadingRow, Store, event_note, now_us, status_note
 from agent.errors import AgentError, ConfigError
@@ -93,7 +99,7 @@ class Staging:
 _INT64 = 2**63
 
 
-def _invalid(metric: object, value: object, time_us: int) -> str | None:
+def _invalid(metric: object, value: object, time_us: object) -> str | None:
     """What makes a reading unencodable under protocol v1, or ``None``."""
     if metric.__class__ is not str or not 1 <= len(metric) <= 128:  # type: ignore[arg-type]
         return f"metric name {str(metric)[:40]!r} must be a string of 1 to 128 characters"
@@ -114,8 +120,15 @@ def _invalid(metric: object, value: object, time_us: int) -> str | None:
 class InputEmitter:
     """The :class:`~agent.inputs.base.Emitter` an input instance writes to."""
 
-    def __init__(self, input_name: str, staging: Staging, statuses: dict[uuid.UUID, Any]) -> None:
+    def __init__(
+        self,
+        input_name: str,
+        staging: Staging,
+        statuses: dict[uuid.UUID, Any],
+        timebase: clocks.Timebase | None = None,
+    ) -> None:
         self.input_name = input_name
+        self._timebase = timebase if timebase is not None else clocks.current()
         self._staging = staging
         self._statuses = statuses
         self.last_read_s = 0.0
@@ -125,18 +138,27 @@ class InputEmitter:
     def reading(
         self, device_id: uuid.UUID, metric: str, value: Value, time_us: int | None = None
     ) -> None:
-        """Stage one reading for the next commit."""
+        """Stage one reading for the next commit.
+
+        Without ``time_us``, or with a :class:`~agent.clock.Stamp` of the gateway's clock, the
+        reading is stored on the boot clock; any other time is the reading's own (wall time).
+        """
         staging = self._staging
         if len(staging.rows) >= MAX_STAGED:
             staging.overflowed += 1
             return
-        t = time_us if time_us is not None else now_us()
+        if time_us is None:
+            t, on_boot_clock = self._timebase.boot_now(), True
+        elif time_us.__class__ is clocks.Stamp:
+            t, on_boot_clock = time_us.boot, True  # type: ignore[attr-defined]
+        else:
+            t, on_boot_clock = time_us, False
         problem = _invalid(metric, value, t)
         if problem is not None:
             # One bad reading must not make a whole batch undecodable for the collector.
             self._refuse(device_id, metric, problem)
             return
-        staging.rows.append((device_id.bytes, metric, t, value))
+        staging.rows.append((device_id.bytes, metric, t, value, on_boot_clock))
 
     def _refuse(self, device_id: uuid.UUID, metric: str, problem: str) -> None:
         self.invalid += 1
@@ -199,8 +221,21 @@ class InputEmitter:
 class Runtime:
     """Runs one agent: buffer, inputs and shipper, until asked to stop."""
 
-    def __init__(self, settings: Settings, *, max_page_count: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        max_page_count: int | None = None,
+        clock: clocks.Clock | None = None,
+    ) -> None:
         self.settings = settings
+        self.timebase = clocks.Timebase(
+            clock,
+            tolerance=settings.clock.tolerance,
+            request_interval=settings.clock.request_interval,
+        )
+        # Inputs and buffer notes stamp through the process's timebase.
+        clocks.install(self.timebase)
         b = settings.buffer
         self.buffer = Buffer(
             b.path,
@@ -214,8 +249,16 @@ class Runtime:
             max_page_count=max_page_count,
             reserve_bytes=b.reserve_bytes,
             hold_readings=b.hold_readings,
+            timebase=self.timebase,
+            max_wait=settings.clock.max_wait,
         )
-        self.shipper = Shipper(settings.mqtt, settings.gateway, self.buffer, version=__version__)
+        self.shipper = Shipper(
+            settings.mqtt,
+            settings.gateway,
+            self.buffer,
+            version=__version__,
+            timebase=self.timebase,
+        )
         self.staging = Staging()
         # after_commit callbacks whose readings are still held in memory (a failing disk).
         self._after_commit: list[Callable[[], None]] = []
@@ -343,7 +386,7 @@ class Runtime:
             await self.buffer.close()
 
     async def _supervise(self, inp: Input) -> None:
-        emitter = InputEmitter(inp.name, self.staging, self.statuses)
+        emitter = InputEmitter(inp.name, self.staging, self.statuses, self.timebase)
         while True:
             try:
                 await inp.run(emitter)
@@ -427,6 +470,11 @@ class Runtime:
         )
         if s.counters["quarantined"]:
             line += f"; quarantined in the cloud {s.counters['quarantined']}"
+        offset = self.timebase.offset()
+        if not offset.trusted:
+            line += "; CLOCK UNTRUSTED: " + "; ".join(offset.reasons)
+        elif offset.source == "collector":
+            line += "; time from the collector"
         if s.space.full or s.held or s.pending_deletes:
             line += (
                 f"; DISK FULL: {len(s.held)} readings held in memory,"
@@ -498,6 +546,7 @@ class Runtime:
                     disk_full=store.space.full,
                     held=len(store.held),
                     pending_deletes=len(store.pending_deletes),
+                    clock=self.timebase.status(),
                     rss_bytes=rss_bytes(),
                 )
             if fields:

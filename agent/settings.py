@@ -164,6 +164,21 @@ class MetricsSettings(_Section):
     listen: Listen = ""
 
 
+class ClockSettings(_Section):
+    """When the gateway's clock is trusted, and how long readings wait for a trusted time.
+
+    The system clock is trusted while the kernel says it is synchronised, it reads after the
+    agent's build date and it agrees with the collector's clock within ``tolerance``; otherwise
+    readings are converted with the offset measured against the collector (trusted when its
+    error bound is within half the tolerance). Without either, sealing waits up to ``max_wait``
+    and then seals with the wall clock, marked untrusted.
+    """
+
+    tolerance: PositiveDuration = 2.0
+    max_wait: Duration = 600.0
+    request_interval: PositiveDuration = 2.0
+
+
 class Settings(_Section):
     """The whole agent configuration file."""
 
@@ -173,6 +188,7 @@ class Settings(_Section):
     mqtt: MqttSettings = MqttSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     metrics: MetricsSettings = MetricsSettings()
+    clock: ClockSettings = ClockSettings()
     log: LogSettings = LogSettings()
     inputs: list[InputConfig] = Field(default_factory=list)
 

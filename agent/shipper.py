@@ -43,6 +43,13 @@ Two lanes share the window. On connect, the highest seq in the buffer marks the 
 backlog batches go out oldest first, at most ``backlog_rate`` per second and never in the last
 free slot of the window, which stays reserved for live data. So after hours offline the
 current readings arrive within a second or two while the backlog drains behind them.
+
+Time: every ack of a batch that says how its times were taken carries the collector's clock.
+With the boot-clock time the batch was first sent and the time the ack arrived, that is one
+round trip for the timebase (:mod:`agent.clock`), which estimates the offset to the collector's
+clock from them. While that estimate is missing or imprecise (and then every few minutes without
+acks) the shipper also asks for the time directly: a ``time_request`` frame at QoS 0, answered
+at once by a collector with a ``time`` frame. Status frames carry the timebase's wall time.
 """
 
 from __future__ import annotations
@@ -61,16 +68,19 @@ import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.buffer import AckOutcome, Buffer, SealedBatch, now_us
+from agent import clock as clocks
+from agent.buffer import AckOutcome, Buffer, SealedBatch
 from agent.settings import GatewaySettings, MqttSettings, mqtt_password, mqtt_username
 from protocol import (
     Ack,
     AckResult,
     GatewayStatus,
     ProtocolError,
+    TimeReply,
+    TimeRequest,
     TopicKind,
     build_topic,
-    decode_ack,
+    decode_frame,
     encode_frame,
 )
 
@@ -140,6 +150,8 @@ class InFlight:
     # Set when the broker said nobody subscribes: send again at this time (monotonic).
     resend_at: float | None = None
     unheard: int = 0
+    # Boot-clock time of the first send: any ack of this batch was sent after it.
+    first_sent_boot: int | None = None
 
 
 class OutcomeLog:
@@ -206,8 +218,10 @@ class Shipper:
         buffer: Buffer,
         *,
         version: str = "",
+        timebase: clocks.Timebase | None = None,
     ) -> None:
         self.settings = settings
+        self.timebase = timebase if timebase is not None else clocks.current()
         self.gateway = gateway
         self.buffer = buffer
         self.version = version
@@ -226,7 +240,8 @@ class Shipper:
         self.resent = 0
         self.acked = 0
         self._wake = asyncio.Event()
-        self._acks: asyncio.Queue[Ack] = asyncio.Queue()
+        self._acks: asyncio.Queue[tuple[Ack, int]] = asyncio.Queue()
+        self.time_requests = 0
         self._stopping = False
         self._draining = False
         self._drain_deadline = 0.0
@@ -294,13 +309,26 @@ class Shipper:
             self._loop.call_soon_threadsafe(self._unheard, mid)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # The arrival time first: the round trip ends here, not when asyncio gets to it.
+        received = self.timebase.clock.boot_us()
         try:
-            ack = decode_ack(bytes(message.payload))
+            frame = decode_frame(bytes(message.payload))
         except ProtocolError as exc:
             log.warning("ack.invalid", topic=message.topic, reason=exc.reason.value, error=str(exc))
             return
+        if isinstance(frame, TimeReply):
+            self.timebase.observe(frame.sent, received, frame.time)
+            return
+        if not isinstance(frame, Ack):
+            log.warning(
+                "ack.invalid",
+                topic=message.topic,
+                reason="unexpected_kind",
+                error=f"expected an ack frame, got {type(frame).__name__}",
+            )
+            return
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._ack_arrived, ack)
+            self._loop.call_soon_threadsafe(self._ack_arrived, frame, received)
 
     # --- asyncio side ---------------------------------------------------------------------
 
@@ -312,9 +340,19 @@ class Shipper:
         self._lost.set()
         self._wake.set()
 
-    def _ack_arrived(self, ack: Ack) -> None:
-        self._acks.put_nowait(ack)
+    def _ack_arrived(self, ack: Ack, received: int) -> None:
+        self._acks.put_nowait((ack, received))
         self._wake.set()
+
+    def _ask_time(self) -> None:
+        """Ask the collector for its time if the timebase wants it (QoS 0: a lost one is
+        simply asked again)."""
+        client = self._client
+        if client is None or not self.timebase.wants_time():
+            return
+        request = TimeRequest(gateway_id=self.gateway.id, sent=self.timebase.clock.boot_us())
+        client.publish(self.telemetry_topic, encode_frame(request), qos=0)
+        self.time_requests += 1
 
     def _build_client(self) -> mqtt.Client:
         s = self.settings
@@ -342,7 +380,10 @@ class Shipper:
         client.max_inflight_messages_set(max(20, s.window * 2))
         offline = encode_frame(
             GatewayStatus(
-                gateway_id=self.gateway.id, state="offline", time=now_us(), version=self.version
+                gateway_id=self.gateway.id,
+                state="offline",
+                time=self.timebase.wall_now(),
+                version=self.version,
             )
         )
         client.will_set(self.status_topic, offline, qos=1, retain=True)
@@ -389,7 +430,10 @@ class Shipper:
         client.subscribe(self.ack_topic, qos=1)
         online = encode_frame(
             GatewayStatus(
-                gateway_id=self.gateway.id, state="online", time=now_us(), version=self.version
+                gateway_id=self.gateway.id,
+                state="online",
+                time=self.timebase.wall_now(),
+                version=self.version,
             )
         )
         client.publish(self.status_topic, online, qos=1, retain=True)
@@ -409,7 +453,10 @@ class Shipper:
         if graceful and self.state == "connected":
             offline = encode_frame(
                 GatewayStatus(
-                    gateway_id=self.gateway.id, state="offline", time=now_us(), version=self.version
+                    gateway_id=self.gateway.id,
+                    state="offline",
+                    time=self.timebase.wall_now(),
+                    version=self.version,
                 )
             )
             info = client.publish(self.status_topic, offline, qos=1, retain=True)
@@ -485,6 +532,7 @@ class Shipper:
         self._tokens, self._tokens_at = 1.0, time.monotonic()
         while not self._stopping and self.state == "connected":
             self._wake.clear()
+            self._ask_time()
             await self._take_acks()
             self.outcomes.flush()
             self._expire()
@@ -527,7 +575,11 @@ class Shipper:
 
     async def _take_acks(self) -> None:
         while not self._acks.empty():
-            ack = self._acks.get_nowait()
+            ack, received = self._acks.get_nowait()
+            if ack.time is not None:
+                sent = self.in_flight.get(ack.seq)
+                if sent is not None and sent.stream == ack.stream and sent.first_sent_boot:
+                    self.timebase.observe(sent.first_sent_boot, received, ack.time)
             if ack.result == AckResult.CONFLICT:
                 await self._conflict(ack)
                 continue
@@ -690,6 +742,8 @@ class Shipper:
         client = self._client
         if client is None:
             return
+        if entry.first_sent_boot is None:
+            entry.first_sent_boot = self.timebase.clock.boot_us()
         info = client.publish(self.telemetry_topic, entry.frame, qos=1)
         entry.sent_at = time.monotonic()
         entry.sends += 1

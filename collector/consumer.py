@@ -225,8 +225,12 @@ class Consumer:
             rc = self.client.ack(incoming.mid, incoming.qos)
         return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Publish an ack frame (QoS 1); paho queues it across reconnects."""
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Publish an ack frame (QoS 1; paho queues it across reconnects) or, at QoS 0, a time
+        reply (worthless once late: the gateway asks again)."""
+        if qos == 0:
+            self.client.publish(topic, payload, qos=0)
+            return
         pending = self._pending
         while pending and _sent(pending[0]):
             pending.popleft()

@@ -95,6 +95,18 @@ class CollectorMetrics:
             " (two agents with one gateway id)",
             registry=r,
         )
+        self.gateway_clock_skew = Gauge(
+            f"{_NS}_gateway_clock_skew_seconds",
+            "A gateway's batch creation time minus this collector's receive time, the largest of"
+            " the last minute (positive: the gateway's times are ahead; about zero when right)",
+            ["gateway_id"],
+            registry=r,
+        )
+        self.time_requests = Counter(
+            f"{_NS}_time_requests",
+            "Time requests of gateways answered with this collector's clock",
+            registry=r,
+        )
 
     def serve(self, listen: str) -> Any:
         """Serve the metrics on ``host:port``; return the server (``None`` if disabled)."""

@@ -45,11 +45,12 @@ from protocol import (
     Limits,
     ProtocolError,
     Reason,
+    TimeRequest,
     TopicAddress,
     TopicKind,
     build_topic,
-    decode_batch,
     decode_envelope,
+    decode_frame,
     decode_status,
     parse_topic,
 )
@@ -131,6 +132,10 @@ class Staged:
     copy_data: tuple[bytes, bytes] | None = None
     retry: bool = False
     quota_refused: dict[tuple[str, uuid.UUID], int] = field(default_factory=dict)
+    clock: str | None = None
+    """The batch's ``clock`` key: its ack carries the collector's time when it is set."""
+    time_request: int | None = None
+    """A time request's ``sent``: answered with a ``time`` frame on ``ack_topic``, nothing stored."""
 
     @property
     def rejected(self) -> int:
@@ -284,12 +289,21 @@ class Pipeline:
                 msg, address, Reason.BAD_TOPIC, f"collector does not consume {address.kind} topics"
             )
         try:
-            batch = decode_batch(msg.payload, self.limits)
+            frame = decode_frame(msg.payload, self.limits)
+            if isinstance(frame, TimeRequest):
+                return self._time_request(msg, address, frame)
+            if not isinstance(frame, Batch):
+                raise ProtocolError(
+                    Reason.UNEXPECTED_KIND,
+                    f"expected a batch frame, got {type(frame).__name__}",
+                )
         except ProtocolError as exc:
             return await self._undecodable(msg, address, exc)
+        batch = frame
         gateway = await self.registry.gateway(address.gateway_id)
         staged = self._addressed(msg, address, batch.gateway_id, batch.stream, batch.seq)
         staged.created = batch.created
+        staged.clock = batch.clock
         try:
             self._authorize_gateway(address, gateway, batch.gateway_id)
         except Refused as exc:
@@ -307,6 +321,29 @@ class Pipeline:
             )
         await self.evaluate(staged, address, batch)
         return staged
+
+    def _time_request(self, msg: Incoming, address: TopicAddress, frame: TimeRequest) -> Staged:
+        """A gateway asks for the collector's time: answered on its ack topic, nothing stored.
+
+        Only the topic's own gateway is answered (the broker's ACL lets a gateway write only
+        its own topics); the reply tells nothing but the time.
+        """
+        if frame.gateway_id != address.gateway_id:
+            return self._refused(
+                msg,
+                address,
+                Reason.GATEWAY_MISMATCH,
+                f"time request of gateway {frame.gateway_id} on the topic of {address.gateway_id}",
+            )
+        return Staged(
+            incoming=msg,
+            tenant_id=address.tenant_id,
+            gateway_id=address.gateway_id,
+            ack_topic=build_topic(
+                self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK
+            ),
+            time_request=frame.sent,
+        )
 
     def internal_error(self, msg: Incoming, exc: BaseException) -> Staged:
         """The item of a message whose processing raised: its raw frame, quarantined.
@@ -703,7 +740,7 @@ class Pipeline:
                 self._keep(
                     staged,
                     rejects.reason,
-                    why or _explain(rejects.reason, rule, earliest, latest),
+                    why or _explain(rejects.reason, rule, earliest, latest, batch.clock),
                     device_id=s.device_id,
                     metric=s.metric,
                     payload=[part_ts, [values[i] for i in idx]],
@@ -737,7 +774,7 @@ class Pipeline:
             why = (
                 refused_devices[device][1]
                 if device is not None and device in refused_devices
-                else "outside the accepted time window"
+                else "outside the accepted time window" + _UNTRUSTED.get(batch.clock or "", "")
             )
             self._keep(
                 staged,
@@ -769,9 +806,20 @@ class Pipeline:
         staged.settle()
 
 
-def _explain(reason: Reason, rule: MetricRule | None, earliest: int, latest: int) -> str:
+_UNTRUSTED = {
+    "untrusted": "; the gateway sealed them with a clock it did not trust (no NTP, no answer from a"
+    " collector in time): replay with --any-time once the right times are known"
+}
+
+
+def _explain(
+    reason: Reason, rule: MetricRule | None, earliest: int, latest: int, clock: str | None = None
+) -> str:
     if reason is Reason.TIMESTAMP_OUT_OF_WINDOW:
-        return f"timestamps outside [{to_datetime(earliest).isoformat()}, {to_datetime(latest).isoformat()}]"
+        return (
+            f"timestamps outside [{to_datetime(earliest).isoformat()},"
+            f" {to_datetime(latest).isoformat()}]" + _UNTRUSTED.get(clock or "", "")
+        )
     if rule is None:
         return reason.value
     if reason is Reason.OUT_OF_RANGE:

@@ -4,6 +4,12 @@
 flushes and commits what is staged, sends the acks of what committed, and disconnects, all
 within ``drain_deadline``. Messages received but not committed are never acknowledged; the broker
 keeps them in the persistent session and redelivers them. Signals are the CLI's business.
+
+The collector is a time source for its gateways: the ack of every batch that says how its times
+were taken (``clock``) carries this collector's clock, read just before the ack is published, and
+a gateway's ``time_request`` (QoS 0) is answered at once with a ``time`` frame, outside the
+writer (nothing is stored, and a QoS 0 message needs no PUBACK in order). Each batch's
+``created`` against its receive time feeds the per-gateway skew gauge.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import structlog
 
 from collector import migrations
 from collector.alerts.engine import AlertEngine
+from collector.clock_skew import SkewTracker
 from collector.consumer import Consumer
 from collector.errors import CollectorError, DatabaseUnavailable
 from collector.lifecycle.runner import run_lifecycle
@@ -35,7 +42,7 @@ from collector.registry import Registry
 from collector.settings import DEFAULT_GROUP, Settings, connect_params, mqtt_password
 from collector.streams import StreamWatch
 from collector.writer import Writer, write_items
-from protocol import Ack, AckResult, Limits, Reason, encode_frame
+from protocol import Ack, AckResult, Limits, Reason, TimeReply, encode_frame
 from service.systemd import Notifier
 
 log = structlog.get_logger("collector")
@@ -105,6 +112,7 @@ class Collector:
         self.settings = settings
         self.environ = environ
         self.metrics = CollectorMetrics()
+        self.skew = SkewTracker(self.metrics.gateway_clock_skew)
         self.notifier = Notifier(environ)
         self.committed_batches = 0
         self.streams = StreamWatch()
@@ -368,11 +376,46 @@ class Collector:
                     staged = self._failed(msg, exc)
                     break
             self._processing_since = None
+            if staged.time_request is not None and msg.qos == 0:
+                self._answer_time(staged)
+                self.metrics.inflight.dec()
+                continue
             writer.stage(staged)
             # Queued messages never suspend this loop by themselves: yield so that the writer
             # can start a full flush while the next messages are processed.
             await asyncio.sleep(0)
             await writer.room()
+
+    def _answer_time(self, item: Staged) -> None:
+        """Publish this collector's clock in answer to a gateway's time request."""
+        consumer = self.consumer
+        assert consumer is not None and item.ack_topic is not None
+        assert item.time_request is not None
+        reply = TimeReply(sent=item.time_request, time=time.time_ns() // 1000)
+        try:
+            consumer.publish(item.ack_topic, encode_frame(reply, compress=False), qos=0)
+        except Exception:
+            log.exception("time.publish_failed", topic=item.ack_topic)
+            return
+        self.metrics.time_requests.inc()
+
+    def _record_skew(self, item: Staged) -> None:
+        if item.gateway_id is None or item.created is None or item.key is None:
+            return
+        # The receive time on the wall clock: now, less how long the message has been with us.
+        received = time.time_ns() // 1000 - int((time.monotonic() - item.incoming.received) * 1e6)
+        skew = self.skew.record(item.gateway_id, item.created, received)
+        tolerance = self.settings.validation.clock_tolerance
+        if abs(skew) > tolerance and item.clock is not None:
+            log.warning(
+                "gateway.clock_skew",
+                gateway_id=str(item.gateway_id),
+                skew_s=round(skew, 3),
+                clock=item.clock,
+                hint="the gateway sealed this batch with a clock it does not trust"
+                if item.clock == "untrusted"
+                else "the gateway's times differ from this collector's clock",
+            )
 
     def _on_committed(self, items: list[Staged]) -> None:
         """After a commit: ack frames and PUBACKs in arrival order, and the counters."""
@@ -383,6 +426,12 @@ class Collector:
             now = time.monotonic()
             m.commit_lag.set(max(now - item.incoming.received for item in items))
         for item in items:
+            if item.time_request is not None:
+                # A time request sent at QoS 1: answered after the commit, in arrival order.
+                self._answer_time(item)
+                consumer.ack(item.incoming)
+                m.inflight.dec()
+                continue
             if item.retry:
                 # No ack frame: the agent sends the batch again after its ack timeout.
                 consumer.ack(item.incoming)
@@ -401,6 +450,8 @@ class Collector:
                     reason=item.reason,
                     quarantined=item.quarantined,
                     reasons=item.tally.reasons() if item.result is not AckResult.OK else {},
+                    # Only to an agent that reads it: one that says how its times were taken.
+                    time=time.time_ns() // 1000 if item.clock is not None else None,
                 )
                 try:
                     consumer.publish(item.ack_topic, encode_frame(frame, compress=False))
@@ -421,6 +472,8 @@ class Collector:
             kind = "status" if item.ack_topic is None and item.result is None else "telemetry"
             result = item.result.value if item.result is not None else "ok"
             m.messages.labels(kind=kind, result=result).inc()
+            if item.result is not None and item.result is not AckResult.CONFLICT:
+                self._record_skew(item)
             if item.result in (AckResult.OK, AckResult.PARTIAL, AckResult.QUARANTINED):
                 m.points_accepted.inc(item.accepted)
                 self.committed_batches += 1

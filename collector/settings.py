@@ -234,6 +234,7 @@ class ValidationSettings(_Section):
     reject_sample: int = Field(default=5, ge=0, le=100)
     max_frame_bytes: Size = 1 << 20
     max_points: int = Field(default=100_000, ge=1)
+    clock_tolerance: Duration = 2.0
 
 
 class QuarantineSettings(_Section):

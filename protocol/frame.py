@@ -28,6 +28,8 @@ from protocol.models import (
     Frame,
     GatewayStatus,
     Series,
+    TimeReply,
+    TimeRequest,
 )
 
 MAGIC = b"SM"
@@ -141,6 +143,8 @@ def _batch_body(b: Batch) -> dict[str, Any]:
         ]
     if b.status:
         body["status"] = [[s.time, s.device_id.bytes, s.status, s.reason] for s in b.status]
+    if b.clock is not None:
+        body["clock"] = b.clock
     return body
 
 
@@ -173,7 +177,13 @@ def _body(frame: Frame) -> dict[str, Any]:
             ack["quarantined"] = frame.quarantined
         if frame.reasons:
             ack["reasons"] = {k: [q, r] for k, (q, r) in frame.reasons.items()}
+        if frame.time is not None:
+            ack["time"] = frame.time
         return ack
+    if isinstance(frame, TimeRequest):
+        return {"k": "time_request", "gw": frame.gateway_id.bytes, "sent": frame.sent}
+    if isinstance(frame, TimeReply):
+        return {"k": "time", "sent": frame.sent, "time": frame.time}
     raise TypeError(f"cannot encode {type(frame).__name__} as a frame")
 
 
@@ -388,7 +398,10 @@ def _known_keys(
 
 def _decode_batch(body: dict[str, Any], limits: Limits) -> Batch:
     _known_keys(
-        body, ("k", "gw", "stream", "seq", "created", "series"), ("events", "status"), "batch"
+        body,
+        ("k", "gw", "stream", "seq", "created", "series"),
+        ("events", "status", "clock"),
+        "batch",
     )
     series_raw = _list(body["series"], "series", limits.max_series)
     series = [_decode_series(e, i, limits) for i, e in enumerate(series_raw)]
@@ -407,6 +420,11 @@ def _decode_batch(body: dict[str, Any], limits: Limits) -> Batch:
         series=series,
         events=[_decode_event(e, i, limits) for i, e in enumerate(events_raw)],
         status=[_decode_status(e, i) for i, e in enumerate(status_raw)],
+        clock=(
+            _str(body["clock"], "clock", 16, choices=("system", "collector", "untrusted"))
+            if "clock" in body
+            else None
+        ),
     )
 
 
@@ -445,7 +463,7 @@ def _decode_ack(body: dict[str, Any]) -> Ack:
     _known_keys(
         body,
         ("k", "stream", "seq", "result", "accepted", "rejected", "reason"),
-        ("quarantined", "reasons"),
+        ("quarantined", "reasons", "time"),
         "ack",
     )
     return Ack.model_construct(
@@ -459,6 +477,22 @@ def _decode_ack(body: dict[str, Any]) -> Ack:
         reason=_str(body["reason"], "reason", 64),
         quarantined=_int(body.get("quarantined", 0), "quarantined", 0, _INT64_MAX),
         reasons=_ack_reasons(body.get("reasons", {})),
+        time=_int(body["time"], "time", 0, MAX_TIME_US) if "time" in body else None,
+    )
+
+
+def _decode_time_request(body: dict[str, Any]) -> TimeRequest:
+    _known_keys(body, ("k", "gw", "sent"), (), "time_request")
+    return TimeRequest.model_construct(
+        gateway_id=_uuid(body["gw"], "gw"), sent=_int(body["sent"], "sent", 0, MAX_TIME_US)
+    )
+
+
+def _decode_time_reply(body: dict[str, Any]) -> TimeReply:
+    _known_keys(body, ("k", "sent", "time"), (), "time")
+    return TimeReply.model_construct(
+        sent=_int(body["sent"], "sent", 0, MAX_TIME_US),
+        time=_int(body["time"], "time", 0, MAX_TIME_US),
     )
 
 
@@ -536,7 +570,8 @@ def decode_header(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT
 
 
 def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Frame:
-    """Decode a frame into a :class:`Batch`, :class:`GatewayStatus` or :class:`Ack`.
+    """Decode a frame into a :class:`Batch`, :class:`GatewayStatus`, :class:`Ack`,
+    :class:`TimeRequest` or :class:`TimeReply`.
 
     Raises only :class:`ProtocolError`.
     """
@@ -578,7 +613,14 @@ def decode_frame(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
         return _decode_gateway_status(body)
     if kind == "ack":
         return _decode_ack(body)
-    raise _fail(Reason.INVALID_FIELD, f"frame kind {kind!r} is not batch, status or ack")
+    if kind == "time_request":
+        return _decode_time_request(body)
+    if kind == "time":
+        return _decode_time_reply(body)
+    raise _fail(
+        Reason.INVALID_FIELD,
+        f"frame kind {kind!r} is not batch, status, ack, time_request or time",
+    )
 
 
 def decode_batch(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Batch:

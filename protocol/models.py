@@ -33,6 +33,10 @@ Metric = Annotated[str, Field(min_length=1, max_length=128, strict=True)]
 Severity = Literal["debug", "info", "warning", "error", "critical"]
 DeviceState = Literal["online", "error", "offline"]
 GatewayState = Literal["online", "offline"]
+ClockSource = Literal["system", "collector", "untrusted"]
+"""How a batch's times were taken (its ``clock`` key): the gateway's synchronised system clock,
+the gateway's boot clock converted with the offset measured against the collector, or the
+gateway's wall clock while no trusted time existed."""
 
 
 class AckResult(StrEnum):
@@ -103,6 +107,7 @@ class Batch(_Wire):
     series: list[Series] = Field(default_factory=list)
     events: list[Event] = Field(default_factory=list)
     status: list[DeviceStatus] = Field(default_factory=list)
+    clock: ClockSource | None = None
 
     @property
     def point_count(self) -> int:
@@ -141,6 +146,26 @@ class Ack(_Wire):
     reasons: dict[Annotated[str, Field(min_length=1, max_length=64)], tuple[Count, Count]] = Field(
         default_factory=dict, max_length=64
     )
+    time: TimeUs | None = None
+    """The collector's clock when it sent the ack; only in answer to a batch that has ``clock``."""
 
 
-Frame = Batch | GatewayStatus | Ack
+class TimeRequest(_Wire):
+    """An agent asks the collector for its clock (QoS 0, on the telemetry topic).
+
+    ``sent`` is the agent's own reading of its clock when it sent the request, opaque to the
+    collector, which echoes it in the :class:`TimeReply`.
+    """
+
+    gateway_id: uuid.UUID
+    sent: Annotated[int, Field(ge=0, le=MAX_TIME_US, strict=True)]
+
+
+class TimeReply(_Wire):
+    """The collector's clock (``time``, µs since the epoch) in answer to a :class:`TimeRequest`."""
+
+    sent: Annotated[int, Field(ge=0, le=MAX_TIME_US, strict=True)]
+    time: TimeUs
+
+
+Frame = Batch | GatewayStatus | Ack | TimeRequest | TimeReply

@@ -31,6 +31,7 @@ from agent.buffer.schema import (
 )
 from agent.buffer.space import Space
 from agent.buffer.store import Store
+from agent.clock import Timebase
 from agent.errors import BufferFileError
 from protocol import Ack
 
@@ -59,8 +60,12 @@ class Buffer:
         max_page_count: int | None = None,
         reserve_bytes: int = DEFAULT_RESERVE,
         hold_readings: int = DEFAULT_HOLD,
+        timebase: Timebase | None = None,
+        max_wait: float | None = None,
     ) -> None:
         self.path = Path(path)
+        self.timebase = timebase
+        self.max_wait = max_wait
         self.gateway_id = gateway_id
         self._max_bytes = max_bytes
         self._overflow: Overflow = overflow
@@ -162,6 +167,8 @@ class Buffer:
             max_frame_bytes=self._max_frame_bytes,
             space=self.space,
             hold_readings=self._hold_readings,
+            timebase=self.timebase,
+            max_wait=self.max_wait,
         )
         self._store = store
         if self._max_page_count is not None:

@@ -3,20 +3,44 @@
 A note is stored as its kind (``"event"`` or ``"status"``) and a msgpack body; sealing turns the
 bodies into the protocol's :class:`~protocol.Event` and :class:`~protocol.DeviceStatus`. The
 ``readings.dropped`` event that reports unreported drop counts is made here too.
+
+A note stamped now is on the boot clock: its body's ``time`` is then a ``CLOCK_BOOTTIME`` reading
+and ``boot`` the kernel's boot id, converted to wall time at sealing like a reading's. A note
+given an explicit time carries wall time and no ``boot``.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
-from agent.buffer.schema import DROP_REASONS, now_us
+from agent import clock
+from agent.buffer.schema import DROP_REASONS
 from protocol import DeviceStatus, Event
 
 Note = tuple[str, bytes]
 """A note as the ``notes`` table stores it: kind and msgpack body."""
+
+WallTime = Callable[[int, str | None], int]
+"""Turns a note's ``(time, boot id or None)`` into wall time (µs since the epoch)."""
+
+
+def _stamped(body: dict[str, Any], time_us: int | None) -> dict[str, Any]:
+    if time_us is not None:
+        body["time"] = int(time_us)
+    else:
+        timebase = clock.current()
+        body["time"] = timebase.boot_now()
+        body["boot"] = timebase.boot_id
+    return body
+
+
+def wall_time_as_is(time_us: int, boot: str | None) -> int:
+    """A converter for callers that only need the stored figure (inspection)."""
+    return time_us
 
 
 def event_note(
@@ -30,14 +54,13 @@ def event_note(
 ) -> Note:
     """An event as the ``notes`` table stores it."""
     body = {
-        "time": time_us if time_us is not None else now_us(),
         "device": device_id.bytes if device_id else None,
         "severity": severity,
         "kind": kind,
         "message": message[:1024],
         "attributes": attributes or {},
     }
-    return ("event", msgpack.packb(body, use_bin_type=True))
+    return ("event", msgpack.packb(_stamped(body, time_us), use_bin_type=True))
 
 
 def status_note(
@@ -45,24 +68,26 @@ def status_note(
 ) -> Note:
     """A device status change as the ``notes`` table stores it."""
     body = {
-        "time": time_us if time_us is not None else now_us(),
         "device": device_id.bytes,
         "status": status,
         "reason": reason[:256],
     }
-    return ("status", msgpack.packb(body, use_bin_type=True))
+    return ("status", msgpack.packb(_stamped(body, time_us), use_bin_type=True))
 
 
-def decode_notes(notes: list[tuple[Any, str, bytes]]) -> tuple[list[Event], list[DeviceStatus]]:
+def decode_notes(
+    notes: list[tuple[Any, str, bytes]], wall_time: WallTime = wall_time_as_is
+) -> tuple[list[Event], list[DeviceStatus]]:
     """The events and status changes of ``(id, kind, body)`` rows of the ``notes`` table."""
     events: list[Event] = []
     status: list[DeviceStatus] = []
     for _, note_kind, body in notes:
         data = msgpack.unpackb(body, raw=False)
+        at = max(0, wall_time(int(data["time"]), data.get("boot")))
         if note_kind == "status":
             status.append(
                 DeviceStatus.model_construct(
-                    time=data["time"],
+                    time=at,
                     device_id=uuid.UUID(bytes=data["device"]),
                     status=data["status"],
                     reason=data["reason"],
@@ -72,7 +97,7 @@ def decode_notes(notes: list[tuple[Any, str, bytes]]) -> tuple[list[Event], list
             device = data.get("device")
             events.append(
                 Event.model_construct(
-                    time=data["time"],
+                    time=at,
                     device_id=uuid.UUID(bytes=device) if device else None,
                     severity=data["severity"],
                     kind=data["kind"],

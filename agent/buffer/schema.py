@@ -7,6 +7,12 @@ side by side), the ``streams`` table (every stream of the file, oldest first, wi
 it used and why it was started) and the ``outcomes`` table (readings the collector quarantined or
 refused, per reason code). A version 1 file is migrated in one transaction when the agent opens
 it: its batches belong to the file's original stream.
+
+Schema version 3 stamps readings on the boot clock (:mod:`agent.clock`): ``readings.boot``
+names the row of ``boots`` (the kernel's boot id and the best offset to wall time known for
+that boot, saved at every seal) whose ``CLOCK_BOOTTIME`` the reading's ``ts`` is on; ``NULL``
+means ``ts`` is wall time already (readings that carry their own time, and every reading of an
+older file, which the migration keeps as they are).
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ READING_COST = 40
 BATCH_COST = 64
 """Estimated bytes of one sealed batch besides its frame."""
 MAX_NOTES_PER_BATCH = 200
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
-ReadingRow = tuple[bytes, str, int, Value]
-"""One reading as the buffer takes it: 16-byte device id, metric, time (µs), value."""
+ReadingRow = tuple[bytes, str, int, Value] | tuple[bytes, str, int, Value, bool]
+"""One reading as the buffer takes it: 16-byte device id, metric, time (µs), value, and whether
+the time is on this boot's boot clock (``True``) or wall time (``False`` or absent)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -42,7 +49,16 @@ CREATE TABLE IF NOT EXISTS readings (
     metric TEXT NOT NULL,
     ts INTEGER NOT NULL,
     value,
-    is_bool INTEGER
+    is_bool INTEGER,
+    boot INTEGER
+);
+CREATE TABLE IF NOT EXISTS boots (
+    id INTEGER PRIMARY KEY,
+    boot_id TEXT NOT NULL UNIQUE,
+    offset_us INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    error_us INTEGER,
+    updated_us INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS notes (
     id INTEGER PRIMARY KEY,
@@ -111,13 +127,27 @@ def columns(conn: sqlite3.Connection, table: str) -> set[str]:
 
 
 def migrate(conn: sqlite3.Connection) -> bool:
-    """Bring a version 1 file to version 2 inside the caller's transaction; ``True`` if it did.
+    """Bring a version 1 or 2 file to version 3 inside the caller's transaction; ``True`` if it did.
 
     The batches of a version 1 file all carry the file's original stream, which becomes the first
-    entry of ``streams``.
+    entry of ``streams``. The readings of a version 1 or 2 file keep their wall times (``boot``
+    is ``NULL``): every one of them is kept and sealed as it was stamped.
     """
-    if "stream" in columns(conn, "batches"):
-        return False
+    changed = False
+    if "stream" not in columns(conn, "batches"):
+        _add_streams(conn)
+        changed = True
+    if "boot" not in columns(conn, "readings"):
+        conn.execute("ALTER TABLE readings ADD COLUMN boot INTEGER")
+        changed = True
+    if changed:
+        conn.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
+        )
+    return changed
+
+
+def _add_streams(conn: sqlite3.Connection) -> None:
     row = conn.execute("SELECT value FROM meta WHERE key = 'stream'").fetchone()
     stream = str(row[0])
     conn.execute("ALTER TABLE batches ADD COLUMN stream TEXT NOT NULL DEFAULT ''")
@@ -127,8 +157,6 @@ def migrate(conn: sqlite3.Connection) -> bool:
         "INSERT OR IGNORE INTO streams(stream, first_seq, started_us, reason) VALUES (?, 0, ?, ?)",
         (stream, int(created[0]) if created else now_us(), "created"),
     )
-    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-    return True
 
 
 @dataclass(slots=True)

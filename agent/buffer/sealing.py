@@ -14,6 +14,13 @@ buffer was rolled back: a restored backup or snapshot, a cloned SD card, a power
 fresh seq under the new stream and replaces its old row. Only batches answered ``conflict`` are
 re-encoded: a conflict proves the collector kept nothing of that content, while any other batch
 may already be committed and would be stored twice under a new key.
+
+Time: readings on the boot clock are converted to wall time here, with the offset the timebase
+judges best now (this boot's) or the one saved for an earlier boot, so the stored frame carries
+wall times and a resend never changes them. While the offset is not trusted, nothing is sealed
+for up to ``max_wait`` (counted from the oldest waiting reading); after that the batch is sealed
+with the wall clock and its ``clock`` key says ``untrusted``. Every batch says how its times were
+taken: ``system``, ``collector`` or ``untrusted`` (the least trusted of its readings).
 """
 
 from __future__ import annotations
@@ -29,7 +36,16 @@ import structlog
 from agent.buffer.files import storage_fault
 from agent.buffer.notes import decode_notes, drop_event, event_note
 from agent.buffer.schema import BATCH_COST, MAX_NOTES_PER_BATCH, Reencoded, now_us, reading_cost
-from protocol import Batch, DeviceStatus, Event, Series, Value, decode_batch, encode_frame
+from protocol import (
+    Batch,
+    ClockSource,
+    DeviceStatus,
+    Event,
+    Series,
+    Value,
+    decode_batch,
+    encode_frame,
+)
 
 if TYPE_CHECKING:
     from agent.buffer.store import Store
@@ -37,10 +53,16 @@ if TYPE_CHECKING:
 log = structlog.get_logger("agent.buffer")
 
 
+def _least_trusted(sources: set[str]) -> ClockSource:
+    if "untrusted" in sources:
+        return "untrusted"
+    return "collector" if "collector" in sources else "system"
+
+
 def series_of(rows: Sequence[Any]) -> list[Series]:
-    """Group ``(id, device, metric, ts, value, is_bool)`` rows into series, in order."""
+    """Group ``(id, device, metric, ts, value, is_bool, …)`` rows into series, in order."""
     grouped: dict[tuple[bytes, str], tuple[list[int], list[Value]]] = {}
-    for _, device, metric, ts, value, is_bool in rows:
+    for _, device, metric, ts, value, is_bool, *_ in rows:
         entry = grouped.get((device, metric))
         if entry is None:
             entry = grouped[(device, metric)] = ([], [])
@@ -62,6 +84,7 @@ def encode(
     rows: Sequence[Any],
     events: list[Event],
     status: list[DeviceStatus],
+    clock: ClockSource | None = None,
 ) -> tuple[bytes, int]:
     """The frame of the first readings of ``rows`` that fit ``max_frame_bytes``, and their count."""
     n = len(rows)
@@ -75,6 +98,7 @@ def encode(
                 series=series_of(rows[:n]),
                 events=events,
                 status=status,
+                clock=clock,
             )
         )
         if len(frame) <= store.max_frame_bytes or n <= 1:
@@ -92,6 +116,8 @@ def seal(store: Store, force: bool) -> list[int]:
             return []
     sealed: list[int] = []
     while store.unsealed >= store.max_points or (force and store.has_unsealed()):
+        if sealed == [] and waiting(store):
+            break
         seq = seal_one(store)
         if seq is None:
             break
@@ -99,29 +125,92 @@ def seal(store: Store, force: bool) -> list[int]:
     return sealed
 
 
+def waiting(store: Store) -> bool:
+    """Whether sealing waits for a trusted time now (see the module's docstring)."""
+    if store.max_wait_us is None or store.timebase.offset().trusted:
+        store.waiting_since = None
+        return False
+    now = store.timebase.clock.boot_us()
+    started = store.waiting_since
+    if started is None:
+        started = store.waiting_since = now
+    if store.boot_ref is not None and store.has_boot_column:
+        row = store.conn.execute(
+            "SELECT ts FROM readings WHERE boot = ? ORDER BY id LIMIT 1", (store.boot_ref,)
+        ).fetchone()
+        if row is not None:
+            started = min(started, int(row[0]))
+    if now - started < store.max_wait_us:
+        return True
+    log.warning(
+        "clock.sealing_untrusted",
+        waited_s=round((now - started) / 1e6, 1),
+        hint="no trusted time within clock.max_wait: sealing with the gateway's wall clock,"
+        " marked untrusted; the collector quarantines what falls outside its window",
+    )
+    return False
+
+
 def seal_one(store: Store) -> int | None:
     """Seal one batch in one transaction; its seq, or ``None`` (nothing to seal, or a fault)."""
     conn = store.conn
-    created = now_us()
+    offset = store.timebase.offset()
+    created = store.timebase.clock.boot_us() + offset.us
     counters = store.counters_with_unpersisted()
+    sources: set[str] = {offset.source}
+    cache: dict[int, tuple[int, str]] = {}
+
+    def to_wall(ts: int, boot: int | None) -> int:
+        if boot is None:
+            return ts
+        found = cache.get(boot)
+        if found is None:
+            found = cache[boot] = (
+                (offset.us, offset.source) if boot == store.boot_ref else store.wall_offset(boot)
+            )
+        sources.add(found[1])
+        return max(0, ts + found[0])
+
+    def note_time(ts: int, boot_id: str | None) -> int:
+        if boot_id is None:
+            return ts
+        ref = next((i for i, b in store.boots.items() if b[0] == boot_id), None)
+        if ref is None:
+            sources.add("untrusted")
+            return ts + offset.us
+        return to_wall(ts, ref)
+
+    boot_column = "boot" if store.has_boot_column else "NULL"
     try:
         with store.transaction():
-            rows = conn.execute(
-                "SELECT id, device, metric, ts, value, is_bool FROM readings ORDER BY id LIMIT ?",
+            stored = conn.execute(
+                f"SELECT id, device, metric, ts, value, is_bool, {boot_column} FROM readings"
+                " ORDER BY id LIMIT ?",
                 (store.max_points,),
             ).fetchall()
+            rows = [
+                (rid, device, metric, to_wall(ts, boot), value, is_bool, ts, boot)
+                for rid, device, metric, ts, value, is_bool, boot in stored
+            ]
             notes = conn.execute(
                 "SELECT id, kind, body FROM notes ORDER BY id LIMIT ?", (MAX_NOTES_PER_BATCH,)
             ).fetchall()
-            events, status = decode_notes(notes)
+            events, status = decode_notes(notes, note_time)
             dropped = drop_event(counters, created)
             if dropped is not None:
                 events.append(dropped)
             if not rows and not events and not status:
                 return None
             seq = counters["next_seq"]
+            clock = _least_trusted(sources)
             frame, n = encode(
-                store, seq=seq, created=created, rows=rows, events=events, status=status
+                store,
+                seq=seq,
+                created=created,
+                rows=rows,
+                events=events,
+                status=status,
+                clock=clock,
             )
             taken = rows[:n]
             oldest = min((r[3] for r in taken), default=None)
@@ -140,6 +229,7 @@ def seal_one(store: Store) -> int | None:
                 conn.execute("DELETE FROM notes WHERE id <= ?", (notes[-1][0],))
             counters["next_seq"] = seq + 1
             store.write_counters(counters)
+            store.save_offset(offset)
     except sqlite3.Error as exc:
         fault = storage_fault(exc)
         if fault is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import structlog
 
+from agent import clock as clocks
 from agent.buffer import overflow as overflow_policy
 from agent.buffer import sealing
 from agent.buffer.files import storage_fault
@@ -129,8 +130,20 @@ class Store:
         max_frame_bytes: int,
         space: Space | None = None,
         hold_readings: int = 0,
+        timebase: clocks.Timebase | None = None,
+        max_wait: float | None = None,
     ) -> None:
         self.conn = conn
+        self.timebase = timebase if timebase is not None else clocks.current()
+        self.max_wait_us = None if max_wait is None else int(max_wait * 1e6)
+        """How long readings wait unsealed for a trusted time (``None``: not at all)."""
+        self.boot_ref: int | None = None
+        """The ``boots`` row of this boot (readings on the boot clock point at it)."""
+        self.boots: dict[int, tuple[str, int, str]] = {}
+        """``boots`` rows: id -> (boot id, saved offset µs, its source)."""
+        self.waiting_since: int | None = None
+        """Boot time since which sealing waits for a trusted time (notes alone)."""
+        self.has_boot_column = True
         self.gateway_id = gateway_id
         self.max_bytes = max_bytes
         self.overflow: Overflow = overflow
@@ -193,7 +206,21 @@ class Store:
                 )
             elif migrate(self.conn):
                 log.info("buffer.migrated", schema=SCHEMA_VERSION)
+            self._register_boot()
         self.load()
+
+    def _register_boot(self) -> None:
+        """The ``boots`` row of this boot, made with the wall clock's offset (untrusted)."""
+        tb = self.timebase
+        boot = tb.clock.boot_us()
+        local = tb.clock.wall_us() - boot
+        self.conn.execute(
+            "INSERT OR IGNORE INTO boots(boot_id, offset_us, source, error_us, updated_us)"
+            " VALUES (?, ?, 'untrusted', NULL, ?)",
+            (tb.boot_id, local, local + boot),
+        )
+        row = self.conn.execute("SELECT id FROM boots WHERE boot_id = ?", (tb.boot_id,)).fetchone()
+        self.boot_ref = int(row[0])
 
     def load(self) -> None:
         """Read the stream ids, counters and sizes from the file."""
@@ -208,6 +235,12 @@ class Store:
             self.backlog_note = self._backlog_written = str(meta["backlog"])
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         self.legacy = "stream" not in columns(conn, "batches")
+        self.has_boot_column = "boot" in columns(conn, "readings")
+        if "boots" in tables:
+            self.boots = {
+                int(i): (str(b), int(o), str(src))
+                for i, b, o, src in conn.execute("SELECT id, boot_id, offset_us, source FROM boots")
+            }
         if "streams" in tables:
             self.streams = [
                 StreamInfo(uuid.UUID(str(s)), int(first), int(started), str(reason))
@@ -471,10 +504,21 @@ class Store:
                         dropped_oldest = freed.readings + keep_from
                 kept = rows[keep_from:keep_to]
                 if kept:
+                    boot = self.boot_ref
                     self.conn.executemany(
-                        "INSERT INTO readings(device, metric, ts, value, is_bool)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        [(d, m, t, v, 1 if v.__class__ is bool else None) for d, m, t, v in kept],
+                        "INSERT INTO readings(device, metric, ts, value, is_bool, boot)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        [
+                            (
+                                r[0],
+                                r[1],
+                                r[2],
+                                r[3],
+                                1 if r[3].__class__ is bool else None,
+                                boot if len(r) > 4 and r[4] else None,  # type: ignore[misc]
+                            )
+                            for r in kept
+                        ],
                     )
                 if dropped_oldest:
                     counters["dropped_drop_oldest"] += dropped_oldest
@@ -755,6 +799,65 @@ class Store:
             self.append([])
         return len(self.held)
 
+    # --- time -----------------------------------------------------------------------------
+
+    def wall_offset(self, boot: int) -> tuple[int, str]:
+        """The offset (µs) and its source that turn boot-clock times of ``boot`` into wall time.
+
+        This boot's offset is the timebase's best now; an earlier boot's is the one saved for it
+        at its last seal (or, without one, its wall clock's when the buffer was opened then).
+        """
+        if boot == self.boot_ref:
+            offset = self.timebase.offset()
+            return offset.us, offset.source
+        saved = self.boots.get(boot)
+        if saved is None:
+            return self.timebase.offset().us, "untrusted"
+        return saved[1], saved[2]
+
+    def wall_time(self, ts: int, boot: int | None) -> int:
+        """A stored reading's time as wall time (µs since the epoch)."""
+        if boot is None:
+            return ts
+        return ts + self.wall_offset(boot)[0]
+
+    def oldest_reading(self) -> int | None:
+        """Wall time of the oldest unsealed reading, or ``None``."""
+        if not self.has_boot_column:
+            value = self.conn.execute("SELECT MIN(ts) FROM readings").fetchone()[0]
+            return None if value is None else int(value)
+        times = [
+            self.wall_time(int(ts), None if boot is None else int(boot))
+            for boot, ts in self.conn.execute("SELECT boot, MIN(ts) FROM readings GROUP BY boot")
+            if ts is not None
+        ]
+        return min(times) if times else None
+
+    def save_offset(self, offset: clocks.Offset) -> None:
+        """Remember this boot's offset (inside the caller's transaction) for after a reboot.
+
+        A trusted offset is never replaced by an untrusted one: the boot clock does not change
+        when the wall clock does, so it stays right for this boot.
+        """
+        if self.boot_ref is None:
+            return
+        saved = self.boots.get(self.boot_ref)
+        if not offset.trusted and saved is not None and saved[2] != "untrusted":
+            return
+        if saved is not None and saved[1] == offset.us and saved[2] == offset.source:
+            return
+        self.conn.execute(
+            "UPDATE boots SET offset_us = ?, source = ?, error_us = ?, updated_us = ? WHERE id = ?",
+            (
+                offset.us,
+                offset.source,
+                offset.error_us,
+                self.timebase.clock.boot_us() + offset.us,
+                self.boot_ref,
+            ),
+        )
+        self.boots[self.boot_ref] = (self.timebase.boot_id, offset.us, offset.source)
+
     # --- inspection -----------------------------------------------------------------------
 
     def stats(self, reload: bool = True) -> BufferStats:
@@ -763,7 +866,7 @@ class Store:
         try:
             if reload:
                 self.load()
-            oldest_reading = self.conn.execute("SELECT MIN(ts) FROM readings").fetchone()[0]
+            oldest_reading = self.oldest_reading()
             oldest_batch = self.conn.execute("SELECT MIN(oldest_us) FROM batches").fetchone()[0]
             in_batches = self.conn.execute("SELECT COALESCE(SUM(readings), 0) FROM batches")
             batch_readings = int(in_batches.fetchone()[0])

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import structlog
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from agent import clock
 from agent.inputs.base import DeviceState, Emitter, ProbeResult
 from service.config import parse_duration
 
@@ -59,8 +60,12 @@ class DeviceConfig(BaseModel):
 
 
 def now_us() -> int:
-    """Microseconds since the epoch, the time unit of readings."""
-    return time.time_ns() // 1000
+    """Now, µs since the epoch as the gateway's clock says: the stamp of a reading taken now.
+
+    The value is a :class:`~agent.clock.Stamp`: it also carries the boot-clock reading, which is
+    what the agent stores, so a wrong or stepped wall clock never skews a reading.
+    """
+    return clock.stamp()
 
 
 def finite_or_none(value: float) -> float | None:

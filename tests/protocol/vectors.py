@@ -19,6 +19,8 @@ from protocol import (
     Frame,
     GatewayStatus,
     Series,
+    TimeReply,
+    TimeRequest,
     encode_frame,
 )
 
@@ -106,6 +108,16 @@ CASES: dict[str, tuple[Frame, bool]] = {
         Ack(stream=STREAM, seq=44, result=AckResult.CONFLICT, reason="conflict"),
         False,
     ),
+    "batch_clock": (
+        _batch.model_copy(update={"seq": 45, "series": _batch.series[:1], "clock": "collector"}),
+        False,
+    ),
+    "ack_time": (
+        Ack(stream=STREAM, seq=45, result=AckResult.OK, accepted=3, time=T0 + 3_250_000),
+        False,
+    ),
+    "time_request": (TimeRequest(gateway_id=GW, sent=86_400_123_456), False),
+    "time_reply": (TimeReply(sent=86_400_123_456, time=T0 + 3_300_000), False),
 }
 
 

@@ -24,7 +24,7 @@ from agent.inputs.base import (
     ProbeResult,
     register,
 )
-from agent.inputs.common import Duration, MetricName
+from agent.inputs.common import Duration, MetricName, now_us
 
 Waveform = Literal["sine", "random_walk", "step", "sawtooth"]
 
@@ -128,7 +128,7 @@ class SimulatedInput:
         self._tick = 0
 
     def _cycle(self, emit: Emitter) -> None:
-        time_us = time.time_ns() // 1000
+        time_us = now_us()
         tick = self._tick
         self._tick += 1
         for device_id, metric, signal in self._signals:
