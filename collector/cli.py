@@ -20,6 +20,7 @@ from collector.alerts.report import alert_report
 from collector.alerts.report import render as render_alerts
 from collector.api.command import api as api_command
 from collector.api.tokens_cli import tokens as tokens_group
+from collector.clock_skew import describe, gateway_skews
 from collector.doctor.command import doctor
 from collector.errors import CollectorError
 from collector.filecheck import check_files, current_account, default_account, find_account
@@ -204,6 +205,11 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         )
         doubled = await concurrent_streams(conn)
         alerts = await _alerts(settings, conn)
+        clocks = await gateway_skews(
+            conn,
+            db_kwargs(settings, "metadata"),
+            tolerance=settings.validation.clock_tolerance,
+        )
     finally:
         await conn.close()
     names = await fetch_names(settings)
@@ -243,6 +249,8 @@ async def read_status(settings: Settings) -> dict[str, Any]:
         ],
         "concurrent_streams": doubled,
         "alerts": alerts,
+        "clock_tolerance_s": settings.validation.clock_tolerance,
+        "clocks": clocks,
     }
 
 
@@ -262,7 +270,8 @@ async def _alerts(settings: Settings, ts: asyncpg.Connection) -> dict[str, Any] 
 @_CONFIG
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(config_path: Path, as_json: bool) -> None:
-    """Show ledger totals, the last batch of each gateway, rejects by reason and open alerts."""
+    """Show ledger totals, the last batch of each gateway, rejects by reason, open alerts and the
+    gateways whose clocks are off the collector's beyond validation.clock_tolerance (by name)."""
     settings = _load(config_path)
     try:
         report = asyncio.run(read_status(settings))
@@ -302,6 +311,12 @@ def status(config_path: Path, as_json: bool) -> None:
     else:
         for line in render_alerts(report["alerts"]):
             click.echo(line)
+    click.echo(
+        f"gateway clocks beyond {report['clock_tolerance_s']:g} s (last 15 min):"
+        + ("" if report["clocks"] else " none")
+    )
+    for g in report["clocks"]:
+        click.echo(f"  {describe(g)}")
 
 
 def _named(name: str | None, ident: str) -> str:

@@ -31,10 +31,12 @@ from collector.settings import (
     mqtt_password,
 )
 from protocol import (
-    Ack,
     Batch,
+    Frame,
     GatewayStatus,
     ProtocolError,
+    TimeReply,
+    TimeRequest,
     TopicKind,
     decode_frame,
     parse_topic,
@@ -48,7 +50,7 @@ def _iso(us: int) -> str:
     return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat(timespec="milliseconds")
 
 
-def describe(frame: Batch | GatewayStatus | Ack) -> dict[str, Any]:
+def describe(frame: Frame) -> dict[str, Any]:
     """A frame as plain JSON-able values (ids as text, times as ISO 8601)."""
     if isinstance(frame, Batch):
         return {
@@ -57,6 +59,7 @@ def describe(frame: Batch | GatewayStatus | Ack) -> dict[str, Any]:
             "stream": str(frame.stream),
             "seq": frame.seq,
             "created": _iso(frame.created),
+            "clock": frame.clock,
             "readings": frame.point_count,
             "series": [
                 {
@@ -89,7 +92,12 @@ def describe(frame: Batch | GatewayStatus | Ack) -> dict[str, Any]:
             "state": frame.state,
             "time": _iso(frame.time),
             "version": frame.version,
+            "clock": frame.clock,
         }
+    if isinstance(frame, TimeRequest):
+        return {"kind": "time_request", "gateway_id": str(frame.gateway_id), "sent": frame.sent}
+    if isinstance(frame, TimeReply):
+        return {"kind": "time", "sent": frame.sent, "time": _iso(frame.time)}
     return {
         "kind": "ack",
         "stream": str(frame.stream),
@@ -100,6 +108,7 @@ def describe(frame: Batch | GatewayStatus | Ack) -> dict[str, Any]:
         "rejected": frame.rejected,
         "reason": frame.reason,
         "reasons": {k: list(v) for k, v in frame.reasons.items()},
+        "time": None if frame.time is None else _iso(frame.time),
     }
 
 
@@ -123,6 +132,10 @@ def summary(doc: dict[str, Any]) -> str:
         return f"gateway {doc['state']} at {doc['time']}" + (
             f" (version {doc['version']})" if doc["version"] else ""
         )
+    if kind == "time_request":
+        return f"time request (sent {doc['sent']})"
+    if kind == "time":
+        return f"time {doc['time']} (answer to {doc['sent']})"
     counts = (
         f"{doc['accepted']} stored, {doc['quarantined']} quarantined, {doc['rejected']} refused"
     )

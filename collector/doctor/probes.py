@@ -27,6 +27,7 @@ import asyncpg
 
 from collector import layout, migrations
 from collector.alerts.report import alert_report
+from collector.clock_skew import describe, gateway_skews
 from collector.errors import CollectorError
 from collector.lifecycle.compression import LAYOUT as COMPRESSED_TABLES
 from collector.lifecycle.compression import horizons as compression_ages
@@ -552,6 +553,18 @@ async def _gateways(ctx: Context) -> None:
             " give the clone its own gateway (gateways create, gateways provision)"
         )
     ctx.report.data["concurrent_streams"] = doubled
+
+
+@probe("clocks")
+async def _clocks(ctx: Context) -> None:
+    """Gateways whose times are off the collector's clock beyond validation.clock_tolerance."""
+    tolerance = ctx.settings.validation.clock_tolerance
+    skewed = await gateway_skews(
+        ctx.conn, _db_kwargs(ctx.settings, "metadata"), tolerance=tolerance
+    )
+    ctx.report.data["clocks"] = {"tolerance_s": tolerance, "skewed": skewed}
+    for g in skewed:
+        ctx.report.problems.append(f"gateway clock: {describe(g)}")
 
 
 @probe("quarantine")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from collector.alerts.report import render as render_alerts
+from collector.clock_skew import describe
 
 
 def _retention(r: dict[str, Any]) -> list[str]:
@@ -105,6 +106,12 @@ def render(report: dict[str, Any]) -> str:
             else "no batches in the last 15 min"
         )
         out.append(f"ingest: last batch {last}; {lag}")
+    if "clocks" in report:
+        c = report["clocks"]
+        out.append(
+            f"gateway clocks: {len(c['skewed'])} beyond {c['tolerance_s']:g} s in the last 15 min"
+        )
+        out.extend(f"  {describe(g)}" for g in c["skewed"])
     if "ledger" in report:
         led = report["ledger"]
         out.append(

@@ -24,9 +24,12 @@ from protocol import (
     Ack,
     AckResult,
     Batch,
+    TimeReply,
+    TimeRequest,
     TopicKind,
     build_topic,
     decode_batch,
+    decode_frame,
     encode_frame,
     parse_topic,
 )
@@ -104,7 +107,9 @@ class Acknowledger:
     """Plays the collector on the real broker: receives batch frames and publishes ack frames.
 
     Records every frame it receives (seq -> list of the exact bytes), so tests can check that a
-    resend is byte-identical, and acknowledges according to ``policy``.
+    resend is byte-identical, and acknowledges according to ``policy``. Like the collector, it
+    answers time requests with its clock and puts its clock in the acks of batches that say how
+    their times were taken.
     """
 
     host: str
@@ -117,6 +122,7 @@ class Acknowledger:
     received: list[tuple[float, Key]] = field(default_factory=list)
     answered: list[tuple[float, Key, AckResult]] = field(default_factory=list)
     statuses: list[bytes] = field(default_factory=list)
+    time_requests: int = 0
     hold: list[tuple[str, Ack]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _client: mqtt.Client | None = None
@@ -159,7 +165,16 @@ class Acknowledger:
             with self._lock:
                 self.statuses.append(payload)
             return
-        batch = decode_batch(payload)
+        frame = decode_frame(payload)
+        if isinstance(frame, TimeRequest):
+            reply = TimeReply(sent=frame.sent, time=time.time_ns() // 1000)
+            topic = build_topic(self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK)
+            with self._lock:
+                self.time_requests += 1
+            client.publish(topic, encode_frame(reply), qos=0)
+            return
+        assert isinstance(frame, Batch)
+        batch = frame
         key = (batch.stream, batch.seq)
         with self._lock:
             self.frames.setdefault(batch.seq, []).append(payload)
@@ -182,6 +197,8 @@ class Acknowledger:
                 rejected=batch.point_count if refused else 0,
                 reason="unknown_gateway" if refused else "",
             )
+        if batch.clock is not None and ack.time is None:
+            ack = ack.model_copy(update={"time": time.time_ns() // 1000})
         topic = build_topic(self.prefix, address.tenant_id, address.gateway_id, TopicKind.ACK)
         with self._lock:
             self.acked[batch.seq] = ack.result

@@ -145,6 +145,8 @@ async def test_inputs_in_the_real_runtime(
             "mqtt": {"port": 1, "reconnect_min": "1s", "reconnect_max": "1s"},
             "runtime": {"drain_timeout": "1s"},
             "batch": {"max_age": "200ms"},
+            # No collector gives the time here: seal with the gateway's clock at once.
+            "clock": {"max_wait": "0s"},
             "inputs": input_stanzas(tree, silent_modbus, hung_program),
         }
     )
