@@ -246,6 +246,7 @@ def write_config(
     extra_mqtt: str = "",
     extra_batch: str = "",
     extra_runtime: str = "",
+    extra_clock: str = "",
 ) -> Path:
     """Write an agent configuration with one simulated input; return its path."""
     gateway = gateway or uuid.uuid4()
@@ -277,6 +278,9 @@ reconnect_max = "1s"
 
 [runtime]
 {extra_runtime}
+
+[clock]
+{extra_clock}
 
 [log]
 format = "json"

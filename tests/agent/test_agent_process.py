@@ -159,9 +159,15 @@ def test_bad_configuration_exits_1_naming_file_key_and_problem(tmp_path: Path) -
 
 def test_status_export_verify_and_inputs_commands(tmp_path: Path, prefix: str) -> None:
     """status, buffer export (NDJSON, CSV), buffer verify and inputs list/test on real files."""
-    # Port 1 refuses connections: the agent buffers and never ships.
+    # Port 1 refuses connections: the agent buffers and never ships (and, without a collector's
+    # time, seals with its own clock at once).
     config = write_config(
-        tmp_path / "agent.toml", buffer=tmp_path / "buffer.db", port=1, prefix=prefix, devices=3
+        tmp_path / "agent.toml",
+        buffer=tmp_path / "buffer.db",
+        port=1,
+        prefix=prefix,
+        devices=3,
+        extra_clock='max_wait = "0s"',
     )
     agent = start_agent(config, tmp_path / "agent.log")
     try:
