@@ -28,7 +28,6 @@ import ctypes.util
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -46,6 +45,8 @@ DRIFT_PPM = 100
 """How fast two crystal clocks may drift apart (µs per s): generous for gateway hardware
 (typically within 50 ppm), so that an old sample's interval always still holds the truth."""
 MAX_SAMPLES = 16
+PRECISE_US = 50_000
+"""An offset error the agent is content with; beyond it, it asks for the time every 30 s."""
 BUILD_FLOOR_US = 1_764_547_200_000_000
 """2025-12-01T00:00:00Z: no copy of the agent was built earlier than this."""
 
@@ -222,22 +223,34 @@ class Sample:
 
 @dataclass(slots=True)
 class OffsetFilter:
-    """The collector's offset from the boot clock, as the intersection of recent round trips."""
+    """The collector's offset from the boot clock, as the intersection of recent round trips.
+
+    At most ``MAX_SAMPLES`` are kept; when one more comes, the one whose interval is widest now
+    (its width plus its drift allowance) goes: a quick round trip (a time request answered at
+    once) outlives many slow ones (acks, which wait for the collector's database commit), as in
+    NTP's clock filter.
+    """
 
     drift_ppm: int = DRIFT_PPM
-    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    samples: list[Sample] = field(default_factory=list)
     resets: int = 0
+
+    def _slack(self, sample: Sample, now_boot: int) -> int:
+        return max(0, now_boot - sample.received_boot) * self.drift_ppm // 1_000_000
 
     def add(self, sample: Sample) -> bool:
         """Take a round trip; ``False`` if it was discarded (received before it was sent)."""
         if sample.received_boot < sample.sent_boot:
             return False
         self.samples.append(sample)
-        if self._bounds(sample.received_boot) is None:
+        now = sample.received_boot
+        if len(self.samples) > MAX_SAMPLES:
+            widest = max(self.samples[:-1], key=lambda s: s.high - s.low + 2 * self._slack(s, now))
+            self.samples.remove(widest)
+        if self._bounds(now) is None:
             # No offset fits every interval: the collector's clock was stepped. Start over from
             # the newest round trip rather than averaging two different times.
-            self.samples.clear()
-            self.samples.append(sample)
+            self.samples = [sample]
             self.resets += 1
             log.warning(
                 "clock.collector_stepped",
@@ -248,7 +261,7 @@ class OffsetFilter:
     def _bounds(self, now_boot: int) -> tuple[int, int] | None:
         low, high = -(2**63), 2**63
         for s in self.samples:
-            slack = max(0, now_boot - s.received_boot) * self.drift_ppm // 1_000_000
+            slack = self._slack(s, now_boot)
             low = max(low, s.low - slack)
             high = min(high, s.high + slack)
         if low > high:
@@ -261,14 +274,14 @@ class OffsetFilter:
             return None
         bounds = self._bounds(now_boot)
         if bounds is None:
-            newest = self.samples[-1]
+            newest = max(self.samples, key=lambda s: s.received_boot)
             bounds = (newest.low, newest.high)
         low, high = bounds
         return (low + high) // 2, (high - low + 1) // 2
 
     def last_received(self) -> int | None:
         """Boot time of the newest round trip."""
-        return self.samples[-1].received_boot if self.samples else None
+        return max((s.received_boot for s in self.samples), default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,9 +356,10 @@ class Timebase:
     def wants_time(self, now_boot: int | None = None) -> bool:
         """Whether the shipper should ask the collector for its time now.
 
-        While the collector's offset is unknown or not precise enough, every
-        ``request_interval``; otherwise when no round trip (acks count) came for
-        ``refresh_interval``.
+        Every ``request_interval`` while the collector's offset is unknown or not precise enough
+        to be trusted; every 30 s while its error exceeds ``PRECISE_US`` (acks alone, which wait
+        for a database commit, give wide intervals); otherwise when no round trip (acks count)
+        came for ``refresh_interval``.
         """
         now = now_boot if now_boot is not None else self.clock.boot_us()
         with self._lock:
@@ -353,6 +367,8 @@ class Timebase:
             last_rx = self.filter.last_received()
         if estimate is None or estimate[1] > self.tolerance_us // 2:
             interval = self.request_interval_us
+        elif estimate[1] > PRECISE_US:
+            interval = 30_000_000
         elif last_rx is not None and now - last_rx < self.refresh_interval_us:
             return False
         else:

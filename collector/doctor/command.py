@@ -32,8 +32,8 @@ def doctor(config_path: Path, as_json: bool, broker_timeout: float) -> None:
     Shows the TimescaleDB edition, hypertables with chunk counts and sizes, the storage layout
     move if one is pending, retention and compression as configured and as last applied,
     TimescaleDB's own background jobs with their failures, the collector's lifecycle jobs,
-    rollups, ingest lag, ledger size, rejects by reason over the last 24 h, the quarantine and
-    broker connectivity. Every problem is listed under NEEDS ATTENTION.
+    rollups, ingest lag, ledger size, rejects by reason over the last 24 h, the quarantine,
+    gateways whose clocks are off beyond validation.clock_tolerance and broker connectivity. Every problem is listed under NEEDS ATTENTION.
     """
     try:
         settings = load_settings(config_path)
