@@ -484,11 +484,13 @@ def current() -> Timebase:
         return _current
 
 
-def install(timebase: Timebase) -> None:
-    """Make ``timebase`` the process's timebase (the runtime at start, tests with a shifted clock)."""
+def install(timebase: Timebase | None) -> Timebase | None:
+    """Make ``timebase`` the process's timebase (the runtime while it runs); return the previous
+    one, for the runtime to put back (``None``: a plain system one again on next use)."""
     global _current
     with _current_lock:
-        _current = timebase
+        previous, _current = _current, timebase
+        return previous
 
 
 def stamp() -> Stamp:

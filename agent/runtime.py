@@ -234,8 +234,6 @@ class Runtime:
             tolerance=settings.clock.tolerance,
             request_interval=settings.clock.request_interval,
         )
-        # Inputs and buffer notes stamp through the process's timebase.
-        clocks.install(self.timebase)
         b = settings.buffer
         self.buffer = Buffer(
             b.path,
@@ -311,6 +309,14 @@ class Runtime:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain and return."""
+        # Inputs and buffer notes stamp through the process's timebase: this one while it runs.
+        previous = clocks.install(self.timebase)
+        try:
+            await self._run(stop)
+        finally:
+            clocks.install(previous)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.buffer.open()
         try:
             if self.metrics is not None:
