@@ -384,6 +384,7 @@ class Shipper:
                 state="offline",
                 time=self.timebase.wall_now(),
                 version=self.version,
+                clock=self.timebase.offset().source,
             )
         )
         client.will_set(self.status_topic, offline, qos=1, retain=True)
@@ -434,6 +435,7 @@ class Shipper:
                 state="online",
                 time=self.timebase.wall_now(),
                 version=self.version,
+                clock=self.timebase.offset().source,
             )
         )
         client.publish(self.status_topic, online, qos=1, retain=True)
@@ -457,6 +459,7 @@ class Shipper:
                     state="offline",
                     time=self.timebase.wall_now(),
                     version=self.version,
+                    clock=self.timebase.offset().source,
                 )
             )
             info = client.publish(self.status_topic, offline, qos=1, retain=True)

@@ -490,6 +490,11 @@ class Pipeline:
             return self._refused(msg, address, exc.reason, str(exc))
         now = time.time_ns() // 1000
         at = max(frame.time, now) if frame.state == "offline" else frame.time
+        if frame.clock == "untrusted":
+            # The gateway knows its clock is wrong (no NTP, no collector's time yet); the frame
+            # speaks of now, so the receive time is the best there is.
+            frame = frame.model_copy(update={"time": now})
+            at = now
         if not now - self.max_age_us <= at <= now + self.max_skew_us:
             return self._refused(
                 msg,

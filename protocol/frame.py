@@ -160,6 +160,8 @@ def _body(frame: Frame) -> dict[str, Any]:
         }
         if frame.version:
             body["version"] = frame.version
+        if frame.clock is not None:
+            body["clock"] = frame.clock
         return body
     if isinstance(frame, Ack):
         ack: dict[str, Any] = {
@@ -429,12 +431,17 @@ def _decode_batch(body: dict[str, Any], limits: Limits) -> Batch:
 
 
 def _decode_gateway_status(body: dict[str, Any]) -> GatewayStatus:
-    _known_keys(body, ("k", "gw", "state", "time"), ("version",), "status")
+    _known_keys(body, ("k", "gw", "state", "time"), ("version", "clock"), "status")
     return GatewayStatus.model_construct(
         gateway_id=_uuid(body["gw"], "gw"),
         state=_str(body["state"], "state", 16, choices=("online", "offline")),
         time=_int(body["time"], "time", 0, MAX_TIME_US),
         version=_str(body.get("version", ""), "version", 64),
+        clock=(
+            _str(body["clock"], "clock", 16, choices=("system", "collector", "untrusted"))
+            if "clock" in body
+            else None
+        ),
     )
 
 

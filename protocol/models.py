@@ -122,6 +122,8 @@ class GatewayStatus(_Wire):
     state: GatewayState
     time: TimeUs
     version: Annotated[str, Field(max_length=64)] = ""
+    clock: ClockSource | None = None
+    """How ``time`` was taken; ``untrusted`` tells the collector to use its receive time."""
 
 
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]

@@ -318,7 +318,7 @@ async def test_status_and_doctor_name_a_gateway_whose_clock_is_off(system: Any) 
             )
             client.publish(topic, frame, qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 20
-        line = f"  demo-gateway-south ({south}): batches created 3600"
+        line = f"  demo-gateway-south ({south}): batches created "
         while line not in (status := system.collector_cli("status")):
             assert time.monotonic() < deadline, status
             await asyncio.sleep(0.3)

@@ -116,6 +116,10 @@ CASES: dict[str, tuple[Frame, bool]] = {
         Ack(stream=STREAM, seq=45, result=AckResult.OK, accepted=3, time=T0 + 3_250_000),
         False,
     ),
+    "status_online_untrusted": (
+        GatewayStatus(gateway_id=GW, state="online", time=86_400_000_000, clock="untrusted"),
+        False,
+    ),
     "time_request": (TimeRequest(gateway_id=GW, sent=86_400_123_456), False),
     "time_reply": (TimeReply(sent=86_400_123_456, time=T0 + 3_300_000), False),
 }
