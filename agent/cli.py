@@ -298,6 +298,21 @@ def _status_document(stats: BufferStats) -> dict[str, Any]:
         "next_seq": stats.next_seq,
         "estimated_drain_s": drain["estimate_s"],
         "drain": drain,
+        "clock": _clock_document(stats),
+    }
+
+
+def _clock_document(stats: BufferStats) -> dict[str, Any] | None:
+    clock = stats.clock
+    if clock is None:
+        return None
+    saved = clock["saved_at_us"]
+    return {
+        "source": clock["source"],
+        "trusted": clock["trusted"],
+        "error_ms": clock["error_ms"],
+        "system_clock_off_s": clock["system_clock_off_s"],
+        "saved_at": _iso(saved) if isinstance(saved, int) else None,
     }
 
 
@@ -313,6 +328,8 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
     rates the running agent measured over the last minute. Delivered
     readings are split by what the collector did: stored, quarantined in the cloud (durable,
     waiting for a registration or schema fix, not stored yet) and refused, with their reasons.
+    The clock line says where the agent's time comes from (the synchronised system clock or the
+    collector's, with its error) and how far the system clock is off it.
     """
     if buffer_path is None:
         settings = _settings(config_path)
@@ -353,6 +370,24 @@ def status(config_path: Path, buffer_path: Path | None, as_json: bool) -> None:
     click.echo(f"dropped         {doc['dropped']} ({reasons})")
     click.echo(f"last ack        {doc['last_ack_at'] or 'never'}")
     click.echo(f"drain estimate  {_drain_line(doc['drain'], stats.readings)}")
+    click.echo(f"clock           {_clock_line(doc['clock'])}")
+
+
+def _clock_line(clock: dict[str, Any] | None) -> str:
+    if clock is None:
+        return "unknown (no reading sealed since this boot)"
+    if not clock["trusted"]:
+        return (
+            "NOT TRUSTED: no NTP and no collector's time yet; readings wait unsealed up to"
+            " clock.max_wait (docs/troubleshooting.md, Clock)"
+        )
+    where = {"system": "the system clock (synchronised)", "collector": "the collector's clock"}
+    off = clock["system_clock_off_s"]
+    error = f" ± {clock['error_ms']} ms" if clock["error_ms"] is not None else ""
+    line = f"from {where.get(clock['source'], clock['source'])}{error}"
+    if off is not None and abs(off) >= 0.001:
+        line += f"; the system clock is {off:+.3f} s off it"
+    return line + f" (saved {clock['saved_at']})"
 
 
 @main.group()

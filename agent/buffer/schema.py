@@ -241,6 +241,8 @@ class BufferStats:
     streams: list[StreamInfo] = field(default_factory=list)
     reencoded_batches: int = 0
     # Only known inside the agent process (``status`` from the command line reads the file):
+    clock: dict[str, object] | None = None
+    """This boot's time as last saved (source, error, how far the system clock is off it)."""
     held_readings: int = 0
     pending_deletes: int = 0
     disk_full: bool = False

@@ -821,6 +821,34 @@ class Store:
             return ts
         return ts + self.wall_offset(boot)[0]
 
+    def clock_state(self) -> dict[str, object] | None:
+        """This boot's offset as the file last saved it, and how far the system clock is off it.
+
+        ``status`` reads this from the file while the agent runs: the agent saves its offset at
+        every seal.
+        """
+        try:
+            row = self.conn.execute(
+                "SELECT offset_us, source, error_us, updated_us FROM boots WHERE boot_id = ?",
+                (self.timebase.boot_id,),
+            ).fetchone()
+        except sqlite3.Error:
+            return None  # a file of an older release: no boots table
+        if row is None:
+            return None
+        offset, source, error, updated = int(row[0]), str(row[1]), row[2], int(row[3])
+        clock = self.timebase.clock
+        local = clock.wall_us() - clock.boot_us()
+        return {
+            "source": source,
+            "trusted": source != "untrusted",
+            "error_ms": None if error is None else round(int(error) / 1000, 1),
+            "saved_at_us": updated,
+            "system_clock_off_s": None
+            if source == "untrusted"
+            else round((local - offset) / 1e6, 3),
+        }
+
     def oldest_reading(self) -> int | None:
         """Wall time of the oldest unsealed reading, or ``None``."""
         if not self.has_boot_column:
@@ -893,6 +921,7 @@ class Store:
             by_reason=dict(sorted(self.reasons.items())),
             streams=list(self.streams),
             reencoded_batches=counters["reencoded_batches"],
+            clock=self.clock_state(),
             held_readings=len(self.held),
             pending_deletes=len(self.pending_deletes),
             disk_full=self.space.full,

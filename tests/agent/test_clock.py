@@ -171,6 +171,9 @@ def test_sealing_waits_for_a_trusted_time_then_converts(tmp_path: Path) -> None:
     assert "collector" == batch.clock
     assert all(abs(t - w) < 10_000 for t, w in zip(batch.series[0].timestamps, truth, strict=True))
     assert abs(batch.created - (time.time_ns() // 1000)) < 1_000_000
+    state = store.stats().clock  # what ``status`` shows
+    assert state is not None and "collector" == state["source"]
+    assert abs(float(state["system_clock_off_s"]) + 2 * 86400) < 0.1  # type: ignore[arg-type]
 
 
 def test_past_max_wait_readings_are_sealed_with_the_wall_clock_marked_untrusted(
@@ -180,12 +183,12 @@ def test_past_max_wait_readings_are_sealed_with_the_wall_clock_marked_untrusted(
     its ``clock`` says ``untrusted``; nothing is dropped."""
     clock = ShiftedClock(3600 - time.time(), synchronised=False)
     tb = Timebase(clock)
-    store = _store(tmp_path / "buffer.db", tb, max_wait=0.05)
+    store = _store(tmp_path / "buffer.db", tb, max_wait=1.0)
     boot = clock.boot_us()
     store.append([(DEVICE.bytes, "m", boot, 1.0, True)])
     store.add_notes([event_note("test.event", "at boot time")])
     assert [] == store.seal(force=True)
-    time.sleep(0.06)
+    time.sleep(1.05)
     [seq] = store.seal(force=True)
     frame = store.conn.execute("SELECT frame FROM batches WHERE seq = ?", (seq,)).fetchone()[0]
     batch = decode_batch(bytes(frame))
