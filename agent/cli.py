@@ -415,14 +415,16 @@ def _export_rows(store_path: Path) -> Iterator[dict[str, Any]]:
                         "time_us": ts,
                         "value": value,
                     }
-        for device, metric, ts, value, is_bool in conn.execute(
-            "SELECT device, metric, ts, value, is_bool FROM readings ORDER BY id"
+        boot = "boot" if store.has_boot_column else "NULL"
+        # Unsealed readings on the boot clock get the wall time sealing would give them now.
+        for device, metric, ts, value, is_bool, on_boot in conn.execute(
+            f"SELECT device, metric, ts, value, is_bool, {boot} FROM readings ORDER BY id"
         ):
             yield {
                 "seq": None,
                 "device_id": str(uuid.UUID(bytes=bytes(device))),
                 "metric": metric,
-                "time_us": ts,
+                "time_us": store.wall_time(int(ts), None if on_boot is None else int(on_boot)),
                 "value": bool(value) if is_bool else value,
             }
         conn.execute("COMMIT")

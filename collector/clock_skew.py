@@ -57,6 +57,14 @@ class SkewTracker:
         self.gauge.labels(gateway_id=str(gateway_id)).set(round(value, 6))
         return value
 
+    def settled(self, gateway_id: uuid.UUID) -> bool:
+        """Whether the gateway's figure covers long enough (half a window) that a gateway
+        behind is not just a backlog arriving before its live batches."""
+        w = self._windows.get(gateway_id)
+        return w is not None and (
+            w.previous is not None or self.clock() - w.started >= self.window / 2
+        )
+
     def skew(self, gateway_id: uuid.UUID) -> float | None:
         """The skew the gauge shows for ``gateway_id`` (``None`` if no batch was seen)."""
         w = self._windows.get(gateway_id)

@@ -113,6 +113,7 @@ class Collector:
         self.environ = environ
         self.metrics = CollectorMetrics()
         self.skew = SkewTracker(self.metrics.gateway_clock_skew)
+        self._skew_logged: dict[uuid.UUID, float] = {}
         self.notifier = Notifier(environ)
         self.committed_batches = 0
         self.streams = StreamWatch()
@@ -406,7 +407,10 @@ class Collector:
         received = time.time_ns() // 1000 - int((time.monotonic() - item.incoming.received) * 1e6)
         skew = self.skew.record(item.gateway_id, item.created, received)
         tolerance = self.settings.validation.clock_tolerance
-        if abs(skew) > tolerance and item.clock is not None:
+        now = time.monotonic()
+        off = skew > tolerance or (skew < -tolerance and self.skew.settled(item.gateway_id))
+        if off and now >= self._skew_logged.get(item.gateway_id, 0.0):
+            self._skew_logged[item.gateway_id] = now + 60.0  # one line per gateway a minute
             log.warning(
                 "gateway.clock_skew",
                 gateway_id=str(item.gateway_id),
@@ -414,6 +418,9 @@ class Collector:
                 clock=item.clock,
                 hint="the gateway sealed this batch with a clock it does not trust"
                 if item.clock == "untrusted"
+                else "an agent that does not take the collector's time (first release) on a"
+                " wrong clock"
+                if item.clock is None
                 else "the gateway's times differ from this collector's clock",
             )
 
