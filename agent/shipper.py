@@ -242,6 +242,7 @@ class Shipper:
         self._wake = asyncio.Event()
         self._acks: asyncio.Queue[tuple[Ack, int]] = asyncio.Queue()
         self.time_requests = 0
+        self._time_unanswered = 0
         self._stopping = False
         self._draining = False
         self._drain_deadline = 0.0
@@ -318,6 +319,8 @@ class Shipper:
             return
         if isinstance(frame, TimeReply):
             self.timebase.observe(frame.sent, received, frame.time)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._time_answered)
             return
         if not isinstance(frame, Ack):
             log.warning(
@@ -344,6 +347,12 @@ class Shipper:
         self._acks.put_nowait((ack, received))
         self._wake.set()
 
+    def _time_answered(self) -> None:
+        self._time_unanswered = 0
+        if self._no_ack_logged and not self._ack_timeouts:
+            log.info("link.acks_resumed", time_reply=True)
+            self._no_ack_logged = False
+
     def _ask_time(self) -> None:
         """Ask the collector for its time if the timebase wants it (QoS 0: a lost one is
         simply asked again)."""
@@ -353,6 +362,10 @@ class Shipper:
         request = TimeRequest(gateway_id=self.gateway.id, sent=self.timebase.clock.boot_us())
         client.publish(self.telemetry_topic, encode_frame(request), qos=0)
         self.time_requests += 1
+        self._time_unanswered += 1
+        if self._time_unanswered > NO_ACK_HINT_AFTER:
+            # Asked every request_interval while the time is unknown: nobody answers.
+            self._say_no_acks()
 
     def _build_client(self) -> mqtt.Client:
         s = self.settings
@@ -677,21 +690,28 @@ class Shipper:
             elif entry.sent_at <= deadline:
                 log.info("batch.ack_timeout", seq=seq, sends=entry.sends)
                 self._ack_timeouts += 1
-                if self._ack_timeouts >= NO_ACK_HINT_AFTER and not self._no_ack_logged:
-                    self._no_ack_logged = True
-                    log.warning(
-                        "link.no_acks",
-                        ack_timeouts=self._ack_timeouts,
-                        topic=self.telemetry_topic,
-                        ack_topic=self.ack_topic,
-                        hint="connected to the broker, but no collector acknowledges on this"
-                        " topic prefix: check that a collector is running and connected to this"
-                        " broker, that its mqtt.topic_prefix equals this agent's"
-                        f" ({self.settings.topic_prefix!r}), that this gateway is registered"
-                        " (sensormine-collector gateways show), and that the broker's ACL lets"
-                        " the collector publish on the ack topic; the buffer keeps every batch",
-                    )
+                if self._ack_timeouts >= NO_ACK_HINT_AFTER:
+                    self._say_no_acks()
                 self._publish(entry, resend=True)
+
+    def _say_no_acks(self) -> None:
+        """Once per stretch of silence: no collector answers (acks or time replies)."""
+        if self._no_ack_logged:
+            return
+        self._no_ack_logged = True
+        log.warning(
+            "link.no_acks",
+            ack_timeouts=self._ack_timeouts,
+            time_requests_unanswered=self._time_unanswered,
+            topic=self.telemetry_topic,
+            ack_topic=self.ack_topic,
+            hint="connected to the broker, but no collector acknowledges on this"
+            " topic prefix: check that a collector is running and connected to this"
+            " broker, that its mqtt.topic_prefix equals this agent's"
+            f" ({self.settings.topic_prefix!r}), that this gateway is registered"
+            " (sensormine-collector gateways show), and that the broker's ACL lets"
+            " the collector publish on the ack topic; the buffer keeps every batch",
+        )
 
     def _refill(self) -> None:
         now = time.monotonic()
