@@ -126,9 +126,16 @@ def seal(store: Store, force: bool) -> list[int]:
 
 
 def waiting(store: Store) -> bool:
-    """Whether sealing waits for a trusted time now (see the module's docstring)."""
+    """Whether sealing waits for a trusted time now (see the module's docstring).
+
+    Sets ``store.wait_ended`` when sealing resumes after a wait (a trusted time arrived, or
+    ``max_wait`` passed): what waited is old data by then.
+    """
     if store.max_wait_us is None or store.timebase.offset().trusted:
+        if store.waiting_since is not None:
+            store.wait_ended = True
         store.waiting_since = None
+        store.untrusted_since = None
         return False
     now = store.timebase.clock.boot_us()
     started = store.waiting_since
@@ -142,12 +149,15 @@ def waiting(store: Store) -> bool:
             started = min(started, int(row[0]))
     if now - started < store.max_wait_us:
         return True
-    log.warning(
-        "clock.sealing_untrusted",
-        waited_s=round((now - started) / 1e6, 1),
-        hint="no trusted time within clock.max_wait: sealing with the gateway's wall clock,"
-        " marked untrusted; the collector quarantines what falls outside its window",
-    )
+    if store.untrusted_since is None:
+        store.untrusted_since = now
+        store.wait_ended = True
+        log.warning(
+            "clock.sealing_untrusted",
+            waited_s=round((now - started) / 1e6, 1),
+            hint="no trusted time within clock.max_wait: sealing with the gateway's wall clock,"
+            " marked untrusted; the collector quarantines what falls outside its window",
+        )
     return False
 
 

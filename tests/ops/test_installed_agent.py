@@ -23,7 +23,17 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from protocol import Ack, AckResult, Batch, TopicKind, decode_frame, encode_frame, parse_topic
+from protocol import (
+    Ack,
+    AckResult,
+    Batch,
+    TimeReply,
+    TimeRequest,
+    TopicKind,
+    decode_frame,
+    encode_frame,
+    parse_topic,
+)
 from tests.ops.test_install import install
 from tests.ops.units import REPO, parse_unit, seconds
 from tests.services import free_port, wait_for_port
@@ -128,6 +138,16 @@ def test_installed_agent_started_by_its_execstart_line_ships(
 
     def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         frame = decode_frame(message.payload)
+        if isinstance(frame, TimeRequest):
+            # As a collector does: the agent takes the time from it (this host's clock may not be
+            # synchronised, and then the agent waits for it before sealing).
+            address = parse_topic(message.topic, prefix)
+            reply = TimeReply(sent=frame.sent, time=time.time_ns() // 1000)
+            client.publish(
+                f"{prefix}/v1/{address.tenant_id}/{address.gateway_id}/{TopicKind.ACK.value}",
+                encode_frame(reply),
+                qos=0,
+            )
         if isinstance(frame, Batch):
             address = parse_topic(message.topic, prefix)
             ack = Ack(
