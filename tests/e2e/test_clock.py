@@ -140,7 +140,7 @@ async def stored(system: Any, first: int, last: int) -> dict[int, int]:
     conn = await asyncpg.connect(system.timeseries_dsn)
     try:
         rows = await conn.fetch(
-            "SELECT value, (extract(epoch FROM time) * 1000000)::bigint AS t FROM telemetry"
+            "SELECT value, (extract(epoch FROM time) * 1000000)::bigint AS t FROM readings"
             " WHERE device_id = $1 AND metric = $2 AND value BETWEEN $3 AND $4",
             METER,
             METRIC,
