@@ -9,7 +9,6 @@ last send) is the one histogram the shipper feeds.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +70,8 @@ class _Figures(Collector):
             f"{NS}_oldest_unacked_age_seconds",
             "Age of the oldest reading not yet acknowledged by the collector (0 when none)",
         )
-        age.add_metric([], 0.0 if oldest is None else max(0.0, time.time() - oldest / 1e6))
+        now = self.runtime.timebase.wall_now() / 1e6  # the agent's best time, not the raw clock
+        age.add_metric([], 0.0 if oldest is None else max(0.0, now - oldest / 1e6))
         yield age
         figures = runtime.backlog.figures
         if figures is not None:

@@ -523,13 +523,14 @@ class Runtime:
     async def _oldest_unacked(self) -> int | None:
         """Time (µs) of the oldest reading not yet acknowledged: batches are sealed in order, so
         it is in the lowest-seq batch or, with no batch waiting, the first unsealed reading."""
-        rows = await self.buffer.query(
-            "SELECT min(t) FROM (SELECT oldest_us AS t FROM (SELECT oldest_us FROM batches"
-            " ORDER BY seq LIMIT 1) UNION ALL SELECT ts FROM (SELECT ts FROM readings"
-            " ORDER BY id LIMIT 1))"
-        )
-        value = rows[0][0] if rows else None
-        return None if value is None else int(value)
+        batch = await self.buffer.query("SELECT oldest_us FROM batches ORDER BY seq LIMIT 1")
+        reading = await self.buffer.query("SELECT ts, boot FROM readings ORDER BY id LIMIT 1")
+        times = [int(batch[0][0])] if batch and batch[0][0] is not None else []
+        if reading:
+            # An unsealed reading may be on the boot clock: its wall time as sealing would give.
+            ts, boot = reading[0]
+            times.append(self.buffer.store.wall_time(int(ts), None if boot is None else int(boot)))
+        return min(times) if times else None
 
     async def _heartbeat(self) -> None:
         interval = self.notifier.watchdog_interval

@@ -49,6 +49,10 @@ path = "{tmp_path / "buffer.db"}"
 host = "127.0.0.1"
 port = 1
 
+[clock]
+# No collector gives the time here: seal with the gateway's clock at once.
+max_wait = "0s"
+
 [log]
 format = "json"
 
