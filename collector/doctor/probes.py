@@ -564,7 +564,7 @@ async def _clocks(ctx: Context) -> None:
     )
     ctx.report.data["clocks"] = {"tolerance_s": tolerance, "skewed": skewed}
     for g in skewed:
-        ctx.report.problems.append(f"gateway clock: {describe(g)}")
+        ctx.report.problems.append(f"clock skew: {describe(g)}")
 
 
 @probe("quarantine")

@@ -339,4 +339,4 @@ async def test_status_and_doctor_name_a_gateway_whose_clock_is_off(system: Any) 
         env=system.env,
     )
     assert 1 == doctor.returncode  # something needs attention: that gateway's clock
-    assert "gateway clock: demo-gateway-south" in doctor.stdout
+    assert "clock skew: demo-gateway-south" in doctor.stdout
