@@ -39,10 +39,13 @@ test-slow: setup
 config-reference: $(STAMP)
 	$(BIN)/python scripts/config_reference.py
 
-# The end-to-end demo: a collector and two agents with simulated sensors for DEMO_SECONDS (30).
+# The end-to-end demo: a collector and two agents with simulated sensors for DEMO_SECONDS (30),
+# and the status page meanwhile (its URL and a token are printed); DEMO_SCREENSHOT=<file.png>
+# saves the fleet page there and a device page beside it (<file>-device.png).
 DEMO_SECONDS ?= 30
+DEMO_SCREENSHOT ?=
 demo: setup
-	DEMO_SECONDS=$(DEMO_SECONDS) $(BIN)/python scripts/demo.py
+	DEMO_SECONDS=$(DEMO_SECONDS) DEMO_SCREENSHOT=$(DEMO_SCREENSHOT) $(BIN)/python scripts/demo.py
 
 bench: setup
 	$(BIN)/python bench/wire.py

@@ -9,11 +9,14 @@ not an open broker), then a collector and two agents as real processes. It lets 
 collector commits and acks), and prints what TimescaleDB holds, then the alerts the demo seed's
 rules raised and cleared (``alerts: raised=<n> cleared=<m>``). Its last line is
 ``demo: produced=<n> stored=<m> quarantined=<q> rejected=<k> duplicates=<d>``; it exits 0 only when every
-produced reading is stored exactly once.
+produced reading is stored exactly once. While it runs it also serves the query API and status page
+(``sensormine-collector api``) and prints its URL with a token of the demo tenant.
 
 Environment: ``DEMO_SECONDS`` (run time), ``DEMO_DATABASE`` (name of the registry database; the
 time-series one gets ``_ts`` appended; default ``sensormine_demo``), ``DEMO_STATE`` (directory of
-logs and buffers, default ``demo-state/``). The orchestration (:class:`LocalSystem`) is also what
+logs and buffers, default ``demo-state/``), ``DEMO_API_PORT`` (the API's port, default a free one),
+``DEMO_SCREENSHOT`` (a PNG path: screenshots of the fleet page there and of one device page beside
+it, ``<name>-device.png``, taken at the end of the run). The orchestration (:class:`LocalSystem`) is also what
 the end-to-end tests drive.
 """
 
@@ -34,6 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 
@@ -174,6 +178,8 @@ class LocalSystem:
     secure: bool = False
     collectors: dict[str, Program] = field(default_factory=dict)
     agents: dict[str, Program] = field(default_factory=dict)
+    api: Program | None = None
+    api_url: str = ""
     broker: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -368,6 +374,56 @@ class LocalSystem:
         program.start(self.ready)
         return program
 
+    def start_api(self, port: int) -> str:
+        """Start the query API and status page (``sensormine-collector api``); return its URL."""
+        self.api_url = f"http://127.0.0.1:{port}"
+        self.api = Program(
+            "api",
+            [
+                str(BIN / "sensormine-collector"),
+                *("api", "--config", str(self.collector_config())),
+                *("--listen", f"127.0.0.1:{port}"),
+            ],
+            self.state / "api.log",
+            self.env,
+        )
+        self.api.start(self.ready)
+        return self.api_url
+
+    def api_token(self, tenant: str = "demo") -> str:
+        """A fresh API token of ``tenant`` (``sensormine-collector tokens create``)."""
+        name = f"demo-{uuid.uuid4().hex[:8]}"
+        return self.collector_cli("tokens", "create", "--tenant", tenant, "--name", name).strip()
+
+    async def busiest_device(self) -> str | None:
+        """The id of the device with the most series (the demo's device page to show)."""
+        conn = await asyncpg.connect(self.timeseries_dsn)
+        try:
+            found = await conn.fetchval(
+                "SELECT device_id FROM series GROUP BY device_id ORDER BY count(*) DESC,"
+                " device_id LIMIT 1"
+            )
+        finally:
+            await conn.close()
+        return None if found is None else str(found)
+
+    def screenshots(self, token: str, path: Path) -> list[Path]:
+        """PNGs of the fleet page (``path``) and of one device's page (``<stem>-device.png``)."""
+        chromium = _chromium()
+        pages = [(f"{self.api_url}/ui/#token={quote(token)}", path)]
+        device = asyncio.run(self.busiest_device())
+        if device is not None:
+            pages.append(
+                (
+                    f"{self.api_url}/ui/device.html?id={device}#token={quote(token)}",
+                    path.with_name(f"{path.stem}-device{path.suffix or '.png'}"),
+                )
+            )
+        for url, target in pages:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            chromium.screenshot(url, target, size="1400,1600")
+        return [target for _, target in pages]
+
     def start_agents(self) -> None:
         """Start every agent that is not running."""
         for agent in self.agents.values():
@@ -378,12 +434,15 @@ class LocalSystem:
         """SIGTERM the agents (they drain), then the collectors; return exit statuses."""
         codes = {name: agent.stop() for name, agent in self.agents.items()}
         codes.update({name: c.stop() for name, c in self.collectors.items()})
+        if self.api is not None:
+            codes["api"] = self.api.stop()
         self.stop_broker()
         return codes
 
     def kill_everything(self) -> None:
         """SIGKILL whatever still runs (clean-up after a failure)."""
-        for program in [*self.agents.values(), *self.collectors.values()]:
+        api = [self.api] if self.api is not None else []
+        for program in [*self.agents.values(), *self.collectors.values(), *api]:
             if program.process is not None and program.process.poll() is None:
                 program.process.kill()
                 program.process.wait()
@@ -511,6 +570,19 @@ class LocalSystem:
         return lines
 
 
+def _chromium() -> Any:
+    """scripts/chromium.py, loaded by path (the end-to-end tests load this file by path too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sensormine_chromium", ROOT / "scripts" / "chromium.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> int:
     """Run the demo; exit 0 only when produced == stored and nothing was stored twice."""
     try:
@@ -540,6 +612,12 @@ def main() -> int:
         print("demo: collector ready", flush=True)
         system.start_agents()
         print(f"demo: two agents ready; running for {seconds:.0f} s (logs in {state})", flush=True)
+        api_port = int(os.environ.get("DEMO_API_PORT") or free_port())
+        url = system.start_api(api_port)
+        token = system.api_token()
+        print(f"demo: status page {url}/ui/#token={quote(token)}", flush=True)
+        print(f"demo: API token of tenant demo: {token} (curl -H 'Authorization: Bearer <token>'"
+              f" {url}/api/v1/fleet)", flush=True)  # fmt: skip
         started = time.monotonic()
         while (elapsed := time.monotonic() - started) < seconds:
             time.sleep(min(5.0, seconds - elapsed))
@@ -548,6 +626,10 @@ def main() -> int:
                 f"demo: {time.monotonic() - started:5.1f} s  stored={counts['stored']}", flush=True
             )
         run_seconds = time.monotonic() - started
+        shots = os.environ.get("DEMO_SCREENSHOT")
+        if shots:
+            for saved in system.screenshots(token, Path(shots).resolve()):
+                print(f"demo: screenshot {saved}", flush=True)
         codes = system.stop_all()
         print(f"demo: stopped (exit statuses {codes})", flush=True)
         produced = system.produced()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from types import FrameType
 
 import click
 import structlog
@@ -85,6 +86,14 @@ class NotifyingServer(uvicorn.Server):
         self.notifier.ready(f"serving {self.url}")
         if self.notifier.watchdog_interval:
             self._watchdog = asyncio.create_task(self._ping(self.notifier.watchdog_interval))
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn raises a caught SIGTERM again once it has shut down (the process then dies of
+        # it); like the collector, the API exits 0 after a graceful stop.
+        super().handle_exit(sig, frame)
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
     async def _ping(self, interval: float) -> None:
         while True:

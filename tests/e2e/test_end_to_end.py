@@ -117,13 +117,16 @@ def test_broker_restarted(make_system: Callable[..., Any], private_broker: Mosqu
 
 
 def test_demo_command(tmp_path: Path) -> None:
-    """The demo script runs end to end and its last line reports exact counts."""
+    """The demo script runs end to end and its last line reports exact counts; it serves the
+    status page meanwhile (URL and token printed) and saves the two screenshots asked for."""
     name = f"sme2e_demo_{uuid.uuid4().hex[:8]}"
+    shot = tmp_path / "shots" / "fleet.png"
     env = {
         **os.environ,
         "DEMO_SECONDS": "4",
         "DEMO_DATABASE": name,
         "DEMO_STATE": str(tmp_path / "state"),
+        "DEMO_SCREENSHOT": str(shot),
     }
     try:
         result = subprocess.run(
@@ -147,3 +150,9 @@ def test_demo_command(tmp_path: Path) -> None:
     assert (produced, 0, 0, 0) == (stored, quarantined, rejected, duplicates)
     assert 0 == result.returncode
     assert "rows per device type:" in result.stdout
+    assert re.search(r"demo: status page http://127\.0\.0\.1:\d+/ui/#token=smt_", result.stdout)
+    assert re.search(r"demo: API token of tenant demo: smt_[A-Za-z0-9_-]{43} ", result.stdout)
+    for png in (shot, shot.with_name("fleet-device.png")):
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
+        assert png.stat().st_size > 20_000, png  # a page with content, not a blank one
+        assert f"demo: screenshot {png}" in result.stdout

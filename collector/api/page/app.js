@@ -66,6 +66,7 @@ function fmtTime(iso) {
 function ago(iso) {
   if (!iso) return "never";
   const s = (Date.now() - new Date(iso).getTime()) / 1000;
+  if (s < 1) return "just now";  // the browser's clock and the database's differ a little
   return duration(s) + " ago";
 }
 
@@ -175,7 +176,12 @@ function chartBox(title) {
   return { box, info, plot };
 }
 
-async function drawSeries(chart, deviceId, metric, start, end) {
+// The x axis: the range asked for after a zoom; fitted to the data on a range button.
+function xaxis(start, end, fit) {
+  return fit ? { type: "date", autorange: true } : { type: "date", range: [start.toISOString(), end.toISOString()] };
+}
+
+async function drawSeries(chart, deviceId, metric, start, end, fit = false) {
   const s = await api(`/devices/${deviceId}/series`, { metric, start: start.toISOString(), end: end.toISOString() });
   const p = s.points;
   const traces = [];
@@ -188,7 +194,7 @@ async function drawSeries(chart, deviceId, metric, start, end) {
   chart.box.dataset.points = String(drawn);
   chart.box.dataset.resolution = s.resolution;
   chart.info.textContent = `resolution ${s.resolution} (${s.chosen}) · ${drawn} points · ${s.gaps} gap${s.gaps === 1 ? "" : "s"}`;
-  const lay = layout(metric, { xaxis: { type: "date", range: [start.toISOString(), end.toISOString()] } });
+  const lay = layout(metric, { xaxis: xaxis(start, end, fit) });
   await Plotly.react(chart.plot, traces, lay, PLOT_CONFIG);
   return s;
 }
@@ -200,7 +206,7 @@ function zoomable(chart, redraw, home) {
       redraw(new Date(ev["xaxis.range[0]"]), new Date(ev["xaxis.range[1]"])).catch(showProblem);
     } else if (ev["xaxis.autorange"]) {
       const [a, b] = home();
-      redraw(a, b).catch(showProblem);
+      redraw(a, b, true).catch(showProblem);
     }
   });
 }
@@ -273,7 +279,7 @@ async function devicePage() {
   const draw = async () => {
     const end = new Date();
     const start = new Date(end.getTime() - span * 1000);
-    await Promise.all(charts.map(({ metric, chart }) => drawSeries(chart, id, metric, start, end)));
+    await Promise.all(charts.map(({ metric, chart }) => drawSeries(chart, id, metric, start, end, true)));
   };
   const bar = () => rangeBar(span, (s) => { span = s; toolbar.replaceWith(toolbar = bar()); draw().catch(showProblem); });
   let toolbar = bar();
@@ -293,14 +299,14 @@ async function devicePage() {
   ]);
   await draw();
   for (const { metric, chart } of charts) {
-    zoomable(chart, (a, b) => drawSeries(chart, id, metric, a, b), () => {
+    zoomable(chart, (a, b, fit) => drawSeries(chart, id, metric, a, b, fit), () => {
       const end = new Date();
       return [new Date(end.getTime() - span * 1000), end];
     });
   }
 }
 
-async function drawBacklog(chart, id, start, end) {
+async function drawBacklog(chart, id, start, end, fit = false) {
   const b = await api(`/gateways/${id}/backlog`, { start: start.toISOString(), end: end.toISOString() });
   const t = b.points.map((p) => p.time);
   chart.box.dataset.points = String(b.points.length);
@@ -309,12 +315,12 @@ async function drawBacklog(chart, id, start, end) {
     { x: t, y: b.points.map((p) => p.buffered_readings), name: "buffered readings", mode: "lines+markers", line: { shape: "hv", color: "#0969da" } },
     { x: t, y: b.points.map((p) => p.estimate_s), name: "drain estimate (s)", mode: "lines+markers", yaxis: "y2", line: { dash: "dot", color: "#9a6700" } },
   ], layout("readings", {
-    xaxis: { type: "date", range: [start.toISOString(), end.toISOString()] },
+    xaxis: xaxis(start, end, fit),
     yaxis2: { title: { text: "seconds" }, overlaying: "y", side: "right" },
   }), PLOT_CONFIG);
 }
 
-async function drawLag(chart, id, start, end) {
+async function drawLag(chart, id, start, end, fit = false) {
   const l = await api(`/gateways/${id}/ingest-lag`, { start: start.toISOString(), end: end.toISOString() });
   const t = l.points.map((p) => p.time);
   chart.box.dataset.points = String(l.points.length);
@@ -322,7 +328,7 @@ async function drawLag(chart, id, start, end) {
   await Plotly.react(chart.plot, [
     { x: t, y: l.points.map((p) => p.lag_avg_s), name: "average", mode: "lines+markers", line: { color: "#0969da" } },
     { x: t, y: l.points.map((p) => p.lag_max_s), name: "max", mode: "lines+markers", line: { color: "#cf222e", dash: "dot" } },
-  ], layout("seconds from sealed to stored", { xaxis: { type: "date", range: [start.toISOString(), end.toISOString()] } }), PLOT_CONFIG);
+  ], layout("seconds from sealed to stored", { xaxis: xaxis(start, end, fit) }), PLOT_CONFIG);
 }
 
 async function gatewayPage() {
@@ -339,7 +345,7 @@ async function gatewayPage() {
   const draw = async () => {
     const end = new Date();
     const start = new Date(end.getTime() - span * 1000);
-    await Promise.all([drawBacklog(backlog, id, start, end), drawLag(lag, id, start, end)]);
+    await Promise.all([drawBacklog(backlog, id, start, end, true), drawLag(lag, id, start, end, true)]);
   };
   const bar = () => rangeBar(span, (s) => { span = s; toolbar.replaceWith(toolbar = bar()); draw().catch(showProblem); });
   let toolbar = bar();
@@ -366,8 +372,8 @@ async function gatewayPage() {
   ]);
   await draw();
   const home = () => { const end = new Date(); return [new Date(end.getTime() - span * 1000), end]; };
-  zoomable(backlog, (a, b) => drawBacklog(backlog, id, a, b), home);
-  zoomable(lag, (a, b) => drawLag(lag, id, a, b), home);
+  zoomable(backlog, (a, b, fit) => drawBacklog(backlog, id, a, b, fit), home);
+  zoomable(lag, (a, b, fit) => drawLag(lag, id, a, b, fit), home);
 }
 
 async function start() {
