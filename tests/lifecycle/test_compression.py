@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from collector.lifecycle.compression import compress_old_chunks, horizons
+from collector.lifecycle.compression import compress_all, compress_old_chunks, horizons
 from collector.lifecycle.retention import drop_old_chunks
 from collector.lifecycle.rollups import rollup
 from collector.lifecycle.settings import DAY, CompressionSettings, RetentionSettings
@@ -178,3 +178,26 @@ async def test_retention_drops_compressed_chunks_and_removes_native_policies(
     )
     oldest = await ts.fetchval("SELECT min(time) FROM telemetry")
     assert oldest >= datetime.now(UTC) - timedelta(days=10)
+
+
+async def test_late_readings_roll_up_into_compressed_metrics_chunks(ts: asyncpg.Connection) -> None:
+    """A backlog older than `metrics_after` updates its buckets inside compressed `metrics` chunks
+    (the upsert meets compressed rows): the bucket is right, no row is doubled."""
+    await _fill(ts, days=2)
+    await compress_all(ts)
+    assert any(await _compressed(ts, "metrics"))
+    buckets = await ts.fetchval("SELECT count(*) FROM metrics")
+    late_at = _start() + timedelta(hours=5, minutes=2, seconds=30)
+    await write_readings(ts, TENANT, DEVICES[1], "temperature", [(late_at, -5.0)])
+
+    await rollup(ts, (60.0, 3600.0), 1000)
+
+    hour = await ts.fetchrow(
+        "SELECT count, min FROM rollups WHERE device_id = $1 AND metric = 'temperature' "
+        "AND period = interval '1 hour' AND bucket = $2",
+        DEVICES[1],
+        late_at.replace(minute=0, second=0),
+    )
+    assert (13, -5.0) == (hour["count"], hour["min"])
+    # One new 1-minute bucket (the late reading's minute had none); nothing else added.
+    assert buckets + 1 == await ts.fetchval("SELECT count(*) FROM metrics")
