@@ -18,14 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ConfigError
 from agent.inputs.base import InputConfig, RegistryError, kind
@@ -35,6 +28,7 @@ from service.config import (
     Listen,
     LogSettings,
     PositiveDuration,
+    Section,
     Size,
     SizeOrZero,
     TopicPrefix,
@@ -49,18 +43,14 @@ USERNAME_ENV = "SENSORMINE_MQTT_USERNAME"
 CREDENTIAL_NAME = "mqtt-password"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GatewaySettings(_Section):
+class GatewaySettings(Section):
     """Who this agent is: its gateway id (also the MQTT client id) and its tenant."""
 
     id: uuid.UUID
     tenant_id: uuid.UUID
 
 
-class BufferSettings(_Section):
+class BufferSettings(Section):
     """The SQLite buffer file and its limits."""
 
     path: Path = Path("/var/lib/sensormine/buffer.db")
@@ -87,7 +77,7 @@ class BufferSettings(_Section):
         return value
 
 
-class BatchSettings(_Section):
+class BatchSettings(Section):
     """When a batch is sealed: whichever of the three limits is reached first."""
 
     max_points: int = Field(default=5000, ge=1, le=100_000)
@@ -104,7 +94,7 @@ class BatchSettings(_Section):
         return value
 
 
-class TlsSettings(_Section):
+class TlsSettings(Section):
     """TLS to the broker; ``cert_file`` + ``key_file`` make it mutual TLS."""
 
     enabled: bool = False
@@ -120,7 +110,7 @@ class TlsSettings(_Section):
         return self
 
 
-class MqttSettings(_Section):
+class MqttSettings(Section):
     """The broker connection and the shipper's delivery behaviour."""
 
     host: str = "127.0.0.1"
@@ -149,7 +139,7 @@ class MqttSettings(_Section):
         return self
 
 
-class RuntimeSettings(_Section):
+class RuntimeSettings(Section):
     """Process behaviour: shutdown deadline and how an input is restarted after a crash."""
 
     drain_timeout: Duration = 20.0
@@ -157,14 +147,14 @@ class RuntimeSettings(_Section):
     status_interval: PositiveDuration = 10.0
 
 
-class MetricsSettings(_Section):
+class MetricsSettings(Section):
     """The optional Prometheus endpoint of the agent; an empty ``listen`` (the default) turns it
     off. Bind it to 127.0.0.1 unless the scraper is elsewhere on a trusted network."""
 
     listen: Listen = ""
 
 
-class ClockSettings(_Section):
+class ClockSettings(Section):
     """When the gateway's clock is trusted, and how long readings wait for a trusted time.
 
     The system clock is trusted while the kernel says it is synchronised, it reads after the
@@ -179,7 +169,7 @@ class ClockSettings(_Section):
     request_interval: PositiveDuration = 2.0
 
 
-class Settings(_Section):
+class Settings(Section):
     """The whole agent configuration file."""
 
     gateway: GatewaySettings

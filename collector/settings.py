@@ -23,14 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from collector.errors import ConfigError
 from collector.lifecycle.settings import LifecycleSettings
@@ -40,6 +33,7 @@ from service.config import (
     Listen,
     LogSettings,
     PositiveDuration,
+    Section,
     Size,
     TopicPrefix,
     keys_at,
@@ -52,10 +46,6 @@ ENV_PREFIX = "SENSORMINE_COLLECTOR__"
 MQTT_PASSWORD_ENV = "SENSORMINE_MQTT_PASSWORD"
 MQTT_CREDENTIAL = "mqtt-password"
 DEFAULT_GROUP = "sensormine-collectors"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
@@ -137,7 +127,7 @@ def url_has_password(url: str) -> bool:
     return urlsplit(url).password is not None
 
 
-class DatabaseSettings(_Section):
+class DatabaseSettings(Section):
     """One PostgreSQL connection: a URL or the seed's ``Host=...;Database=...`` form.
 
     Every session the collector opens carries ``statement_timeout``, ``lock_timeout`` and
@@ -180,7 +170,7 @@ class TimeseriesSettings(DatabaseSettings):
     chunk_interval: PositiveDuration = 86400.0
 
 
-class MqttSettings(_Section):
+class MqttSettings(Section):
     """Broker connection and subscription."""
 
     host: str = "127.0.0.1"
@@ -215,7 +205,7 @@ class MqttSettings(_Section):
         return value
 
 
-class WriterSettings(_Section):
+class WriterSettings(Section):
     """When staged rows are flushed, and how a failing database is retried."""
 
     max_rows: int = Field(default=20_000, ge=1)
@@ -225,7 +215,7 @@ class WriterSettings(_Section):
     retry_max: PositiveDuration = 10.0
 
 
-class ValidationSettings(_Section):
+class ValidationSettings(Section):
     """What counts as a valid point besides the schema."""
 
     max_age: PositiveDuration = 30 * 86400.0
@@ -237,7 +227,7 @@ class ValidationSettings(_Section):
     clock_tolerance: Duration = 2.0
 
 
-class QuarantineSettings(_Section):
+class QuarantineSettings(Section):
     """Where healable refusals wait: quotas, retry bound, replay on registry changes.
 
     Quarantined data counts against ``max_bytes_per_tenant`` (registered gateways) or
@@ -255,14 +245,14 @@ class QuarantineSettings(_Section):
     replay_delay: PositiveDuration = 2.0
 
 
-class RegistrySettings(_Section):
+class RegistrySettings(Section):
     """The in-memory cache of gateways, devices, device types and schemas."""
 
     refresh_interval: PositiveDuration = 300.0
     negative_ttl: PositiveDuration = 5.0
 
 
-class AlertSettings(_Section):
+class AlertSettings(Section):
     """Alert rules evaluated on ingest (docs/alerts.md).
 
     A transition whose reading is older than ``late_after`` when it is evaluated is marked
@@ -276,13 +266,13 @@ class AlertSettings(_Section):
     publish: bool = True
 
 
-class MetricsSettings(_Section):
+class MetricsSettings(Section):
     """The Prometheus endpoint; an empty ``listen`` turns it off."""
 
     listen: Listen = "127.0.0.1:9464"
 
 
-class ApiSettings(_Section):
+class ApiSettings(Section):
     """The query API and status page (``sensormine-collector api``).
 
     ``timeseries_replicas`` and ``metadata_replicas`` are streaming replicas the API reads from
@@ -306,7 +296,7 @@ class ApiSettings(_Section):
         return value
 
 
-class Settings(_Section):
+class Settings(Section):
     """The whole collector configuration."""
 
     metadata: DatabaseSettings

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from service.config import PositiveDuration
+from service.config import PositiveDuration, Section
 
 DAY = 86400.0
 
@@ -20,11 +20,7 @@ def interval(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RollupSettings(_Section):
+class RollupSettings(Section):
     """Rollups of numeric telemetry into ``metrics``, recomputed from what the writer touched."""
 
     enabled: bool = True
@@ -47,7 +43,7 @@ class RollupSettings(_Section):
         return tuple(sorted(value))
 
 
-class RetentionSettings(_Section):
+class RetentionSettings(Section):
     """How long each hypertable keeps its rows, and how often the collector enforces it."""
 
     enabled: bool = True
@@ -68,7 +64,7 @@ class RetentionSettings(_Section):
         }
 
 
-class CompressionSettings(_Section):
+class CompressionSettings(Section):
     """Compression of old chunks by the collector's ``compression`` job (community edition only;
     skipped on Apache-2, which has none)."""
 
@@ -78,7 +74,7 @@ class CompressionSettings(_Section):
     interval: PositiveDuration = 3600.0
 
 
-class LedgerSettings(_Section):
+class LedgerSettings(Section):
     """How long ``ingest_ledger`` and ``ingest_rejects`` rows are kept.
 
     ``horizon`` must exceed the longest span any agent's buffer can hold: a batch resent after
@@ -90,7 +86,7 @@ class LedgerSettings(_Section):
     delete_rows: int = Field(default=10_000, ge=1)
 
 
-class LifecycleSettings(_Section):
+class LifecycleSettings(Section):
     """Rollups, retention, compression and ledger housekeeping, run by the collector."""
 
     enabled: bool = True
