@@ -175,7 +175,11 @@ async def test_cadence_and_read_duration(
         await stop(task)
     times = [r.at for r in emitter.readings if r.device_id == IDS["zone"]]
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(0.03 < gap < 1.0 for gap in gaps), gaps
+    # On the interval's cadence: a cycle that ran late is followed by one on schedule, so a
+    # single gap may be short on a loaded machine; on average they are the interval, none is
+    # a busy loop and none a missed round.
+    assert all(0 < gap < 1.0 for gap in gaps), gaps
+    assert 0.05 < (times[-1] - times[0]) / len(gaps) < 0.5, gaps
     assert all(r.time_us is not None for r in emitter.readings)
     assert len(emitter.durations) >= 5
     assert all(0 <= d < 1 for d in emitter.durations)
