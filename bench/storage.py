@@ -436,7 +436,13 @@ async def main(rounds: int, profile: str | None = None) -> None:
         )
         await asyncio.sleep(1.0)
         warm.start()
-        await wait_ledger(new, 1, 30)
+        try:
+            # A loaded machine can take a while to start the collector and subscribe.
+            await wait_ledger(new, 1, 120)
+        except TimeoutError:
+            raise SystemExit(
+                f"the collector did not store the warm-up batch (exit code {proc.poll()})"
+            ) from None
         warm.join()
 
         old_copy = new_copy = collector = 0.0
