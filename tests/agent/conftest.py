@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -307,6 +308,22 @@ def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
         cwd=ROOT,
         env=env,
     )
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The agent's JSON log lines, parsed (lines that are not JSON are skipped)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def named(path: Path, event: str) -> list[dict[str, Any]]:
+    """The agent's log lines of ``event``."""
+    return [e for e in log_events(path) if e.get("event") == event]
 
 
 def agent_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:

@@ -10,20 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.agent.conftest import Acknowledger, agent_cli, start_agent, write_config
+from tests.agent.conftest import (
+    Acknowledger,
+    agent_cli,
+    named,
+    start_agent,
+    write_config,
+)
 from tests.services import SYSTEM_MQTT, MosquittoBroker
 from tests.waiting import wait_for
-
-
-def log_events(path: Path) -> list[dict[str, Any]]:
-    """The agent's JSON log lines, parsed (lines that are not JSON are skipped)."""
-    events = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
 
 
 def status_json(config: Path) -> dict[str, Any]:
@@ -31,11 +26,6 @@ def status_json(config: Path) -> dict[str, Any]:
     result = agent_cli("status", "--config", str(config), "--json")
     assert 0 == result.returncode, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-
-def named(path: Path, event: str) -> list[dict[str, Any]]:
-    """The log lines of ``event``."""
-    return [e for e in log_events(path) if e.get("event") == event]
 
 
 def test_a_connected_agent_that_nobody_acks_says_what_to_check(tmp_path: Path, prefix: str) -> None:
