@@ -102,6 +102,20 @@ class Devices(BaseModel):
     devices: list[Device]
 
 
+class LatestDevice(BaseModel):
+    id: str
+    name: str | None
+    last_seen: datetime
+    latest: dict[str, LatestValue]
+
+
+class Latest(BaseModel):
+    tenant: Ref
+    generated_at: datetime
+    source: SourceInfo
+    devices: list[LatestDevice]
+
+
 class SeriesPoints(BaseModel):
     """Columns of equal length; a ``null`` value (with a time between its neighbours) is a gap."""
 

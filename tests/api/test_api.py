@@ -75,6 +75,24 @@ def test_devices_have_names_type_gateway_status_since_and_latest_values(world: W
         paged = c.get("/api/v1/devices", params={"limit": 1, "offset": 1}).json()
         of_gw = c.get("/api/v1/devices", params={"gateway_id": str(world.fleet.gateway)}).json()
     assert dev0["latest"]["temperature"]["value"] == one["latest"]["temperature"]["value"]
+    # /latest: the same values, built by the database, for the devices that sent any.
+    with world.a() as c:
+        compact = c.get("/api/v1/latest").json()
+        of_other = c.get("/api/v1/latest", params={"gateway_id": str(world.fleet.other_gateway)})
+    assert ["dev0", "dev1"] == [d["name"] for d in compact["devices"]]
+    for d in compact["devices"]:
+        full = by_name[d["name"]]
+        assert d["last_seen"] == full["last_seen"]
+        for metric, v in d["latest"].items():
+            assert (v["value"], v["kind"]) == (
+                full["latest"][metric]["value"],
+                full["latest"][metric]["kind"],
+            )
+            assert datetime.fromisoformat(v["time"]) == datetime.fromisoformat(
+                full["latest"][metric]["time"]
+            )
+            assert abs(v["age_s"] - full["latest"][metric]["age_s"]) < 5
+    assert (404, "unknown_gateway") == (of_other.status_code, of_other.json()["code"])
     assert (3, 1, ["dev1"]) == (
         paged["total"],
         paged["offset"],
