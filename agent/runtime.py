@@ -37,7 +37,7 @@ from agent.inputs.base import DeviceState, Input, InputContext, Severity, kind
 from agent.metrics import AgentMetrics
 from agent.settings import Settings, exposed_credentials, input_label
 from agent.shipper import Shipper
-from protocol import Value
+from protocol import Backlog, Value
 from service.systemd import Notifier
 
 log = structlog.get_logger("agent.runtime")
@@ -266,6 +266,8 @@ class Runtime:
         self.inputs: list[Input] = self.build_inputs()
         self._unsealed_since: float | None = None
         self.backlog = BacklogMeter()
+        self.oldest_us: int | None = None
+        self.shipper.backlog_figures = self.backlog_figures
         self.metrics = AgentMetrics(self) if settings.metrics.listen else None
         if self.metrics is not None:
             self.shipper.ack_latency = self.metrics.ack_latency.observe
@@ -501,8 +503,10 @@ class Runtime:
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
-            if self.metrics is not None and ticks % 5 == 1:
-                self.metrics.oldest_us = await self._oldest_unacked()
+            if ticks % 5 == 1:
+                self.oldest_us = await self._oldest_unacked()
+                if self.metrics is not None:
+                    self.metrics.oldest_us = self.oldest_us
             store = self.buffer.store
             reports = self.backlog.sample(
                 time.monotonic(),
@@ -512,6 +516,9 @@ class Runtime:
                 buffered=store.unsealed + store.batched_readings,
                 linked=self.shipper.state == "connected",
             )
+            if reports:
+                # The same figures in the retained status frame (at most every 10 % or 30 s).
+                self.shipper.publish_status()
             for report in reports:
                 log.info(report.kind, **report.attributes)
                 self.staging.notes.append(
@@ -519,6 +526,24 @@ class Runtime:
                 )
             if self.backlog.figures is not None:
                 store.backlog_note = self.backlog.figures.to_json()
+
+    def backlog_figures(self) -> Backlog:
+        """What the buffer holds and how it drains, for the gateway status frame."""
+        try:
+            store = self.buffer.store
+        except Exception:
+            return Backlog(readings=0, batches=0)
+        figures = self.backlog.figures
+        oldest = self.oldest_us
+        return Backlog(
+            readings=store.unsealed + store.batched_readings,
+            batches=store.batch_count,
+            oldest_age_s=None if oldest is None else round(max(0.0, time.time() - oldest / 1e6), 1),
+            ack_rate=figures.ack_rate if figures else 0.0,
+            production_rate=figures.production_rate if figures else 0.0,
+            drain_s=figures.estimate_s if figures else None,
+            draining=figures.draining if figures else False,
+        )
 
     async def _oldest_unacked(self) -> int | None:
         """Time (µs) of the oldest reading not yet acknowledged: batches are sealed in order, so

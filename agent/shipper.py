@@ -74,6 +74,7 @@ from agent.settings import GatewaySettings, MqttSettings, mqtt_password, mqtt_us
 from protocol import (
     Ack,
     AckResult,
+    Backlog,
     GatewayStatus,
     ProtocolError,
     TimeReply,
@@ -262,6 +263,7 @@ class Shipper:
         self._no_ack_logged = False
         self.on_connected: Callable[[], None] | None = None
         self.ack_latency: Callable[[float], None] | None = None
+        self.backlog_figures: Callable[[], Backlog] | None = None
 
     # --- called by the runtime ------------------------------------------------------------
 
@@ -447,16 +449,7 @@ class Shipper:
         if getattr(reason, "is_failure", False):
             raise LinkDown(f"broker refused the connection: {reason}")
         client.subscribe(self.ack_topic, qos=1)
-        online = encode_frame(
-            GatewayStatus(
-                gateway_id=self.gateway.id,
-                state="online",
-                time=self.timebase.wall_now(),
-                version=self.version,
-                clock=self.timebase.offset().source,
-            )
-        )
-        client.publish(self.status_topic, online, qos=1, retain=True)
+        client.publish(self.status_topic, self._online_frame(), qos=1, retain=True)
         self.state = "connected"
         self._connected_at = time.monotonic()
         self._taken_over = False
@@ -464,6 +457,25 @@ class Shipper:
         if self.on_connected is not None:
             self.on_connected()
         return client
+
+    def _online_frame(self) -> bytes:
+        return encode_frame(
+            GatewayStatus(
+                gateway_id=self.gateway.id,
+                state="online",
+                time=self.timebase.wall_now(),
+                version=self.version,
+                clock=self.timebase.offset().source,
+                backlog=self.backlog_figures() if self.backlog_figures is not None else None,
+            )
+        )
+
+    def publish_status(self) -> None:
+        """Say ``online`` again with the current backlog figures (retained), while connected."""
+        client = self._client
+        if client is None or self.state != "connected":
+            return
+        client.publish(self.status_topic, self._online_frame(), qos=1, retain=True)
 
     async def _close(self, graceful: bool) -> None:
         client, self._client = self._client, None

@@ -126,6 +126,7 @@ class Staged:
     events: list[tuple[Any, ...]] = field(default_factory=list)
     status: list[tuple[Any, ...]] = field(default_factory=list)
     gateway_status: tuple[Any, ...] | None = None
+    gateway_backlog: tuple[Any, ...] | None = None
     rejects: list[RejectRow] = field(default_factory=list)
     quarantine: list[QuarantineRow] = field(default_factory=list)
     # Binary COPY rows (telemetry, telemetry_text), built early when the series ids are cached.
@@ -502,11 +503,26 @@ class Pipeline:
                 Reason.TIMESTAMP_OUT_OF_WINDOW,
                 f"status frame time {frame.time} is outside the accepted window",
             )
+        b = frame.backlog
         return Staged(
             incoming=msg,
             tenant_id=address.tenant_id,
             gateway_id=address.gateway_id,
             gateway_status=self._gateway_status_row(address, frame),
+            gateway_backlog=None
+            if b is None
+            else (
+                address.gateway_id,
+                address.tenant_id,
+                to_datetime(at),
+                b.readings,
+                b.batches,
+                b.oldest_age_s,
+                b.ack_rate,
+                b.production_rate,
+                b.drain_s,
+                b.draining,
+            ),
         )
 
     @staticmethod

@@ -103,13 +103,34 @@ RETURNING gateway_id, stream, seq
 """
 
 # A redelivered status frame must not add a second row; status frames carry no ledger key.
+# Neither does an ``online`` frame of a gateway already online: the agent says ``online`` again
+# with its backlog figures while a backlog drains, which changes no state.
 _GATEWAY_STATUS_SQL = """
 INSERT INTO device_status_history (time, tenant_id, gateway_id, device_id, status, reason)
 SELECT $1, $2, $3, NULL, $4, $5
 WHERE NOT EXISTS (
     SELECT 1 FROM device_status_history
     WHERE time = $1 AND gateway_id = $3 AND device_id IS NULL AND status = $4
-)
+) AND NOT ($4 = 'online' AND EXISTS (
+    SELECT 1 FROM (
+        SELECT status FROM device_status_history
+        WHERE gateway_id = $3 AND device_id IS NULL AND time <= $1
+        ORDER BY time DESC LIMIT 1
+    ) latest WHERE latest.status = 'online'
+))
+"""
+
+# The latest figures per gateway; older ones (a frame arriving late) change nothing.
+_GATEWAY_BACKLOG_SQL = """
+INSERT INTO gateway_backlog (gateway_id, tenant_id, time, readings, batches, oldest_age_s,
+                             ack_rate, production_rate, drain_s, draining)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (gateway_id) DO UPDATE SET
+    tenant_id = EXCLUDED.tenant_id, time = EXCLUDED.time, readings = EXCLUDED.readings,
+    batches = EXCLUDED.batches, oldest_age_s = EXCLUDED.oldest_age_s,
+    ack_rate = EXCLUDED.ack_rate, production_rate = EXCLUDED.production_rate,
+    drain_s = EXCLUDED.drain_s, draining = EXCLUDED.draining
+WHERE gateway_backlog.time < EXCLUDED.time
 """
 
 _DIGESTS_SQL = """
@@ -308,6 +329,8 @@ async def write_items(
             # Only a new gateway row fans out: a redelivered frame adds nothing.
             if done == "INSERT 0 1" and fanout is not None:
                 report.status += await insert_status_rows(conn, fanout.get(id(item), []))
+        if item.gateway_backlog is not None:
+            await conn.execute(_GATEWAY_BACKLOG_SQL, *item.gateway_backlog)
     report.quarantined = await insert_rows(conn, writes)
     rejects = [r.record() for i in writes for r in i.rejects]
     if rejects:

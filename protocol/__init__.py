@@ -16,6 +16,7 @@ from protocol.frame import (
 from protocol.models import (
     Ack,
     AckResult,
+    Backlog,
     Batch,
     ClockSource,
     DeviceStatus,
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "Ack",
     "AckResult",
+    "Backlog",
     "Batch",
     "ClockSource",
     "DeviceStatus",

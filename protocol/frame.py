@@ -22,6 +22,7 @@ from protocol.models import (
     MAX_TIME_US,
     Ack,
     AckResult,
+    Backlog,
     Batch,
     DeviceStatus,
     Event,
@@ -162,6 +163,8 @@ def _body(frame: Frame) -> dict[str, Any]:
             body["version"] = frame.version
         if frame.clock is not None:
             body["clock"] = frame.clock
+        if frame.backlog is not None:
+            body["backlog"] = frame.backlog.model_dump()
         return body
     if isinstance(frame, Ack):
         ack: dict[str, Any] = {
@@ -431,7 +434,7 @@ def _decode_batch(body: dict[str, Any], limits: Limits) -> Batch:
 
 
 def _decode_gateway_status(body: dict[str, Any]) -> GatewayStatus:
-    _known_keys(body, ("k", "gw", "state", "time"), ("version", "clock"), "status")
+    _known_keys(body, ("k", "gw", "state", "time"), ("version", "clock", "backlog"), "status")
     return GatewayStatus.model_construct(
         gateway_id=_uuid(body["gw"], "gw"),
         state=_str(body["state"], "state", 16, choices=("online", "offline")),
@@ -442,6 +445,42 @@ def _decode_gateway_status(body: dict[str, Any]) -> GatewayStatus:
             if "clock" in body
             else None
         ),
+        backlog=_backlog(body["backlog"]) if "backlog" in body else None,
+    )
+
+
+_BACKLOG_COUNTS = ("readings", "batches")
+_BACKLOG_FIGURES = ("oldest_age_s", "ack_rate", "production_rate", "drain_s")
+
+
+def _figure(value: Any, field: str, nullable: bool) -> float | None:
+    if value is None and nullable:
+        return None
+    if type(value) not in (int, float) or not 0 <= value <= 1e12:
+        raise _fail(
+            Reason.INVALID_FIELD, f"{field} must be a number in [0, 1e12], got {_describe(value)}"
+        )
+    return float(value)
+
+
+def _backlog(value: Any) -> Backlog:
+    if type(value) is not dict:
+        raise _fail(Reason.INVALID_FIELD, f"backlog must be a map, got {_describe(value)}")
+    _known_keys(value, _BACKLOG_COUNTS, (*_BACKLOG_FIGURES, "draining"), "status backlog")
+    draining = value.get("draining", False)
+    if type(draining) is not bool:
+        raise _fail(
+            Reason.INVALID_FIELD, f"backlog.draining must be a boolean, got {_describe(draining)}"
+        )
+    return Backlog.model_construct(
+        readings=_int(value["readings"], "backlog.readings", 0, 2**63 - 1),
+        batches=_int(value["batches"], "backlog.batches", 0, 2**63 - 1),
+        oldest_age_s=_figure(value.get("oldest_age_s"), "backlog.oldest_age_s", True),
+        ack_rate=_figure(value.get("ack_rate", 0.0), "backlog.ack_rate", False) or 0.0,
+        production_rate=_figure(value.get("production_rate", 0.0), "backlog.production_rate", False)
+        or 0.0,
+        drain_s=_figure(value.get("drain_s"), "backlog.drain_s", True),
+        draining=draining,
     )
 
 

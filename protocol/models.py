@@ -115,6 +115,23 @@ class Batch(_Wire):
         return sum(len(s.timestamps) for s in self.series)
 
 
+class Backlog(_Wire):
+    """What a gateway's buffer holds and how fast it drains, as its status frame reports it.
+
+    Rates are readings per second over the agent's last 30 s of an unbroken link; ``drain_s``
+    is ``None`` while the backlog does not shrink (production keeps up with the acks) or before
+    anything was measured.
+    """
+
+    readings: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    batches: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    oldest_age_s: Annotated[float, Field(ge=0, le=1e12)] | None = None
+    ack_rate: Annotated[float, Field(ge=0, le=1e12)] = 0.0
+    production_rate: Annotated[float, Field(ge=0, le=1e12)] = 0.0
+    drain_s: Annotated[float, Field(ge=0, le=1e12)] | None = None
+    draining: bool = False
+
+
 class GatewayStatus(_Wire):
     """The retained gateway status frame; ``offline`` is also the MQTT will."""
 
@@ -124,6 +141,8 @@ class GatewayStatus(_Wire):
     version: Annotated[str, Field(max_length=64)] = ""
     clock: ClockSource | None = None
     """How ``time`` was taken; ``untrusted`` tells the collector to use its receive time."""
+    backlog: Backlog | None = None
+    """The buffer's figures: at connect, and again (``online``) while a backlog drains."""
 
 
 Count = Annotated[int, Field(ge=0, le=2**63 - 1)]

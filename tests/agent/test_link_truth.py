@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from protocol import decode_status
 from tests.agent.conftest import (
     Acknowledger,
     agent_cli,
@@ -140,7 +141,8 @@ def test_a_backlog_drain_is_estimated_from_measured_rates_and_reported(
     prefix: str,
     acknowledger_factory: Callable[..., Acknowledger],
 ) -> None:
-    """After an outage the agent says that it drains, how far it got and when it is done, and
+    """After an outage the agent says that it drains (in its log, and in its retained status
+    frames with the backlog figures), how far it got and when it is done, and
     ``status`` estimates the drain from the measured ack and production rates: the estimate taken
     halfway is within a factor of two of the time the drain really took (the old estimate,
     batches / backlog_rate, ignored the live data that keeps arriving)."""
@@ -165,7 +167,7 @@ def test_a_backlog_drain_is_estimated_from_measured_rates_and_reported(
     try:
         time.sleep(20)  # the uplink is down: a backlog builds up
         private_broker.start()
-        acknowledger_factory(private_broker.host, private_broker.port, prefix)
+        ack = acknowledger_factory(private_broker.host, private_broker.port, prefix)
         wait_for(lambda: bool(named(log, "backlog.draining")), 30)
         deadline = time.monotonic() + 120
         while not named(log, "backlog.drained"):
@@ -184,6 +186,13 @@ def test_a_backlog_drain_is_estimated_from_measured_rates_and_reported(
     assert progress, "no progress line during the drain"
     assert all(p["buffered_readings"] < draining["buffered_readings"] for p in progress)
     assert drained["backlog_readings"] == draining["buffered_readings"]
+    # The status frames: the backlog at connect, then the drain's figures, then drained.
+    frames = [decode_status(payload) for payload in ack.statuses]
+    backlogs = [f.backlog for f in frames if f.state == "online" and f.backlog is not None]
+    assert backlogs[0].readings >= draining["buffered_readings"] * 0.5
+    assert backlogs[0].oldest_age_s is not None and backlogs[0].oldest_age_s >= 10
+    assert any(b.draining and b.drain_s for b in backlogs)
+    assert not backlogs[-1].draining and backlogs[-1].readings < backlogs[0].readings
     # Halfway through the drain, the estimate against what the rest really took.
     assert estimates
     at, estimate = estimates[len(estimates) // 2]

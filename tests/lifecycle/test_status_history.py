@@ -18,7 +18,7 @@ import pytest
 
 from collector.lifecycle.status import gateway_status_rows, insert_status_rows
 from collector.service import running
-from protocol import DeviceStatus, GatewayStatus, TopicKind, build_topic, encode_frame
+from protocol import Backlog, DeviceStatus, GatewayStatus, TopicKind, build_topic, encode_frame
 from tests.collector.conftest import (
     Databases,
     GatewayClient,
@@ -248,3 +248,51 @@ async def test_a_gateway_coming_online_never_overrides_a_devices_own_error(dbs: 
     latest = {r["device_id"]: (r["status"], r["reason"]) for r in await dbs.fetch(latest_sql)}
     assert ("error", "command not found") == latest[broken]
     assert ("online", "gateway_online") == latest[other]
+
+
+async def test_backlog_figures_of_status_frames_keep_the_latest_and_add_no_history(
+    dbs: Databases,
+) -> None:
+    """Status frames with backlog figures (at connect, then while the backlog drains) keep the
+    gateway's latest figures in ``gateway_backlog``; an ``online`` frame of a gateway already
+    online adds no history row, and figures older than the kept ones change nothing."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    host, port = SYSTEM_MQTT
+    p = f"t{uuid.uuid4().hex[:10]}"
+    t0 = now_us() - 30_000_000
+
+    def online(at: int, readings: int, drain: float | None) -> bytes:
+        figures = Backlog(
+            readings=readings,
+            batches=readings // 100,
+            oldest_age_s=3600.0,
+            ack_rate=500.0,
+            production_rate=100.0,
+            drain_s=drain,
+            draining=True,
+        )
+        return encode_frame(
+            GatewayStatus(gateway_id=fleet.gateway, state="online", time=at, backlog=figures)
+        )
+
+    async with running(collector_settings(dbs, host, port, p)):
+        with GatewayClient(host, port, p, fleet.tenant, fleet.gateway) as gw:
+            gw.publish(online(t0, 40_000, None), TopicKind.STATUS)
+            gw.publish(online(t0 + 10_000_000, 20_000, 50.0), TopicKind.STATUS)
+            gw.publish(online(t0 + 5_000_000, 30_000, 75.0), TopicKind.STATUS)  # late
+            await _wait_rows(
+                dbs, "SELECT * FROM gateway_backlog WHERE readings = 20000", 1, within=20
+            )
+            await asyncio.sleep(0.5)
+    (row,) = await dbs.fetch("SELECT * FROM gateway_backlog")
+    assert (20_000, 200, 50.0, True) == (
+        row["readings"],
+        row["batches"],
+        row["drain_s"],
+        row["draining"],
+    )
+    rows = await dbs.fetch(
+        "SELECT status FROM device_status_history WHERE device_id IS NULL ORDER BY time"
+    )
+    assert ["online"] == [r["status"] for r in rows]

@@ -13,6 +13,7 @@ from pathlib import Path
 from protocol import (
     Ack,
     AckResult,
+    Backlog,
     Batch,
     DeviceStatus,
     Event,
@@ -76,6 +77,25 @@ _batch = Batch(
 CASES: dict[str, tuple[Frame, bool]] = {
     "batch_plain": (_batch, False),
     "batch_zstd": (_batch, True),
+    "status_online_backlog": (
+        GatewayStatus(
+            gateway_id=GW,
+            state="online",
+            time=T0,
+            version="0.1.0",
+            clock="collector",
+            backlog=Backlog(
+                readings=48_200,
+                batches=193,
+                oldest_age_s=5412.5,
+                ack_rate=620.0,
+                production_rate=68.0,
+                drain_s=87.3,
+                draining=True,
+            ),
+        ),
+        False,
+    ),
     "status_offline": (
         GatewayStatus(gateway_id=GW, state="offline", time=T0, version="0.1.0"),
         False,
