@@ -677,6 +677,75 @@ def _routes(settings: Settings) -> Any:
             }
         )
 
+    @router.get("/alerts", response_model=models.Alerts, tags=["events"])
+    async def alerts(
+        ctx: Ctx,
+        start: Start = None,
+        end: End = None,
+        open_only: Annotated[
+            bool, Query(alias="open", description="Every open alert, whenever it was raised")
+        ] = False,
+        gateway_id: Annotated[uuid.UUID | None, Query()] = None,
+        device_id: Annotated[uuid.UUID | None, Query()] = None,
+        severity: Annotated[Literal["info", "warning", "error", "critical"] | None, Query()] = None,
+        limit: Limit = 100,
+    ) -> Answer:
+        """Alerts of the tenant's alert rules raised in the range (default: 7 days), or with
+        ``open=true`` every alert still open; newest first."""
+        if gateway_id is not None:
+            _gateway(ctx, gateway_id)
+        if device_id is not None:
+            _device(ctx, device_id)
+        begin, stop = time_range(ctx, start, end, timedelta(days=7))
+
+        async def work(conn: asyncpg.Connection) -> Any:
+            try:
+                return await reads.alerts(
+                    conn,
+                    ctx.tenant_id,
+                    begin,
+                    stop,
+                    limit,
+                    open_only,
+                    gateway_id,
+                    device_id,
+                    severity,
+                )
+            except asyncpg.UndefinedTableError:
+                raise ApiProblem(
+                    503,
+                    "database_not_migrated",
+                    "the time-series database has no alerts table: run `sensormine-collector migrate`",
+                ) from None
+
+        rows, source = await ts(ctx, work)
+        return Answer(
+            {
+                "start": begin,
+                "end": stop,
+                "open_only": open_only,
+                "source": source.as_dict(),
+                "alerts": [
+                    {
+                        "id": int(r["id"]),
+                        "rule": {"id": str(r["rule_id"]), "name": r["rule_name"]},
+                        "gateway": ctx.dir.ref("gateway", r["gateway_id"]),
+                        "device": ctx.dir.ref("device", r["device_id"]),
+                        "metric": r["metric"],
+                        "severity": r["severity"],
+                        "condition": r["condition"],
+                        "threshold": reads.num(r["threshold"]),
+                        "raised_at": r["raised_at"],
+                        "raised_value": reads.num(r["raised_value"]),
+                        "cleared_at": r["cleared_at"],
+                        "cleared_value": reads.num(r["cleared_value"]),
+                        "clear_reason": r["clear_reason"],
+                    }
+                    for r in rows
+                ],
+            }
+        )
+
     @router.get("/quarantine", response_model=models.Quarantine, tags=["ingest"])
     async def quarantine(ctx: Ctx) -> Answer:
         """What the tenant has in quarantine, per gateway and reason (replayed by `sensormine-

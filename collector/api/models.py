@@ -249,3 +249,27 @@ class Rejects(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+
+
+class Alert(BaseModel):
+    id: int
+    rule: Ref
+    gateway: Ref
+    device: Ref
+    metric: str
+    severity: str
+    condition: str
+    threshold: float | None
+    raised_at: datetime
+    raised_value: float | None
+    cleared_at: datetime | None = Field(description="null while the alert is open")
+    cleared_value: float | None
+    clear_reason: str | None
+
+
+class Alerts(BaseModel):
+    start: datetime
+    end: datetime
+    open_only: bool
+    source: SourceInfo
+    alerts: list[Alert]

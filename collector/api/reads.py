@@ -437,3 +437,31 @@ FROM ingest_rejects WHERE tenant_id = $1 AND received_at >= $2 AND received_at <
 ORDER BY received_at DESC LIMIT $4
 """
     return list(await conn.fetch(sql, tenant, start, end, limit))
+
+
+async def alerts(
+    conn: asyncpg.Connection,
+    tenant: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    limit: int,
+    open_only: bool,
+    gateway: uuid.UUID | None = None,
+    device: uuid.UUID | None = None,
+    severity: str | None = None,
+) -> list[asyncpg.Record]:
+    """Alerts raised in the range (or every open one), newest first."""
+    sql = """
+SELECT id, rule_id, rule_name, gateway_id, device_id, metric, severity, condition, threshold,
+       raised_at, raised_value, cleared_at, cleared_value, clear_reason
+FROM alerts
+WHERE tenant_id = $1
+  AND (CASE WHEN $5 THEN cleared_at IS NULL ELSE raised_at >= $2 AND raised_at < $3 END)
+  AND ($6::uuid IS NULL OR gateway_id = $6)
+  AND ($7::uuid IS NULL OR device_id = $7)
+  AND ($8::text IS NULL OR severity = $8)
+ORDER BY raised_at DESC LIMIT $4
+"""
+    return list(
+        await conn.fetch(sql, tenant, start, end, limit, open_only, gateway, device, severity)
+    )

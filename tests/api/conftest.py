@@ -216,6 +216,20 @@ async def fill(dbs: Databases, prefix: str) -> tuple[datetime, datetime, datetim
         status=[DeviceStatus(time=t0, device_id=fleet.other_device, status="online")],
     )
     await dbs.meta("UPDATE devices SET enabled = false WHERE id = $1", fleet.devices[2])
+    # Alert rules of both tenants: A's temperature crosses 25.5 once a minute, B's secret is
+    # above 50 all along (an alert left open).
+    await dbs.meta(
+        "INSERT INTO alert_rules (tenant_id, name, device_type_id, metric, condition, threshold,"
+        " clear_threshold) VALUES ($1, 'temperature-high', $2, 'temperature', '>', 25.5, 25.0)",
+        fleet.tenant,
+        fleet.device_type,
+    )
+    await dbs.meta(
+        "INSERT INTO alert_rules (tenant_id, name, device_id, metric, condition, threshold,"
+        " severity) VALUES ($1, 'secret-high', $2, 'secret', '>', 50, 'critical')",
+        fleet.other_tenant,
+        fleet.other_device,
+    )
     settings = collector_settings(dbs, host, port, prefix)
     async with running(settings):
         with (

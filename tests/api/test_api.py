@@ -375,6 +375,28 @@ def test_events_status_history_quarantine_and_rejects(world: World) -> None:
     assert lag["points"] and all(p["lag_max_s"] >= p["lag_avg_s"] for p in lag["points"])
 
 
+def test_alerts_of_the_tenants_rules_with_names(world: World) -> None:
+    with world.a() as c:
+        raised = c.get("/api/v1/alerts").json()
+        still_open = c.get("/api/v1/alerts", params={"open": "true"}).json()
+        of_dev1 = c.get("/api/v1/alerts", params={"device_id": str(world.fleet.devices[1])}).json()
+    with world.b() as c:
+        b_open = c.get("/api/v1/alerts", params={"open": "true"}).json()
+    alerts = raised["alerts"]
+    assert alerts, raised
+    assert {"temperature-high"} == {a["rule"]["name"] for a in alerts}
+    assert {"dev0", "dev1"} == {a["device"]["name"] for a in alerts}
+    assert {"gw1"} == {a["gateway"]["name"] for a in alerts}
+    closed = [a for a in alerts if a["cleared_at"] is not None]
+    assert closed and all(a["raised_value"] > 25.5 and a["cleared_value"] < 25.0 for a in closed)
+    assert all(a["cleared_at"] is None for a in still_open["alerts"])
+    assert {"dev1"} == {a["device"]["name"] for a in of_dev1["alerts"]}
+    # B's alert stays open and is B's alone.
+    assert [("secret-high", "critical", "x")] == [
+        (a["rule"]["name"], a["severity"], a["device"]["name"]) for a in b_open["alerts"]
+    ]
+
+
 def test_the_openapi_document_lists_every_route_and_the_api_binds_to_localhost(
     world: World,
 ) -> None:
@@ -394,6 +416,8 @@ def test_the_openapi_document_lists_every_route_and_the_api_binds_to_localhost(
         "/api/v1/events",
         "/api/v1/quarantine",
         "/api/v1/rejects",
+        "/api/v1/alerts",
+        "/api/v1/latest",
     } <= set(doc["paths"])
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
     assert "127.0.0.1:8080" == ApiSettings().listen

@@ -34,6 +34,7 @@ def test_fleet_page_shows_gateways_and_devices_by_name(world: World) -> None:
         assert f'<a href="device.html?id={device}" title="{device}">dev{i}</a>' in dom
     assert "device_disabled" in dom and "bad_magic" in dom
     assert "drained: 40 readings" in dom
+    assert "Alerts of the last 7 days" in dom and "temperature-high" in dom
     # UUIDs only on hover (title) or in links: never as text between tags.
     text = re.sub(r"<[^>]+>", " ", dom)
     assert str(f.gateway) not in text and str(f.devices[0]) not in text

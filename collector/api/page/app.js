@@ -213,8 +213,8 @@ function zoomable(chart, redraw, home) {
 
 // --- pages ---------------------------------------------------------------------------------
 async function fleetPage() {
-  const [fleet, devices, quarantine, rejects] = await Promise.all([
-    api("/fleet"), api("/devices"), api("/quarantine"), api("/rejects"),
+  const [fleet, devices, quarantine, rejects, alerts] = await Promise.all([
+    api("/fleet"), api("/devices"), api("/quarantine"), api("/rejects"), api("/alerts"),
   ]);
   setTenant(fleet.tenant);
   const gwOnline = fleet.gateways.filter((g) => g.status && g.status.status === "online").length;
@@ -253,6 +253,8 @@ async function fleetPage() {
         d.last_seen ? el("span", { title: fmtTime(d.last_seen) }, ago(d.last_seen)) : "never",
         Object.entries(d.latest).map(([k, v]) => el("span", { title: fmtTime(v.time), style: "margin-right:.8rem" }, `${k} `, el("strong", {}, fmtValue(v.value)))),
       ]), "no devices"),
+    el("h2", {}, "Alerts of the last 7 days"),
+    alertTable(alerts.alerts, true),
     el("h2", {}, "Quarantine by reason"),
     table(["Reason", "Gateway", "Readings", "Rows", "Bytes", "Newest"],
       quarantine.groups.map((q) => [q.reason, named("gateway", q.gateway), num(q.readings), num(q.rows), num(q.bytes), fmtTime(q.last)]),
@@ -263,12 +265,25 @@ async function fleetPage() {
   ]);
 }
 
+function alertTable(alerts, withDevice) {
+  return table(
+    ["Rule", ...(withDevice ? ["Device"] : []), "Severity", "Raised", "Value", "Cleared", "Value"],
+    alerts.map((a) => [
+      el("span", { title: `${a.metric} ${a.condition} ${a.threshold}` }, a.rule.name),
+      ...(withDevice ? [named("device", a.device)] : []),
+      el("span", { class: `status ${a.cleared_at ? "unknown" : "error"}` }, a.severity),
+      fmtTime(a.raised_at), num(fmtValue(a.raised_value)),
+      a.cleared_at ? fmtTime(a.cleared_at) : el("strong", {}, "open"), num(fmtValue(a.cleared_value)),
+    ]), "no alerts");
+}
+
 async function devicePage() {
   const id = new URLSearchParams(location.search).get("id");
   const device = await api(`/devices/${id}`);
   document.title = `${device.name} · Sensormine Edge`;
-  const [fleet, history, events] = await Promise.all([
+  const [fleet, history, events, alerts] = await Promise.all([
     api("/fleet"), api(`/devices/${id}/status-history`), api("/events", { device_id: id, limit: 50 }),
+    api("/alerts", { device_id: id, limit: 50 }),
   ]);
   setTenant(fleet.tenant);
   let span = 86400;
@@ -292,6 +307,8 @@ async function devicePage() {
     toolbar,
     charts.length ? charts.map((c) => c.chart.box) : el("p", { class: "empty" }, "no numeric readings yet"),
     text.length ? [el("h2", {}, "Text values"), table(["Metric", "Latest", "At"], text.map(([k, v]) => [k, fmtValue(v.value), fmtTime(v.time)]))] : null,
+    el("h2", {}, "Alerts of the last 7 days"),
+    alertTable(alerts.alerts, false),
     el("h2", {}, "Status history"),
     table(["Time", "Status", "Reason"], history.changes.map((c) => [fmtTime(c.time), statusBadge(c), c.reason]), "no status changes in 7 days"),
     el("h2", {}, "Events"),
