@@ -330,8 +330,7 @@ def _routes(settings: Settings) -> Any:
     max_points_default = min(2000, settings.api.max_points)
 
     async def ts(ctx: Context, work: Callable[[asyncpg.Connection], Any]) -> tuple[Any, Source]:
-        async with ctx.state.timeseries.connection() as (conn, source):
-            return await work(conn), source
+        return await ctx.state.timeseries.run(work)
 
     @router.get("/fleet", response_model=models.Fleet, tags=["fleet"])
     async def fleet(ctx: Ctx) -> Answer:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import structlog
@@ -22,6 +22,17 @@ from collector.api.problems import ApiProblem
 from collector.settings import Settings
 
 log = structlog.get_logger("collector.api")
+T = TypeVar("T")
+
+# Errors that mean the server or the connection is gone, not that the query failed.
+_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    OSError,
+    ConnectionError,
+)
 
 RETRY_AFTER = 5.0
 """Seconds a failed replica is skipped before it is tried again."""
@@ -48,6 +59,7 @@ class Source:
 
     role: Literal["primary", "replica"]
     lag_s: float
+    member: str = "primary"
 
     def as_dict(self) -> dict[str, Any]:
         return {"server": self.role, "replica_lag_s": round(self.lag_s, 3)}
@@ -121,16 +133,44 @@ class Cluster:
             headers={"Retry-After": "5"},
         )
 
+    async def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> tuple[T, Source]:
+        """``work`` on a connection of the first member that answers; a replica lost in the
+        middle (stopped, restarted, cut off) is left alone and ``work`` runs again on the next
+        member, the primary last."""
+        for _ in range(len(self.members)):
+            async with self.connection() as (conn, source):
+                try:
+                    return await work(conn), source
+                except _LOST as exc:
+                    if source.role == "primary":
+                        raise ApiProblem(
+                            503,
+                            "database_unavailable",
+                            f"the {self.kind} database went away: {exc}",
+                            headers={"Retry-After": "5"},
+                        ) from None
+                    self._lost(source, exc)
+        raise ApiProblem(503, "database_unavailable", f"no {self.kind} server answers")
+
+    def _lost(self, source: Source, exc: BaseException) -> None:
+        for m in self.members:
+            if m.name == source.member:
+                m.down_until = time.monotonic() + RETRY_AFTER
+                if m.pool is not None:
+                    pool, m.pool = m.pool, None
+                    pool.terminate()
+                log.warning("api.replica_lost", database=self.kind, server=m.name, error=str(exc))
+
     async def _source(self, m: _Member, conn: asyncpg.Connection) -> Source:
         if not m.replica:
-            return Source("primary", 0.0)
+            return Source("primary", 0.0, m.name)
         now = time.monotonic()
         if now - m.lag_checked > 1.0:
             row = await conn.fetchrow(_LAG_SQL)
             assert row is not None
             m.lag_s = float(row["lag"]) if row["replica"] else 0.0
             m.lag_checked = now
-        return Source("replica", m.lag_s)
+        return Source("replica", m.lag_s, m.name)
 
     async def close(self) -> None:
         for m in self.members:
