@@ -524,16 +524,11 @@ def _routes(settings: Settings) -> Any:
         if gateway_id is not None:
             _gateway(ctx, gateway_id)
             ids = [i for i in ctx.dir.device_ids if ctx.dir.devices[i].gateway_id == gateway_id]
-        rows, source = await ts(ctx, lambda c: reads.latest_json(c, ctx.tenant_id, ids))
-        named = sorted(
-            ((ctx.dir.device_name(r["device_id"]) or "", r) for r in rows),
-            key=lambda pair: pair[0],
-        )
-        # The per-device objects come as JSON text from the database: spliced, not re-encoded.
-        devices = ",".join(
-            f'{{"id":"{r["device_id"]}","name":{json.dumps(name or None)},'
-            f'"last_seen":"{r["last_seen"].isoformat()}","latest":{r["latest"]}}}'
-            for name, r in named
+        devices, source = await ts(
+            ctx,
+            lambda c: reads.latest_document(
+                c, ctx.tenant_id, ids, ctx.dir.device_ids, ctx.dir.device_names
+            ),
         )
         head = Answer(
             {
@@ -542,7 +537,8 @@ def _routes(settings: Settings) -> Any:
                 "source": source.as_dict(),
             }
         ).body
-        body = bytes(head)[:-1] + b',"devices":[' + devices.encode() + b"]}"
+        # The devices array comes as JSON text from the database: spliced, not re-encoded.
+        body = bytes(head)[:-1] + b',"devices":' + devices.encode() + b"}"
         return Response(body, media_type="application/json")
 
     @router.get("/devices/{device_id}", response_model=models.Device, tags=["devices"])

@@ -55,6 +55,8 @@ class TenantDirectory:
     device_types: dict[uuid.UUID, str]
     read_at: float = field(default_factory=time.monotonic)
     device_ids: list[uuid.UUID] = field(default_factory=list)
+    device_names: list[str] = field(default_factory=list)
+    """The names of ``device_ids``, in the same order."""
 
     def gateway_name(self, ident: uuid.UUID | None) -> str | None:
         g = self.gateways.get(ident) if ident is not None else None
@@ -173,4 +175,5 @@ class Directory:
             devices=devs,
             device_types={r["id"]: r["name"] for r in types},
             device_ids=list(devs),
+            device_names=[d.name for d in devs.values()],
         )

@@ -158,12 +158,38 @@ GROUP BY s.device_id
 """
 
 
-async def latest_json(
-    conn: asyncpg.Connection, tenant: uuid.UUID, devices: list[uuid.UUID] | None
-) -> list[asyncpg.Record]:
-    """Per device: ``last_seen`` and ``latest``, the JSON text of metric -> value, time, kind,
-    age (the whole tenant, or ``devices``)."""
-    return list(await conn.fetch(_LATEST_JSON, tenant, devices))
+# The devices array of GET /latest as one JSON text, sorted by name: the names come from the
+# metadata database as parameters (never a join across the databases), the rest is built here.
+_LATEST_DOCUMENT = (
+    """
+WITH names AS (
+    SELECT * FROM unnest($3::uuid[], $4::text[]) AS n(device_id, name)
+), per_device AS (
+"""
+    + _LATEST_JSON.replace("::text AS latest", " AS latest")
+    + """
+)
+SELECT coalesce(json_agg(json_build_object(
+           'id', p.device_id,
+           'name', n.name,
+           'last_seen', to_char(p.last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.USOF":00"'),
+           'latest', p.latest
+       ) ORDER BY n.name NULLS LAST, p.device_id), '[]')::text
+FROM per_device p LEFT JOIN names n USING (device_id)
+"""
+)
+
+
+async def latest_document(
+    conn: asyncpg.Connection,
+    tenant: uuid.UUID,
+    devices: list[uuid.UUID] | None,
+    name_ids: list[uuid.UUID],
+    names: list[str],
+) -> str:
+    """The JSON array of GET /latest: per device its id, name (``names`` of ``name_ids``, from the
+    metadata database), last_seen and latest values; of ``devices`` or all."""
+    return str(await conn.fetchval(_LATEST_DOCUMENT, tenant, devices, name_ids, names))
 
 
 _DEVICE_STATUS = """

@@ -82,7 +82,7 @@ def test_devices_have_names_type_gateway_status_since_and_latest_values(world: W
     assert ["dev0", "dev1"] == [d["name"] for d in compact["devices"]]
     for d in compact["devices"]:
         full = by_name[d["name"]]
-        assert d["last_seen"] == full["last_seen"]
+        assert datetime.fromisoformat(d["last_seen"]) == datetime.fromisoformat(full["last_seen"])
         for metric, v in d["latest"].items():
             assert (v["value"], v["kind"]) == (
                 full["latest"][metric]["value"],
