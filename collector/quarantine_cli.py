@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
+from collector.alerts.engine import AlertEngine
 from collector.errors import CollectorError, DatabaseUnavailable
 from collector.names import Names, fetch_names
 from collector.quarantine import Filters, payload_preview, purge, replay, rows, summary
@@ -240,8 +241,14 @@ def replay_(config_path: Path, filters: Filters, any_time: bool, max_rows: int |
             raise click.ClickException(str(exc)) from None
         try:
             pipeline = build_pipeline(s, registry)
+            # Replayed readings are evaluated by the alert rules like ingested ones; a running
+            # collector publishes what they raise or clear from the outbox.
+            alerts = AlertEngine(registry, s.alerts, prefix=s.mqtt.prefix)
+            if s.alerts.enabled:
+                await alerts.load()
+            write = functools.partial(write_items, alerts=alerts if s.alerts.enabled else None)
             return await replay(
-                conn, pipeline, write_items, filters, check_time=not any_time, max_rows=max_rows
+                conn, pipeline, write, filters, check_time=not any_time, max_rows=max_rows
             )
         except DatabaseUnavailable as exc:
             raise click.ClickException(str(exc)) from None
