@@ -6,8 +6,9 @@ humidity, values around 15-30 °C and 30-70 %RH). The 1,000 rules are what a fle
 looks like from one gateway's data:
 
 - per device and metric of the data, one high and one low rule (80 rules: every reading is
-  evaluated by two of them), thresholds inside the data's range, so that some fire and clear,
-  with ``for``, clear thresholds and ``keep_firing_for``;
+  evaluated by two of them), thresholds near the edges of the data's range, so that a few
+  percent of the series' batches fire and clear (a few hundred transitions per run), with
+  ``for``, clear thresholds and ``keep_firing_for``;
 - two tenant-wide rules (every reading is evaluated by one more) and one rule per device type;
 - the rest (917) on the tenant's other metrics and on another tenant's devices, which these
   readings never match.
@@ -78,12 +79,12 @@ async def add_rules(meta: str, fleet: Fleet) -> None:
         )
 
     for device in fleet.devices:
-        rule(fleet.tenant, "temperature", ">", 28.0, clear=27.5, for_s=5, device=device)
-        rule(fleet.tenant, "temperature", "<", 16.0, keep_s=3, device=device)
-        rule(fleet.tenant, "humidity", ">", 65.0, clear=64.0, device=device)
-        rule(fleet.tenant, "humidity", "<", 33.0, for_s=2, keep_s=2, device=device)
-    rule(fleet.tenant, "temperature", ">=", 29.5)
-    rule(fleet.tenant, "humidity", "<=", 31.0)
+        rule(fleet.tenant, "temperature", ">", 29.7, clear=29.5, for_s=5, device=device)
+        rule(fleet.tenant, "temperature", "<", 15.3, keep_s=3, device=device)
+        rule(fleet.tenant, "humidity", ">", 69.5, clear=69.0, device=device)
+        rule(fleet.tenant, "humidity", "<", 30.5, for_s=2, keep_s=2, device=device)
+    rule(fleet.tenant, "temperature", ">=", 29.9)
+    rule(fleet.tenant, "humidity", "<=", 30.2)
     rule(fleet.tenant, "temperature", ">", 84.0, device_type=fleet.device_type)
     while len(rows) < RULES:
         if rng.random() < 0.5:

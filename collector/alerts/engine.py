@@ -25,7 +25,7 @@ import asyncpg
 import structlog
 
 from collector.alerts import store
-from collector.alerts.evaluator import evaluate, rewind, silence
+from collector.alerts.evaluator import evaluate_columns, rewind, silence
 from collector.alerts.rules import Rule, RuleError, RuleIndex
 from collector.alerts.store import Work, to_dt, to_us
 from collector.errors import DatabaseUnavailable
@@ -54,6 +54,18 @@ class SeriesOfItem(Protocol):
     metric: str
     timestamps: list[int]
     values: list[Any]
+
+
+def _numeric(times: list[int], values: list[Any]) -> tuple[list[int], list[float]]:
+    """The readings a rule can compare: numbers and booleans, not strings."""
+    if not values or type(values[0]) is str:
+        return [], []
+    try:
+        max(values)  # raises TypeError on a string among numbers
+    except TypeError:
+        kept = [(t, v) for t, v in zip(times, values, strict=True) if type(v) is not str]
+        return [t for t, _ in kept], [v for _, v in kept]
+    return times, values
 
 
 def now_us() -> int:
@@ -93,6 +105,8 @@ class AlertEngine:
         self.evaluated_transitions = 0
         self.published = 0
         self.closed_by_sweep = 0
+        # (rule, series) whose state rows exist: locked without trying to create them first.
+        self.known: set[tuple[uuid.UUID, int]] = set()
 
     # --- rules ---------------------------------------------------------------------------------
 
@@ -152,12 +166,8 @@ class AlertEngine:
                 if not rules:
                     continue
                 sid = ids[(s.tenant_id, s.device_id, s.metric)]
-                readings = [
-                    (t, float(v))
-                    for t, v in zip(s.timestamps, s.values, strict=True)
-                    if type(v) is not str
-                ]
-                if not readings:
+                times, values = _numeric(s.timestamps, s.values)
+                if not times:
                     continue
                 for rule in rules:
                     if rule.device_id is not None and rule.device_id != s.device_id:
@@ -167,16 +177,20 @@ class AlertEngine:
                         w = works[(rule.id, sid)] = Work(
                             rule, sid, s.tenant_id, gateway, s.device_id, s.metric
                         )
-                    w.readings.extend(readings)
+                    w.times.extend(times)
+                    w.values.extend(values)
         if index.typed and works:
             await self._by_type(works)
         if not works:
             return 0
         todo = list(works.values())
-        await store.lock_states(conn, todo)
+        await store.lock_states(conn, todo, self.known)
         for w in todo:
             assert w.state is not None
-            outcome = evaluate(w.rule, w.state, w.readings)
+            if len(w.times) > 1 and w.times != sorted(w.times):
+                pairs = sorted(zip(w.times, w.values, strict=True))
+                w.times, w.values = [t for t, _ in pairs], [v for _, v in pairs]
+            outcome = evaluate_columns(w.rule, w.state, w.times, w.values)
             if outcome.rewind_from is None:
                 w.transitions = outcome.transitions
             else:
@@ -223,6 +237,7 @@ class AlertEngine:
             await conn.execute(
                 "DELETE FROM alert_state WHERE NOT (rule_id = ANY($1::uuid[]))", list(enabled)
             )
+            self.known = {k for k in self.known if k[0] in enabled}
             rows = await conn.fetch(
                 "SELECT * FROM alerts WHERE cleared_at IS NULL ORDER BY id FOR UPDATE"
             )
@@ -329,7 +344,7 @@ class AlertEngine:
             return 0
         todo = list(works.values())
         async with conn.transaction():
-            await store.lock_states(conn, todo)
+            await store.lock_states(conn, todo, self.known)
             for w in todo:
                 assert w.state is not None
                 if w.state.last_time is None:

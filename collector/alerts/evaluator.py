@@ -22,6 +22,8 @@ readings are counted as ``skipped`` and the state goes on from where it was.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -175,42 +177,49 @@ def changed_rule(rule: Rule, state: State) -> None:
 
 def evaluate(rule: Rule, state: State, readings: Iterable[Reading]) -> Outcome:
     """Evaluate a batch of readings of the series (any order) onto ``state``."""
-    changed_rule(rule, state)
     ordered = sorted(readings)
+    return evaluate_columns(rule, state, [t for t, _ in ordered], [v for _, v in ordered])
+
+
+def evaluate_columns(rule: Rule, state: State, times: list[int], values: list[float]) -> Outcome:
+    """:func:`evaluate` on readings as two columns, ``times`` in ascending order."""
+    changed_rule(rule, state)
     outcome = Outcome()
-    state.evaluated += len(ordered)
+    state.evaluated += len(times)
     last = state.last_time
-    if last is not None and ordered and ordered[0][0] <= last:
-        late = [r for r in ordered if r[0] <= last]
-        newer = ordered[len(late) :]
-        first = late[0][0]
+    if last is not None and times and times[0] <= last:
+        n = bisect.bisect_right(times, last)
+        late = list(zip(times[:n], values[:n], strict=True))
+        newer = list(zip(times[n:], values[n:], strict=True))
+        first = times[0]
         start = [c for c in state.checkpoints if c[0] < first]
         if start and rule.no_data_us is None:
             # The caller re-reads the stored readings after it (these included): rewind().
             outcome.rewind_from = start[-1][0]
             outcome.late, outcome.newer = late, newer
             return outcome
-        state.skipped += len(late)
-        ordered = newer
-    if ordered and not _quiet_through(rule, state, ordered):
-        for t, value in ordered:
+        state.skipped += n
+        times, values = times[n:], values[n:]
+    if times and not _quiet_through(rule, state, times, values):
+        for t, value in zip(times, values, strict=True):
             step(rule, state, t, value, outcome.transitions)
     return outcome
 
 
-def _quiet_through(rule: Rule, state: State, ordered: list[Reading]) -> bool:
-    """Apply ``ordered`` at once when none of it can change the level (the common case: an ok
-    series staying ok, a firing one staying firing); what :func:`step` would do, without a
+def _quiet_through(rule: Rule, state: State, times: list[int], values: list[float]) -> bool:
+    """Apply the readings at once when none of them can change the level (the common case: an
+    ok series staying ok, a firing one staying firing); what :func:`step` would do, without a
     Python step per reading. False: nothing was applied."""
     if rule.no_data_us is not None or state.last_time is None:
         return False
-    values = [v for _, v in ordered]
     if state.level == "ok":
         limit, keep = rule.threshold, False  # no reading may breach
     elif state.level == "firing":
         limit, keep = rule.clear_threshold, True  # every reading must hold
     else:
         return False
+    if not math.isfinite(sum(values)):
+        return False  # NaN and infinities: read one by one
     cond = rule.condition
     if cond in (">", ">="):
         edge = min(values) if keep else max(values)
@@ -221,13 +230,13 @@ def _quiet_through(rule: Rule, state: State, ordered: list[Reading]) -> bool:
     if keep != (CONDITIONS[cond](edge, limit)):
         return False
     anchor = state.anchor
-    last = ordered[-1][0]
+    last = times[-1]
     if anchor is not None and last - anchor > REWIND_SPAN_US:
-        for t, _ in ordered:
+        for t in times:
             if t - anchor > REWIND_SPAN_US:
                 state.mark(t)
                 anchor = t
-    state.last_time, state.last_value = last, ordered[-1][1]
+    state.last_time, state.last_value = last, values[-1]
     return True
 
 

@@ -56,7 +56,8 @@ class Work:
     gateway_id: uuid.UUID
     device_id: uuid.UUID
     metric: str
-    readings: list[Reading] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
     state: State | None = None
     transitions: list[Transition] = field(default_factory=list)
 
@@ -117,20 +118,44 @@ ON CONFLICT (rule_id, series_id, raised_at) DO NOTHING
 """
 
 
-async def lock_states(conn: asyncpg.Connection, works: Sequence[Work]) -> None:
-    """Create the missing state rows, lock all of them and load them into ``works``."""
+async def lock_states(
+    conn: asyncpg.Connection, works: Sequence[Work], known: set[tuple[uuid.UUID, int]]
+) -> None:
+    """Lock the state rows of ``works`` (creating the missing ones) and load them.
+
+    ``known`` holds the (rule, series) whose rows exist already (a cache of this process):
+    when all do, one statement locks them; otherwise they are created first (``ON CONFLICT DO
+    NOTHING``: another collector may be creating the same ones), then all are locked, always in
+    (rule, series) order.
+    """
     ordered = sorted(works, key=lambda w: (w.rule.id, w.series_id))
-    await conn.execute(
-        _ENSURE_SQL,
-        [w.rule.id for w in ordered],
-        [w.series_id for w in ordered],
-        [w.tenant_id for w in ordered],
-        [w.gateway_id for w in ordered],
-        [w.device_id for w in ordered],
-        [w.rule.digest for w in ordered],
-    )
-    rows = await conn.fetch(_LOCK_SQL, [w.rule.id for w in ordered], [w.series_id for w in ordered])
-    by_key = {(r["rule_id"], r["series_id"]): r for r in rows}
+    rules = [w.rule.id for w in ordered]
+    series = [w.series_id for w in ordered]
+    if not all((w.rule.id, w.series_id) in known for w in ordered):
+        await conn.execute(
+            _ENSURE_SQL,
+            rules,
+            series,
+            [w.tenant_id for w in ordered],
+            [w.gateway_id for w in ordered],
+            [w.device_id for w in ordered],
+            [w.rule.digest for w in ordered],
+        )
+    by_key = {(r["rule_id"], r["series_id"]): r for r in await conn.fetch(_LOCK_SQL, rules, series)}
+    if len(by_key) < len(ordered):
+        # A row deleted meanwhile (its rule was disabled and enabled again): made afresh.
+        await conn.execute(
+            _ENSURE_SQL,
+            rules,
+            series,
+            [w.tenant_id for w in ordered],
+            [w.gateway_id for w in ordered],
+            [w.device_id for w in ordered],
+            [w.rule.digest for w in ordered],
+        )
+        rows = await conn.fetch(_LOCK_SQL, rules, series)
+        by_key = {(r["rule_id"], r["series_id"]): r for r in rows}
+    known.update(by_key)
     for w in ordered:
         r = by_key[(w.rule.id, w.series_id)]
         w.state = State(
