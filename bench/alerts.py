@@ -54,7 +54,7 @@ from tests.services import SYSTEM_PG_DSN, MosquittoBroker  # noqa: E402
 
 DEVICES = 20
 RULES = 1000
-ROUNDS = 2
+ROUNDS = 3
 
 
 async def add_rules(meta: str, fleet: Fleet) -> None:
@@ -80,11 +80,11 @@ async def add_rules(meta: str, fleet: Fleet) -> None:
 
     for device in fleet.devices:
         rule(fleet.tenant, "temperature", ">", 29.7, clear=29.5, for_s=5, device=device)
-        rule(fleet.tenant, "temperature", "<", 15.3, keep_s=3, device=device)
+        rule(fleet.tenant, "temperature", "<", 15.3, clear=15.8, keep_s=3, device=device)
         rule(fleet.tenant, "humidity", ">", 69.5, clear=69.0, device=device)
-        rule(fleet.tenant, "humidity", "<", 30.5, for_s=2, keep_s=2, device=device)
-    rule(fleet.tenant, "temperature", ">=", 29.9)
-    rule(fleet.tenant, "humidity", "<=", 30.2)
+        rule(fleet.tenant, "humidity", "<", 30.5, clear=31.0, for_s=2, keep_s=2, device=device)
+    rule(fleet.tenant, "temperature", ">=", 29.9, clear=29.4)
+    rule(fleet.tenant, "humidity", "<=", 30.2, clear=30.7)
     rule(fleet.tenant, "temperature", ">", 84.0, device_type=fleet.device_type)
     while len(rows) < RULES:
         if rng.random() < 0.5:

@@ -256,13 +256,16 @@ class AlertSettings(Section):
     """Alert rules evaluated on ingest (docs/alerts.md).
 
     A transition whose reading is older than ``late_after`` when it is evaluated is marked
-    late. No-data rules are checked against the clock every ``no_data_interval``. Transitions
-    are published on ``{prefix}/v1/{tenant}/alerts`` when ``publish`` is on.
+    late. No-data rules are checked against the clock every ``no_data_interval``. A batch that
+    arrives before its predecessor in its gateway's stream waits up to ``park_timeout`` for it
+    before it is evaluated without it. Transitions are published on
+    ``{prefix}/v1/{tenant}/alerts`` when ``publish`` is on.
     """
 
     enabled: bool = True
     late_after: Duration = 60.0
     no_data_interval: Duration = 5.0
+    park_timeout: Duration = 30.0
     publish: bool = True
 
 

@@ -344,8 +344,9 @@ async def write_items(
             ],
             columns=DIRTY_COLUMNS,
         )
-    if alerts is not None and with_series:
-        report.alerts = await alerts.evaluate(conn, with_series, ids)
+    if alerts is not None and writes:
+        # Every new batch, readings or not: the rules see each stream's batches in order.
+        report.alerts = await alerts.evaluate(conn, writes, ids)
     report.events = len(events)
     report.status += len(status)
     report.rejects = len(rejects)

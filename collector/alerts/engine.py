@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import asyncpg
+import msgpack
 import structlog
 
 from collector.alerts import store
@@ -54,6 +57,95 @@ class SeriesOfItem(Protocol):
     metric: str
     timestamps: list[int]
     values: list[Any]
+
+
+_STREAM_LOCK_SQL = """
+SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest($1::bigint[]) AS k ORDER BY 1) AS keys
+"""
+_WATERMARKS_SQL = """
+SELECT w.gateway_id, w.stream, w.evaluated_seq,
+       EXISTS (SELECT 1 FROM alert_parked p
+               WHERE p.gateway_id = w.gateway_id AND p.stream = w.stream) AS parked
+FROM alert_streams w
+JOIN unnest($1::uuid[], $2::uuid[]) AS k(gateway_id, stream)
+  ON w.gateway_id = k.gateway_id AND w.stream = k.stream
+"""
+_PARKED_SQL = """
+SELECT p.gateway_id, p.stream, p.seq, p.payload FROM alert_parked p
+JOIN unnest($1::uuid[], $2::uuid[]) AS k(gateway_id, stream)
+  ON p.gateway_id = k.gateway_id AND p.stream = k.stream
+ORDER BY p.seq
+"""
+_PARK_SQL = """
+INSERT INTO alert_parked (gateway_id, stream, seq, payload) VALUES ($1, $2, $3, $4)
+ON CONFLICT DO NOTHING
+"""
+_RELEASE_SQL = """
+DELETE FROM alert_parked p
+USING unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS k(gateway_id, stream, seq)
+WHERE p.gateway_id = k.gateway_id AND p.stream = k.stream AND p.seq = k.seq
+"""
+_MARK_SQL = """
+INSERT INTO alert_streams (gateway_id, stream, evaluated_seq)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]) ORDER BY 1, 2
+ON CONFLICT (gateway_id, stream) DO UPDATE
+SET evaluated_seq = greatest(alert_streams.evaluated_seq, EXCLUDED.evaluated_seq),
+    updated_at = now()
+"""
+_OVERDUE_SQL = """
+SELECT gateway_id, stream FROM alert_parked
+GROUP BY gateway_id, stream HAVING min(parked_at) < now() - $1::interval
+"""
+
+
+def _stream_key(gateway_id: uuid.UUID, stream: uuid.UUID) -> int:
+    """The advisory lock key of one gateway stream."""
+    digest = hashlib.blake2b(gateway_id.bytes + stream.bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+@dataclass(slots=True)
+class _ParkedSeries:
+    tenant_id: uuid.UUID
+    device_id: uuid.UUID
+    metric: str
+    timestamps: list[int]
+    values: list[Any]
+
+
+@dataclass(slots=True)
+class _ParkedBatch:
+    gateway_id: uuid.UUID
+    series: list[_ParkedSeries]
+
+
+def _pack(item: Any, ids: Mapping[tuple[uuid.UUID, uuid.UUID, str], int]) -> bytes:
+    """A batch's readings, as a parked row keeps them."""
+    rows = [
+        [
+            s.tenant_id.bytes,
+            s.device_id.bytes,
+            s.metric,
+            ids[(s.tenant_id, s.device_id, s.metric)],
+            s.timestamps,
+            s.values,
+        ]
+        for s in item.series
+    ]
+    packed: bytes = msgpack.packb(rows, use_bin_type=True)
+    return packed
+
+
+def _unpack(
+    gateway_id: uuid.UUID, payload: bytes, ids: dict[tuple[uuid.UUID, uuid.UUID, str], int]
+) -> _ParkedBatch:
+    """A parked batch back; its series ids go into ``ids``."""
+    series = []
+    for tenant, device, metric, sid, times, values in msgpack.unpackb(payload, raw=False):
+        s = _ParkedSeries(uuid.UUID(bytes=tenant), uuid.UUID(bytes=device), metric, times, values)
+        ids[(s.tenant_id, s.device_id, metric)] = int(sid)
+        series.append(s)
+    return _ParkedBatch(gateway_id, series)
 
 
 def _numeric(times: list[int], values: list[Any]) -> tuple[list[int], list[float]]:
@@ -155,9 +247,121 @@ class AlertEngine:
 
         Returns the number of transitions written with them.
         """
-        index = self.index
-        if not index.rules or not self.settings.enabled:
+        if not self.index.rules or not self.settings.enabled:
             return 0
+        batches, more_ids = await self._in_stream_order(conn, items, ids)
+        if more_ids:
+            ids = {**ids, **more_ids}
+        return await self._evaluate(conn, batches, ids)
+
+    async def _in_stream_order(
+        self,
+        conn: asyncpg.Connection,
+        items: Sequence[Any],
+        ids: Mapping[tuple[uuid.UUID, uuid.UUID, str], int],
+    ) -> tuple[list[Any], dict[tuple[uuid.UUID, uuid.UUID, str], int]]:
+        """The batches to evaluate now, in each gateway stream's order.
+
+        A batch whose predecessor in its stream has not been evaluated yet (another collector
+        holds it, or it is still on its way) is parked, in this transaction, with its readings;
+        the flush that evaluates the predecessor evaluates the parked batches that follow it.
+        Flushes touching the same stream take its advisory lock first (in key order), so that
+        one of them always sees what the other committed.
+        """
+        keyed = [i for i in items if i.key is not None]
+        now: list[Any] = [i for i in items if i.key is None]
+        more: dict[tuple[uuid.UUID, uuid.UUID, str], int] = {}
+        if not keyed:
+            return now, more
+        streams = sorted({(i.key[0], i.key[1]) for i in keyed})
+        await conn.execute(_STREAM_LOCK_SQL, sorted(_stream_key(g, s) for g, s in streams))
+        rows = await conn.fetch(_WATERMARKS_SQL, [g for g, _ in streams], [s for _, s in streams])
+        marks = {(r["gateway_id"], r["stream"]): int(r["evaluated_seq"]) for r in rows}
+        waiting = [(r["gateway_id"], r["stream"]) for r in rows if r["parked"]]
+        parked: dict[tuple[uuid.UUID, uuid.UUID], dict[int, bytes]] = {}
+        if waiting:
+            for r in await conn.fetch(
+                _PARKED_SQL, [g for g, _ in waiting], [s for _, s in waiting]
+            ):
+                parked.setdefault((r["gateway_id"], r["stream"]), {})[r["seq"]] = r["payload"]
+        to_park: list[tuple[uuid.UUID, uuid.UUID, int, bytes]] = []
+        released: list[tuple[uuid.UUID, uuid.UUID, int]] = []
+        new_marks: list[tuple[uuid.UUID, uuid.UUID, int]] = []
+        for g, st in streams:
+            here = {i.key[2]: i for i in keyed if (i.key[0], i.key[1]) == (g, st)}
+            waits = parked.get((g, st), {})
+            mark = marks.get((g, st), min(here) - 1)
+            # At or before the mark: out of order for good (the wait timed out): evaluated now.
+            now.extend(i for seq, i in here.items() if seq <= mark)
+            nxt = mark + 1
+            while True:
+                if nxt in here:
+                    now.append(here[nxt])
+                elif nxt in waits:
+                    now.append(_unpack(g, waits[nxt], more))
+                    released.append((g, st, nxt))
+                else:
+                    break
+                nxt += 1
+            to_park.extend((g, st, seq, _pack(i, ids)) for seq, i in here.items() if seq > nxt)
+            if nxt - 1 != marks.get((g, st)):
+                new_marks.append((g, st, nxt - 1))
+            if any(seq > nxt for seq in here):
+                log.info("alerts.parked", gateway_id=str(g), waiting_for=nxt)
+        if to_park:
+            await conn.executemany(_PARK_SQL, to_park)
+        if released:
+            await conn.execute(
+                _RELEASE_SQL,
+                [g for g, _, _ in released],
+                [s for _, s, _ in released],
+                [q for _, _, q in released],
+            )
+        if new_marks:
+            await conn.execute(
+                _MARK_SQL,
+                [g for g, _, _ in new_marks],
+                [s for _, s, _ in new_marks],
+                [q for _, _, q in new_marks],
+            )
+        return now, more
+
+    async def release_parked(self, conn: asyncpg.Connection) -> int:
+        """Evaluate batches parked longer than ``park_timeout`` (their predecessor never came)."""
+        rows = await conn.fetch(_OVERDUE_SQL, timedelta(seconds=self.settings.park_timeout))
+        written = 0
+        for r in sorted(rows, key=lambda r: (r["gateway_id"], r["stream"])):
+            g, st = r["gateway_id"], r["stream"]
+            async with conn.transaction():
+                await conn.execute(_STREAM_LOCK_SQL, [_stream_key(g, st)])
+                waits = await conn.fetch(_PARKED_SQL, [g], [st])
+                if not waits:
+                    continue
+                more: dict[tuple[uuid.UUID, uuid.UUID, str], int] = {}
+                batches = [_unpack(g, w["payload"], more) for w in waits]
+                last = max(int(w["seq"]) for w in waits)
+                log.warning(
+                    "alerts.park_timeout",
+                    gateway_id=str(g),
+                    stream=str(st),
+                    batches=len(waits),
+                    hint="a batch of this stream never arrived; the ones after it are evaluated"
+                    " without it",
+                )
+                written += await self._evaluate(conn, batches, more)
+                await conn.execute(
+                    _RELEASE_SQL, [g] * len(waits), [st] * len(waits), [w["seq"] for w in waits]
+                )
+                await conn.execute(_MARK_SQL, [g], [st], [last])
+        return written
+
+    async def _evaluate(
+        self,
+        conn: asyncpg.Connection,
+        items: Sequence[Any],
+        ids: Mapping[tuple[uuid.UUID, uuid.UUID, str], int],
+    ) -> int:
+        index = self.index
         works: dict[tuple[uuid.UUID, int], Work] = {}
         for item in items:
             gateway = item.gateway_id or NIL
@@ -238,6 +442,10 @@ class AlertEngine:
                 "DELETE FROM alert_state WHERE NOT (rule_id = ANY($1::uuid[]))", list(enabled)
             )
             self.known = {k for k in self.known if k[0] in enabled}
+            # Streams of agents that started afresh long ago.
+            await conn.execute(
+                "DELETE FROM alert_streams WHERE updated_at < now() - interval '30 days'"
+            )
             rows = await conn.fetch(
                 "SELECT * FROM alerts WHERE cleared_at IS NULL ORDER BY id FOR UPDATE"
             )
@@ -403,6 +611,7 @@ class AlertEngine:
                     await self.load()
                     await self.sweep(conn)
                 await self.check_silence(conn)
+                await self.release_parked(conn)
                 if publish is not None:
                     await self.publish_outbox(conn, publish)
                 delay = 0.5

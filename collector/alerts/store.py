@@ -105,15 +105,24 @@ WHERE rule_id = $1 AND series_id = $2 AND (raised_at > $3 OR cleared_at > $3)
 _EVALUATED_CLEARS = ("threshold", "data")
 
 _CLOSE_SQL = """
-UPDATE alerts SET cleared_at = $4, cleared_value = $5, cleared_late = $6, clear_reason = $7
-WHERE rule_id = $1 AND series_id = $2 AND raised_at = $3 AND cleared_at IS NULL
+UPDATE alerts a
+SET cleared_at = k.cleared_at, cleared_value = k.cleared_value, cleared_late = k.cleared_late,
+    clear_reason = k.clear_reason
+FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::timestamptz[], $5::float8[],
+            $6::bool[], $7::text[])
+    AS k(rule_id, series_id, raised_at, cleared_at, cleared_value, cleared_late, clear_reason)
+WHERE a.rule_id = k.rule_id AND a.series_id = k.series_id AND a.raised_at = k.raised_at
+  AND a.cleared_at IS NULL
 """
 
 _OPEN_SQL = """
 INSERT INTO alerts (rule_id, rule_name, tenant_id, gateway_id, device_id, series_id, metric,
                     severity, condition, threshold, raised_at, raised_value, raised_late,
                     cleared_at, cleared_value, cleared_late, clear_reason)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::uuid[], $5::uuid[], $6::int[],
+                     $7::text[], $8::text[], $9::text[], $10::float8[], $11::timestamptz[],
+                     $12::float8[], $13::bool[], $14::timestamptz[], $15::float8[],
+                     $16::bool[], $17::text[])
 ON CONFLICT (rule_id, series_id, raised_at) DO NOTHING
 """
 
@@ -271,9 +280,9 @@ async def save(conn: asyncpg.Connection, works: Sequence[Work], now_us: int, lat
             events.append(event_row(w, t, late))
             outbox.append((w.tenant_id, payload(w, t, late)))
     if closes:
-        await conn.executemany(_CLOSE_SQL, closes)
+        await conn.execute(_CLOSE_SQL, *(list(column) for column in zip(*closes, strict=True)))
     if opens:
-        await conn.executemany(_OPEN_SQL, opens)
+        await conn.execute(_OPEN_SQL, *(list(column) for column in zip(*opens, strict=True)))
     await write_transitions(conn, events, outbox)
     return len(events)
 
@@ -285,8 +294,12 @@ async def write_transitions(
     if events:
         await conn.copy_records_to_table("events", records=events, columns=EVENT_COLUMNS)
     if outbox:
-        await conn.executemany(
-            "INSERT INTO alert_outbox (tenant_id, payload) VALUES ($1, $2::jsonb)", outbox
+        await conn.execute(
+            "INSERT INTO alert_outbox (tenant_id, payload)"
+            " SELECT t, p::jsonb FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS o(t, p, n)"
+            " ORDER BY n",
+            [t for t, _ in outbox],
+            [p for _, p in outbox],
         )
 
 

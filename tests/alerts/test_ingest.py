@@ -5,7 +5,6 @@ two collectors, late backlogs, rule edits and disabled rules."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import queue
@@ -360,10 +359,10 @@ def blocky(n: int) -> list[float]:
     return [40.0 if (i // 25) % 2 else 20.0 for i in range(n)]
 
 
-async def test_two_collectors_keep_one_state(dbs: Databases) -> None:
-    """Two collectors share one gateway's batches: one state row, no transition twice, raises and
-    clears alternating; where no reading had to be skipped (``skipped``, see docs/alerts.md),
-    exactly the transitions of in-order evaluation."""
+async def test_two_collectors_keep_one_state_and_the_in_order_transitions(dbs: Databases) -> None:
+    """Two collectors share one gateway's batches and commit them in whatever order: one state
+    row, and exactly the transitions of in-order evaluation, each once (a batch committed before
+    its predecessor waits for it in alert_parked)."""
     fleet = dbs.fleet
     assert fleet is not None
     rid = await add_rule(dbs, duration=timedelta(seconds=3))
@@ -379,21 +378,46 @@ async def test_two_collectors_keep_one_state(dbs: Databases) -> None:
     ]
     async with running(first) as a, running(second) as b:
         with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
-            await asyncio.to_thread(deliver_all, gw, batches, 60.0, 5.0, 0.002)
+            await asyncio.to_thread(deliver_all, gw, batches[:1], 30.0)
+            await asyncio.to_thread(deliver_all, gw, batches[1:], 60.0, 5.0, 0.002)
         assert a.committed_batches > 0 and b.committed_batches > 0
     rule = Rule(rid, fleet.tenant, "hot", "temperature", ">", 30.0, 30.0, for_us=3 * S)
     state = await dbs.fetch("SELECT skipped, evaluated FROM alert_state")
-    assert 1 == len(state)
-    assert 400 == state[0]["evaluated"]
-    got = await transitions(dbs)
-    assert len(got) == len(set(got))
-    kinds = [k for k, _ in got]
-    assert all(x != y for x, y in itertools.pairwise(kinds)) and kinds[0] == "alert.raised"
-    alerts = await dbs.fetch("SELECT raised_at, cleared_at FROM alerts ORDER BY raised_at")
-    assert kinds.count("alert.raised") == len(alerts)
-    assert sum(1 for r in alerts if r["cleared_at"] is None) <= 1
-    if state[0]["skipped"] == 0:
-        assert expected(rule, batches) == got
+    assert [(0, 400)] == [(r["skipped"], r["evaluated"]) for r in state]
+    assert expected(rule, batches) == await transitions(dbs)
+    assert [] == await dbs.fetch("SELECT * FROM alert_parked")
+    marks = await dbs.fetch("SELECT evaluated_seq FROM alert_streams")
+    assert [79] == [r["evaluated_seq"] for r in marks]
+
+
+async def test_a_batch_whose_predecessor_never_comes_is_evaluated_after_the_wait(
+    dbs: Databases,
+) -> None:
+    """Seq 2 arrives, seq 1 never does: seq 2 waits park_timeout, then its alert is raised."""
+    fleet = dbs.fleet
+    assert fleet is not None
+    await add_rule(dbs)
+    p = f"al{uuid.uuid4().hex[:8]}"
+    settings = collector_settings(
+        dbs, *SYSTEM_MQTT, p, alerts={"park_timeout": "1s", "no_data_interval": "200ms"}
+    )
+    stream = uuid.uuid4()
+    t0 = now_us() - 60 * S
+    async with running(settings):
+        with GatewayClient(*SYSTEM_MQTT, p, fleet.tenant, fleet.gateway) as gw:
+            await asyncio.to_thread(deliver_all, gw, [batch_of(dbs, 0, stream, t0, [20.0])])
+            await asyncio.to_thread(
+                deliver_all, gw, [batch_of(dbs, 2, stream, t0 + 10 * S, [40.0])]
+            )
+            assert [] == await transitions(dbs)
+            assert 1 == len(await dbs.fetch("SELECT * FROM alert_parked"))
+
+            async def raised() -> bool:
+                return len(await transitions(dbs)) == 1
+
+            await until(raised, what="the parked batch evaluated after the wait")
+    assert [("alert.raised", t0 + 10 * S)] == await transitions(dbs)
+    assert [] == await dbs.fetch("SELECT * FROM alert_parked")
 
 
 def _config(path: Path, dbs: Databases, prefix: str) -> None:
