@@ -16,14 +16,18 @@ looks like from one gateway's data:
 Each round runs the collector (a child process, started afresh so that it loads the rule set
 of the round) on empty tables with no rule, then with the 1,000; the clock runs from the
 first publish until the last batch's ledger row is committed. The rounds alternate and the best
-of each is compared, so that a burst of other load on the machine does not decide the ratio.
-Last line: ``alerts: rules=1000 throughput_ratio=<x>``.
+of each is compared, so that a burst of other load on the machine does not decide the ratio
+(``BENCH_ALERTS_ROUNDS``, default 5). The collector's own CPU seconds over the same window are
+printed too (less sensitive to other load; the database's share is not in them).
+Last line: ``alerts: rules=1000 throughput_ratio=<x>``. ``BENCH_ALERTS_PROFILE=PREFIX`` runs each
+collector under cProfile (stats in ``PREFIX.<topic prefix>``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import random
 import signal
 import subprocess
@@ -54,7 +58,7 @@ from tests.services import SYSTEM_PG_DSN, MosquittoBroker  # noqa: E402
 
 DEVICES = 20
 RULES = 1000
-ROUNDS = 3
+ROUNDS = int(os.environ.get("BENCH_ALERTS_ROUNDS", "5"))
 
 
 async def add_rules(meta: str, fleet: Fleet) -> None:
@@ -119,8 +123,9 @@ async def clear_rules(meta: str) -> None:
 
 async def run_once(
     meta: str, ts: str, broker: MosquittoBroker, workdir: Path, fleet: Fleet, frames: list[bytes]
-) -> tuple[float, int]:
-    """Readings/s of one collector run on empty tables, and the alert transitions it wrote."""
+) -> tuple[float, int, float]:
+    """Readings/s of one collector run on empty tables, the alert transitions it wrote and the
+    collector's CPU seconds while it ingested."""
     conn = await asyncpg.connect(ts)
     await conn.execute(
         "TRUNCATE telemetry, ingest_ledger, ingest_dirty, series_latest, events, alerts,"
@@ -136,8 +141,12 @@ async def run_once(
         '[metrics]\nlisten = ""\n[log]\nlevel = "warning"\nformat = "json"\n'
         "[lifecycle]\nenabled = false\n"
     )
+    profile = os.environ.get("BENCH_ALERTS_PROFILE")
+    cmd = [sys.executable]
+    if profile:
+        cmd += ["-m", "cProfile", "-o", f"{profile}.{prefix}"]
     proc = subprocess.Popen(  # noqa: ASYNC220 - started before the clock
-        [sys.executable, "-m", "collector", "run", "--config", str(config)], cwd=ROOT
+        [*cmd, "-m", "collector", "run", "--config", str(config)], cwd=ROOT
     )
     try:
         topic = f"{prefix}/v1/{fleet.tenant}/{fleet.gateway}/telemetry"
@@ -170,9 +179,11 @@ async def run_once(
         pub = ctx.Process(target=publisher, args=(broker.host, broker.port, topic, frames, go))
         pub.start()
         await asyncio.sleep(1.0)
+        cpu_before = cpu_seconds(proc.pid)
         started = time.perf_counter()
         go.set()
         finished = await wait_ledger(ts, len(frames), 600)
+        cpu = cpu_seconds(proc.pid) - cpu_before
         pub.join()
         conn = await asyncpg.connect(ts)
         transitions = await conn.fetchval("SELECT count(*) FROM events WHERE kind LIKE 'alert.%'")
@@ -182,7 +193,13 @@ async def run_once(
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     readings = int(stored)
-    return readings / (finished - started), int(transitions)
+    return readings / (finished - started), int(transitions), cpu
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def main() -> None:
@@ -201,18 +218,24 @@ async def main() -> None:
         print(f"frames: {len(frames)} batches, {readings} readings; {RULES} rules in the rule runs")
         broker.start()
         best = {0: 0.0, RULES: 0.0}
+        cpu: dict[int, float] = {0: float("inf"), RULES: float("inf")}
         for round_ in range(1, ROUNDS + 1):
             for rules in (0, RULES):
                 await clear_rules(meta)
                 if rules:
                     await add_rules(meta, fleet)
-                rate, transitions = await run_once(meta, ts, broker, workdir, fleet, frames)
+                rate, transitions, used = await run_once(meta, ts, broker, workdir, fleet, frames)
                 print(
                     f"round {round_}: {rules:>4} rules: {rate:.0f} readings/s,"
-                    f" {transitions} alert transitions"
+                    f" collector CPU {used:.2f} s, {transitions} alert transitions"
                 )
                 best[rules] = max(best[rules], rate)
-        print(f"best: 0 rules {best[0]:.0f} readings/s, {RULES} rules {best[RULES]:.0f} readings/s")
+                cpu[rules] = min(cpu[rules], used)
+        print(
+            f"best: 0 rules {best[0]:.0f} readings/s ({cpu[0]:.2f} CPU s),"
+            f" {RULES} rules {best[RULES]:.0f} readings/s ({cpu[RULES]:.2f} CPU s);"
+            f" collector CPU ratio {cpu[0] / cpu[RULES]:.2f}"
+        )
         print(f"alerts: rules={RULES} throughput_ratio={best[RULES] / best[0]:.2f}")
     finally:
         broker.stop()

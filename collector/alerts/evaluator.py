@@ -37,6 +37,7 @@ Reading = tuple[int, float]  # (time in µs since the epoch, value)
 # reads about this much of a series' history per checkpoint it goes back.
 REWIND_SPAN_US = 600 * 1_000_000
 CHECKPOINTS = 8
+CHUNK = 32  # readings checked at once for "nothing can change"
 Checkpoint = tuple[int, int | None]  # (time, the open alert's raised_at or None)
 
 
@@ -151,11 +152,11 @@ def step(rule: Rule, state: State, t: int, value: float, out: list[Transition]) 
         elif state.since is not None and t - state.since >= rule.keep_firing_for_us:
             _clear(state, t, value, out, "threshold")
     state.last_time, state.last_value = t, value
-    anchor = state.anchor
-    if anchor is None:
+    checkpoints = state.checkpoints
+    if not checkpoints:
         # The state right before the first reading is known: ok.
-        state.checkpoints.append((t - 1, None))
-    elif state.quiet() and t - anchor > REWIND_SPAN_US:
+        checkpoints.append((t - 1, None))
+    elif t - checkpoints[-1][0] > REWIND_SPAN_US and state.level in ("ok", "firing"):
         state.mark(t)
 
 
@@ -200,9 +201,17 @@ def evaluate_columns(rule: Rule, state: State, times: list[int], values: list[fl
             return outcome
         state.skipped += n
         times, values = times[n:], values[n:]
-    if times and not _quiet_through(rule, state, times, values):
-        for t, value in zip(times, values, strict=True):
-            step(rule, state, t, value, outcome.transitions)
+    # Stretches that cannot change the level are applied a chunk at a time (C-level min/max);
+    # the others, reading by reading.
+    out = outcome.transitions
+    n = len(times)
+    i = 0
+    while i < n:
+        j = min(i + CHUNK, n)
+        if not _quiet_through(rule, state, times[i:j], values[i:j]):
+            for k in range(i, j):
+                step(rule, state, times[k], values[k], out)
+        i = j
     return outcome
 
 
