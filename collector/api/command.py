@@ -12,7 +12,8 @@ import structlog
 import uvicorn
 
 from collector.errors import CollectorError
-from collector.settings import DEFAULT_CONFIG_PATH, load_settings
+from collector.settings import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_settings
+from service.cli import config_option
 from service.logs import configure_logging
 from service.systemd import Notifier
 
@@ -20,14 +21,10 @@ log = structlog.get_logger("collector.api")
 
 
 @click.command("api")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML): [metadata], [timeseries] and [api].",
+@config_option(
+    DEFAULT_CONFIG_PATH,
+    "Collector configuration file (TOML): [metadata], [timeseries] and [api].",
+    envvar=CONFIG_ENV,
 )
 @click.option(
     "--listen",

@@ -17,19 +17,16 @@ import click
 
 from collector.api import tokens as store
 from collector.errors import CollectorError
-from collector.settings import DEFAULT_CONFIG_PATH, load_settings
+from collector.settings import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_settings
+from service.cli import config_option
 from service.config import parse_duration
 
 T = TypeVar("T")
 
-_CONFIG = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    envvar="SENSORMINE_COLLECTOR_CONFIG",
-    help="Collector configuration file (TOML); its [metadata] section names the database.",
+_CONFIG = config_option(
+    DEFAULT_CONFIG_PATH,
+    "Collector configuration file (TOML); its [metadata] section names the database.",
+    envvar=CONFIG_ENV,
 )
 
 
