@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python bench/lifecycle_rollups.py
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/inputs.py
+	$(BIN)/python bench/alerts.py
 	$(BIN)/python bench/api.py
 
 clean:

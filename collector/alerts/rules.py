@@ -165,6 +165,7 @@ class RuleIndex:
         self.typed = False  # some rule is scoped by device type (device types must be looked up)
         for rule in rules:
             self.rules[rule.id] = rule
+        self.tenants = frozenset(r.tenant_id for r in self.rules.values())
         grouped: dict[tuple[uuid.UUID, str], list[Rule]] = {}
         for rule in self.rules.values():
             grouped.setdefault((rule.tenant_id, rule.metric), []).append(rule)
