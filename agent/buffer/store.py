@@ -935,7 +935,9 @@ class Store:
 def open_store_readonly(path: Path) -> Store:
     """Open a buffer file for inspection (``status``, ``buffer export``) beside a running agent."""
     if not path.exists():
-        raise BufferFileError(f"{path}: no buffer file")
+        raise BufferFileError(
+            f"{path}: no buffer file (the agent makes it when it first runs; is buffer.path right?)"
+        )
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
         conn.execute("PRAGMA busy_timeout=5000")
