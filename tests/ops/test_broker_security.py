@@ -30,6 +30,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from collector import migrations
 from collector.admin.identity import mosquitto_hash, mosquitto_verify
+from protocol import decode_status
 from tests.admin.conftest import Admin
 from tests.conftest import create_database, drop_database
 from tests.ops.units import REPO
@@ -654,7 +655,8 @@ def _online(collector: Client, gateway: Gateway) -> None:
     deadline = time.monotonic() + 30
     while True:
         topic, payload = collector.received(timeout=max(0.1, deadline - time.monotonic()))
-        if topic == gateway.topic("status") and b"online" in payload:
+        # Decoded, not searched: a status frame with its backlog figures may be compressed.
+        if topic == gateway.topic("status") and decode_status(payload).state == "online":
             return
 
 
