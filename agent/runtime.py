@@ -464,13 +464,6 @@ class Runtime:
             final or now - self._unsealed_since >= self.settings.batch.max_age
         )
         sealed = await self.buffer.seal(force=due)
-        store = self.buffer.store
-        if store.wait_ended:
-            store.wait_ended = False
-            if sealed:
-                # Readings that waited for a trusted time are old by now: they drain behind live
-                # data at backlog_rate, like batches buffered during an outage.
-                self.shipper.backlog_upto(sealed[-1])
         if due and not self.buffer.has_unsealed():
             self._unsealed_since = None
         if sealed:

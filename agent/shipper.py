@@ -282,11 +282,6 @@ class Shipper:
             async with asyncio.timeout(seconds):
                 await self.drained.wait()
 
-    def backlog_upto(self, seq: int) -> None:
-        """Batches up to ``seq`` are backlog (old data), although sealed after the connect."""
-        if self.state == "connected":
-            self._live_floor = max(self._live_floor, seq)
-
     def stop(self) -> None:
         """Leave the send loop; :meth:`run` then says ``offline`` and disconnects."""
         self._stopping = True

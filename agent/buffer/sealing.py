@@ -126,14 +126,8 @@ def seal(store: Store, force: bool) -> list[int]:
 
 
 def waiting(store: Store) -> bool:
-    """Whether sealing waits for a trusted time now (see the module's docstring).
-
-    Sets ``store.wait_ended`` when sealing resumes after a wait (a trusted time arrived, or
-    ``max_wait`` passed): what waited is old data by then.
-    """
+    """Whether sealing waits for a trusted time now (see the module's docstring)."""
     if store.max_wait_us is None or store.timebase.offset().trusted:
-        if store.waiting_since is not None:
-            store.wait_ended = True
         store.waiting_since = None
         store.untrusted_since = None
         return False
@@ -151,7 +145,6 @@ def waiting(store: Store) -> bool:
         return True
     if store.untrusted_since is None:
         store.untrusted_since = now
-        store.wait_ended = True
         log.warning(
             "clock.sealing_untrusted",
             waited_s=round((now - started) / 1e6, 1),

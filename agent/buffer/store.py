@@ -144,8 +144,6 @@ class Store:
         self.waiting_since: int | None = None
         """Boot time since which sealing waits for a trusted time (notes alone)."""
         self.has_boot_column = True
-        self.wait_ended = False
-        """Set when sealing resumes after waiting for a trusted time (the runtime clears it)."""
         self.untrusted_since: int | None = None
         self.gateway_id = gateway_id
         self.max_bytes = max_bytes
