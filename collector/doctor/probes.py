@@ -348,7 +348,8 @@ async def _timescaledb_jobs(ctx: Context) -> None:
         SELECT j.job_id, j.application_name, j.proc_name, j.hypertable_name, j.scheduled,
                j.schedule_interval, s.last_run_status, s.last_run_started_at,
                s.last_successful_finish, s.total_runs, s.total_failures, s.next_start,
-               extract(epoch FROM now() - s.next_start) AS overdue
+               CASE WHEN isfinite(s.next_start) THEN extract(epoch FROM now() - s.next_start) END
+                   AS overdue
         FROM timescaledb_information.jobs j
         LEFT JOIN timescaledb_information.job_stats s USING (job_id)
         ORDER BY j.job_id
