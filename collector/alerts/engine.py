@@ -28,7 +28,7 @@ import msgpack
 import structlog
 
 from collector.alerts import store
-from collector.alerts.evaluator import evaluate_columns, rewind, silence
+from collector.alerts.evaluator import Bounds, chunk_bounds, evaluate_columns, rewind, silence
 from collector.alerts.rules import Rule, RuleError, RuleIndex
 from collector.alerts.store import Work, to_dt, to_us
 from collector.errors import DatabaseUnavailable
@@ -402,12 +402,17 @@ class AlertEngine:
             return 0
         todo = list(works.values())
         await store.lock_states(conn, todo, self.known)
+        bounds: dict[int, tuple[Bounds, list[Bounds]]] = {}
         for w in todo:
             assert w.state is not None
             if len(w.times) > 1 and w.times != sorted(w.times):
                 pairs = sorted(zip(w.times, w.values, strict=True))
                 w.times, w.values = [t for t, _ in pairs], [v for _, v in pairs]
-            outcome = evaluate_columns(w.rule, w.state, w.times, w.values)
+            # The rules on one series share its readings: their bounds are computed once.
+            pre = bounds.get(w.series_id)
+            if pre is None:
+                pre = bounds[w.series_id] = chunk_bounds(w.values)
+            outcome = evaluate_columns(w.rule, w.state, w.times, w.values, pre)
             if outcome.rewind_from is None:
                 w.transitions = outcome.transitions
             else:

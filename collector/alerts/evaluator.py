@@ -182,8 +182,15 @@ def evaluate(rule: Rule, state: State, readings: Iterable[Reading]) -> Outcome:
     return evaluate_columns(rule, state, [t for t, _ in ordered], [v for _, v in ordered])
 
 
-def evaluate_columns(rule: Rule, state: State, times: list[int], values: list[float]) -> Outcome:
-    """:func:`evaluate` on readings as two columns, ``times`` in ascending order."""
+def evaluate_columns(
+    rule: Rule,
+    state: State,
+    times: list[int],
+    values: list[float],
+    pre: tuple[Bounds, list[Bounds]] | None = None,
+) -> Outcome:
+    """:func:`evaluate` on readings as two columns, ``times`` in ascending order; ``pre`` their
+    :func:`chunk_bounds` when known."""
     changed_rule(rule, state)
     outcome = Outcome()
     state.evaluated += len(times)
@@ -200,54 +207,75 @@ def evaluate_columns(rule: Rule, state: State, times: list[int], values: list[fl
             outcome.late, outcome.newer = late, newer
             return outcome
         state.skipped += n
-        times, values = times[n:], values[n:]
+        times, values, pre = times[n:], values[n:], None
     # Stretches that cannot change the level are applied a chunk at a time (C-level min/max);
     # the others, reading by reading.
     out = outcome.transitions
     n = len(times)
-    if n > CHUNK and _quiet_through(rule, state, times, values):
+    if pre is None or len(pre[1]) != (n + CHUNK - 1) // CHUNK:
+        pre = chunk_bounds(values)
+    whole, parts = pre
+    if n > CHUNK and _quiet_through(rule, state, times, values, 0, n, whole):
         return outcome
-    i = 0
-    while i < n:
+    for c, part in enumerate(parts):
+        i = c * CHUNK
         j = min(i + CHUNK, n)
-        if not _quiet_through(rule, state, times[i:j], values[i:j]):
+        if not _quiet_through(rule, state, times, values, i, j, part):
             for k in range(i, j):
                 step(rule, state, times[k], values[k], out)
-        i = j
     return outcome
 
 
-def _quiet_through(rule: Rule, state: State, times: list[int], values: list[float]) -> bool:
-    """Apply the readings at once when none of them can change the level (the common case: an
-    ok series staying ok, a firing one staying firing); what :func:`step` would do, without a
-    Python step per reading. False: nothing was applied."""
-    if rule.no_data_us is not None or state.last_time is None:
-        return False
+Bounds = tuple[float, float] | None  # (min, max) of readings; None: a NaN or infinity among them
+
+
+def _bounds(values: Sequence[float]) -> Bounds:
+    if not values or not math.isfinite(sum(values)):
+        return None
+    return (min(values), max(values))
+
+
+def chunk_bounds(values: Sequence[float]) -> tuple[Bounds, list[Bounds]]:
+    """The bounds of all ``values`` and of each chunk of ``CHUNK``: computed once per series
+    and shared by the rules on it."""
+    parts = [_bounds(values[i : i + CHUNK]) for i in range(0, len(values), CHUNK)]
+    if not parts or any(p is None for p in parts):
+        return None, parts
+    return (min(p[0] for p in parts if p), max(p[1] for p in parts if p)), parts
+
+
+def _quiet_through(
+    rule: Rule, state: State, times: list[int], values: list[float], i: int, j: int, b: Bounds
+) -> bool:
+    """Apply readings ``i:j`` at once when none of them can change the level (the common case:
+    an ok series staying ok, a firing one staying firing); what :func:`step` would do, without
+    a Python step per reading. False: nothing was applied."""
+    if b is None or rule.no_data_us is not None or state.last_time is None:
+        return False  # NaN and infinities are read one by one
     if state.level == "ok":
         limit, keep = rule.threshold, False  # no reading may breach
     elif state.level == "firing":
         limit, keep = rule.clear_threshold, True  # every reading must hold
     else:
         return False
-    if not math.isfinite(sum(values)):
-        return False  # NaN and infinities: read one by one
     cond = rule.condition
+    lo, hi = b
     if cond in (">", ">="):
-        edge = min(values) if keep else max(values)
+        edge = lo if keep else hi
     elif cond in ("<", "<="):
-        edge = max(values) if keep else min(values)
+        edge = hi if keep else lo
     else:
         return False
     if keep != (CONDITIONS[cond](edge, limit)):
         return False
     anchor = state.anchor
-    last = times[-1]
+    last = times[j - 1]
     if anchor is not None and last - anchor > REWIND_SPAN_US:
-        for t in times:
+        for t in times[i:j]:
             if t - anchor > REWIND_SPAN_US:
                 state.mark(t)
                 anchor = t
-    state.last_time, state.last_value = last, values[-1]
+    state.last_time, state.last_value = last, values[j - 1]
     return True
 
 
