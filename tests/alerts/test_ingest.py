@@ -283,8 +283,8 @@ async def test_rule_edited_while_pending(dbs: Databases) -> None:
                 deliver_all, gw, [batch_of(dbs, 1, stream, t0 + 6 * S, [40.0] * 6)]
             )
             assert [("alert.raised", t0 + 10 * S)] == await transitions(dbs)
-            # Now firing; lower the clear threshold far below: nothing changes until a reading.
-            # A threshold edit while pending restarts the pending period.
+            # Firing now. Raising the threshold above the values keeps the alert open until the
+            # next reading judged by the new condition; the new alert needs its full `for`.
             await dbs.meta("UPDATE alert_rules SET threshold = 45 WHERE id = $1", rid)
 
             async def moved() -> bool:
