@@ -333,6 +333,13 @@ def agent_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[st
     )
 
 
+def status_json(config: Path) -> dict[str, Any]:
+    """``sensormine-agent status --json``, parsed."""
+    result = agent_cli("status", "--config", str(config), "--json")
+    assert 0 == result.returncode, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
 @pytest.fixture
 def acknowledger_factory() -> Iterator[Callable[..., Acknowledger]]:
     """Start acknowledgers that are stopped at the end of the test."""

@@ -13,7 +13,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from protocol import decode_status
 from tests.agent.conftest import (
@@ -23,17 +22,11 @@ from tests.agent.conftest import (
     agent_cli,
     named,
     start_agent,
+    status_json,
     write_config,
 )
 from tests.services import MosquittoBroker
 from tests.waiting import wait_for
-
-
-def status_json(config: Path) -> dict[str, Any]:
-    """``sensormine-agent status --json``, parsed."""
-    result = agent_cli("status", "--config", str(config), "--json")
-    assert 0 == result.returncode, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def test_broker_restart_loses_nothing(

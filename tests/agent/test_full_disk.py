@@ -8,7 +8,6 @@ with a file, then run ``sensormine-agent`` on it as a real child process against
 from __future__ import annotations
 
 import errno
-import json
 import signal
 import subprocess
 import time
@@ -16,12 +15,11 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from protocol import AckResult, Batch
-from tests.agent.conftest import Acknowledger, agent_cli, start_agent, write_config
+from tests.agent.conftest import Acknowledger, start_agent, status_json, write_config
 from tests.waiting import wait_for
 
 FS_SIZE = "24m"
@@ -70,13 +68,6 @@ def fill(path: Path) -> int:
                 if not n:
                     break
     return written
-
-
-def status_json(config: Path) -> dict[str, Any]:
-    """``sensormine-agent status --json``, parsed."""
-    result = agent_cli("status", "--config", str(config), "--json")
-    assert 0 == result.returncode, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def test_full_file_system_no_resend_storm_readings_kept_and_recovery(

@@ -3,30 +3,21 @@ device statuses restated after a reconnect. Real agent processes against a real 
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from protocol import decode_status
 from tests.agent.conftest import (
     Acknowledger,
-    agent_cli,
     named,
     start_agent,
+    status_json,
     write_config,
 )
 from tests.services import SYSTEM_MQTT, MosquittoBroker
 from tests.waiting import wait_for
-
-
-def status_json(config: Path) -> dict[str, Any]:
-    """``sensormine-agent status --json``, parsed."""
-    result = agent_cli("status", "--config", str(config), "--json")
-    assert 0 == result.returncode, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def test_a_connected_agent_that_nobody_acks_says_what_to_check(tmp_path: Path, prefix: str) -> None:

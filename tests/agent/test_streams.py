@@ -25,6 +25,7 @@ from tests.agent.conftest import (
     agent_cli,
     content_digest,
     start_agent,
+    status_json,
     write_config,
 )
 from tests.waiting import wait_for
@@ -32,13 +33,6 @@ from tests.waiting import wait_for
 GATEWAY = uuid.UUID("00000000-0000-4000-8000-0000000000aa")
 DEVICE = uuid.UUID("00000000-0000-4000-8000-0000000000bb")
 T0 = 1_700_000_000_000_000
-
-
-def status_json(config: Path) -> dict[str, Any]:
-    """``sensormine-agent status --json``, parsed."""
-    result = agent_cli("status", "--config", str(config), "--json")
-    assert 0 == result.returncode, result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def stop(agent: Any, timeout: float = 30) -> None:
